@@ -1,0 +1,41 @@
+// Where parameters meet the tape: a parameter enters a forward pass with
+// use(); its gradient flows back into Parameter::grad (accumulating, so a
+// tied weight used twice gets both contributions), and jvp() takes parameter
+// tangents from a keyed buffer.
+#pragma once
+
+#include "entropy_probe/module/buffers.hpp"
+
+namespace entropy_probe {
+
+// Puts `p` on the tape: frozen parameters are constants (no gradient or
+// tangent work downstream of them), trainable ones are keyed leaves.
+template <class T, class B>
+Var use(Tape<T, B>& tape, Parameter<T, B>& p) {
+  if (!p.requires_grad) return tape.constant_ref(p.value);
+  Parameter<T, B>* ptr = &p;
+  return tape.leaf_ref(p.value, p.id().value, [ptr](Tensor<T, B>&& g) { ptr->accumulate_grad(std::move(g)); });
+}
+
+// Forward-mode pass with parameter tangents taken from `tangents` (absent
+// entries are zero tangents). The buffer's element type converts to T.
+template <class T, class B, class U>
+void jvp(Tape<T, B>& tape, const ParamBuffer<U, B>& tangents) {
+  tangents.require_bound("jvp");
+  if constexpr (std::is_same_v<T, U>) {
+    tape.jvp([&](LeafKey key) -> const Tensor<T, B>* {
+      const index_t i = tangents.info()->find(ParamId{key});
+      return i < 0 ? nullptr : tangents.entry(i);
+    });
+  } else {
+    std::vector<std::optional<Tensor<T, B>>> converted(static_cast<std::size_t>(tangents.size()));
+    for (index_t i = 0; i < tangents.size(); ++i)
+      if (const auto* t = tangents.entry(i)) converted[static_cast<std::size_t>(i)] = t->template cast<T>();
+    tape.jvp([&](LeafKey key) -> const Tensor<T, B>* {
+      const index_t i = tangents.info()->find(ParamId{key});
+      return i < 0 || !converted[static_cast<std::size_t>(i)] ? nullptr : &*converted[static_cast<std::size_t>(i)];
+    });
+  }
+}
+
+}  // namespace entropy_probe

@@ -1,0 +1,113 @@
+// A dense, contiguous, row-major tensor owned by a backend. The element type
+// and the backend are template parameters; nothing above this layer touches
+// the storage except through data() and the backend's primitives.
+#pragma once
+
+#include "entropy_probe/core/config.hpp"
+#include "entropy_probe/core/error.hpp"
+#include "entropy_probe/tensor/cpu_backend.hpp"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <initializer_list>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace entropy_probe {
+
+using Shape = std::vector<index_t>;
+
+inline index_t numel_of(const Shape& s) {
+  index_t n = 1;
+  for (index_t d : s) {
+    if (d < 0) fail<UsageError>("negative dimension in shape [{}]", fmt::join(s, ", "));
+    n *= d;
+  }
+  return n;
+}
+
+inline std::string shape_str(const Shape& s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
+
+template <class T, class B = CpuBackend>
+class Tensor {
+ public:
+  using value_type = T;
+  using backend_type = B;
+
+  Tensor() = default;
+  // Zero-filled tensor of the given shape.
+  explicit Tensor(Shape shape) : shape_(std::move(shape)), data_(B::template allocate<T>(numel_of(shape_))) {}
+  Tensor(std::initializer_list<index_t> shape) : Tensor(Shape(shape)) {}
+
+  static Tensor from_host(Shape shape, std::span<const T> values) {
+    Tensor t(std::move(shape));
+    if (static_cast<index_t>(values.size()) != t.numel())
+      fail<UsageError>("Tensor::from_host: {} values for shape {}", values.size(), shape_str(t.shape_));
+    B::upload(t.data(), values.data(), t.numel());
+    return t;
+  }
+  static Tensor full(Shape shape, T value) {
+    Tensor t(std::move(shape));
+    B::fill(t.data(), t.numel(), value);
+    return t;
+  }
+
+  std::vector<T> to_host() const {
+    std::vector<T> out(static_cast<std::size_t>(numel()));
+    B::download(out.data(), data(), numel());
+    return out;
+  }
+
+  const Shape& shape() const { return shape_; }
+  int rank() const { return static_cast<int>(shape_.size()); }
+  index_t dim(int i) const { return shape_.at(static_cast<std::size_t>(i < 0 ? rank() + i : i)); }
+  index_t numel() const { return static_cast<index_t>(data_.size()); }
+  bool empty() const { return shape_.empty() && data_.empty(); }
+
+  T* data() { return data_.data(); }
+  const T* data() const { return data_.data(); }
+
+  // Host element access (CPU backend only).
+  T& operator[](index_t i) { return data_[static_cast<std::size_t>(i)]; }
+  const T& operator[](index_t i) const { return data_[static_cast<std::size_t>(i)]; }
+
+  // Same data, another shape with the same number of elements.
+  Tensor reshaped(Shape shape) const& {
+    Tensor t = *this;
+    t.reshape(std::move(shape));
+    return t;
+  }
+  Tensor reshaped(Shape shape) && {
+    reshape(std::move(shape));
+    return std::move(*this);
+  }
+  void reshape(Shape shape) {
+    if (numel_of(shape) != numel())
+      fail<UsageError>("reshape {} -> {}: element counts differ", shape_str(shape_), shape_str(shape));
+    shape_ = std::move(shape);
+  }
+
+  // Element type conversion on the same backend.
+  template <class U>
+  Tensor<U, B> cast() const {
+    Tensor<U, B> out(shape_);
+    const T* src = data();
+    U* dst = out.data();
+    B::parallel_for(numel(), [=] EP_HOST_DEVICE(index_t i) { dst[i] = static_cast<U>(src[i]); });
+    return out;
+  }
+
+ private:
+  Shape shape_;
+  typename B::template Storage<T> data_;
+};
+
+template <class T, class B>
+bool same_shape(const Tensor<T, B>& a, const Tensor<T, B>& b) {
+  return a.shape() == b.shape();
+}
+
+}  // namespace entropy_probe
