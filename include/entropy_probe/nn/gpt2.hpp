@@ -1,0 +1,165 @@
+// The GPT-2 model family (Hugging Face GPT2LMHeadModel layout) as an ordinary
+// Module: token and position embeddings, pre-norm blocks with fused c_attn,
+// GELU (tanh) MLP, final layer norm, lm_head tied to the token embedding
+// (or a trainable copy when PEFT's modules_to_save names lm_head).
+//
+// Hugging Face stores Conv1D weights as [in, out]; this class keeps linear
+// weights as [out, in] like nn.Linear, so a loader transposes them once.
+// With a LoRA config every name gets PEFT's "base_model.model." prefix and the
+// base weights are frozen.
+#pragma once
+
+#include "entropy_probe/nn/layers.hpp"
+#include "entropy_probe/nn/lora_config.hpp"
+#include "entropy_probe/tape/ops/attention.hpp"
+#include "entropy_probe/tape/ops/elementwise.hpp"
+#include "entropy_probe/tape/ops/slice.hpp"
+#include "entropy_probe/tape/ops/view.hpp"
+
+#include <fmt/format.h>
+
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace entropy_probe::nn {
+
+struct Gpt2Config {
+  index_t vocab_size = 50257;
+  index_t n_positions = 1024;
+  index_t n_embd = 768;
+  index_t n_layer = 12;
+  index_t n_head = 12;
+  double layer_norm_epsilon = 1e-5;
+
+  void validate() const {
+    if (vocab_size < 1 || n_positions < 1 || n_embd < 1 || n_layer < 0 || n_head < 1)
+      fail<InputError>("gpt2 config: sizes must be positive (vocab {}, positions {}, n_embd {}, n_layer {}, n_head {})",
+                       vocab_size, n_positions, n_embd, n_layer, n_head);
+    if (n_embd % n_head != 0)
+      fail<InputError>("gpt2 config: n_embd {} is not divisible by n_head {}", n_embd, n_head);
+  }
+};
+
+template <class T, class B = CpuBackend>
+class Gpt2LMHeadModel {
+ public:
+  using scalar_type = T;
+  using backend_type = B;
+
+  struct Block {
+    LayerNorm<T, B> ln_1, ln_2;
+    LoraLinear<T, B> c_attn, attn_c_proj, c_fc, mlp_c_proj;
+  };
+
+  // Random base weights (normal, std 0.02, as GPT-2 initialises), seeded; a
+  // LoRA config attaches adapters to its target modules and freezes the rest.
+  Gpt2LMHeadModel(const Gpt2Config& config, std::optional<LoraConfig> lora, std::uint64_t seed)
+      : config_(config), lora_(std::move(lora)) {
+    config_.validate();
+    std::mt19937_64 rng(seed);
+    const index_t d = config_.n_embd, v = config_.vocab_size;
+    wte_ = Parameter<T, B>(random_normal<T, B>({v, d}, rng, 0.02));
+    wpe_ = Parameter<T, B>(random_normal<T, B>({config_.n_positions, d}, rng, 0.01));
+    for (index_t i = 0; i < config_.n_layer; ++i) {
+      Block b;
+      b.ln_1 = LayerNorm<T, B>(d, config_.layer_norm_epsilon);
+      b.ln_2 = LayerNorm<T, B>(d, config_.layer_norm_epsilon);
+      b.c_attn = make_linear(d, 3 * d, rng);
+      b.attn_c_proj = make_linear(d, d, rng);
+      b.c_fc = make_linear(d, 4 * d, rng);
+      b.mlp_c_proj = make_linear(4 * d, d, rng);
+      blocks_.push_back(std::move(b));
+    }
+    ln_f_ = LayerNorm<T, B>(d, config_.layer_norm_epsilon);
+    if (lora_) {
+      const double s = lora_scale(lora_->lora_alpha, lora_->r, lora_->use_rslora);
+      for (auto& b : blocks_) {
+        if (lora_->targets("c_attn")) b.c_attn.add_lora(lora_->r, s, rng, lora_->init_lora_b_zero);
+        if (lora_->targets("c_proj")) {  // PEFT matches both attn.c_proj and mlp.c_proj by suffix
+          b.attn_c_proj.add_lora(lora_->r, s, rng, lora_->init_lora_b_zero);
+          b.mlp_c_proj.add_lora(lora_->r, s, rng, lora_->init_lora_b_zero);
+        }
+        if (lora_->targets("c_fc")) b.c_fc.add_lora(lora_->r, s, rng, lora_->init_lora_b_zero);
+      }
+      wte_.requires_grad = wpe_.requires_grad = false;
+      for (auto& b : blocks_)
+        for (auto* ln : {&b.ln_1, &b.ln_2}) ln->weight.requires_grad = ln->bias.requires_grad = false;
+      ln_f_.weight.requires_grad = ln_f_.bias.requires_grad = false;
+      if (lora_->saves("lm_head")) lm_head_.emplace(wte_.value);  // a trainable, untied copy
+    }
+  }
+
+  const Gpt2Config& config() const { return config_; }
+  const std::optional<LoraConfig>& lora() const { return lora_; }
+  index_t vocab_size() const { return config_.vocab_size; }
+  std::vector<Block>& blocks() { return blocks_; }
+  Parameter<T, B>& wte() { return wte_; }
+  Parameter<T, B>& wpe() { return wpe_; }
+  LayerNorm<T, B>& ln_f() { return ln_f_; }
+  std::optional<Parameter<T, B>>& lm_head() { return lm_head_; }
+
+  void named_parameters(const ParameterVisitor<T, B>& v) {
+    const std::string p = lora_ ? "base_model.model." : "";
+    v(p + "transformer.wte.weight", wte_);
+    v(p + "transformer.wpe.weight", wpe_);
+    for (std::size_t i = 0; i < blocks_.size(); ++i) {
+      const std::string h = fmt::format("{}transformer.h.{}.", p, i);
+      Block& b = blocks_[i];
+      visit_child(v, h + "ln_1", b.ln_1);
+      visit_child(v, h + "attn.c_attn", b.c_attn);
+      visit_child(v, h + "attn.c_proj", b.attn_c_proj);
+      visit_child(v, h + "ln_2", b.ln_2);
+      visit_child(v, h + "mlp.c_fc", b.c_fc);
+      visit_child(v, h + "mlp.c_proj", b.mlp_c_proj);
+    }
+    visit_child(v, p + "transformer.ln_f", ln_f_);
+    if (lm_head_) v(p + "lm_head.weight", *lm_head_);
+  }
+
+  // Logits [R, T, V] for the rows of `in`.
+  Var forward(Tape<T, B>& tape, const SequenceInput& in) {
+    const index_t r = in.rows, t = in.length, d = config_.n_embd;
+    check_input(in);
+    Var h = add(tape, embedding(tape, use(tape, wte_), std::span<const std::int32_t>(in.tokens)),
+                embedding(tape, use(tape, wpe_), std::span<const std::int32_t>(in.positions)));
+    h = reshape(tape, h, {r, t, d});
+    const std::span<const std::uint8_t> mask(in.key_mask);
+    for (Block& b : blocks_) {
+      Var a = b.ln_1.forward(tape, h);
+      Var qkv = b.c_attn.forward(tape, a);
+      Var att = causal_attention(tape, slice_last(tape, qkv, 0, d), slice_last(tape, qkv, d, d),
+                                 slice_last(tape, qkv, 2 * d, d), mask, config_.n_head, config_.n_head);
+      h = add(tape, h, b.attn_c_proj.forward(tape, att));
+      Var m = b.ln_2.forward(tape, h);
+      h = add(tape, h, b.mlp_c_proj.forward(tape, gelu_tanh(tape, b.c_fc.forward(tape, m))));
+    }
+    h = ln_f_.forward(tape, h);
+    return linear(tape, h, use(tape, lm_head_ ? *lm_head_ : wte_));
+  }
+
+ private:
+  LoraLinear<T, B> make_linear(index_t in, index_t out, std::mt19937_64& rng) {
+    LoraLinear<T, B> l(in, out, true);
+    l.weight.value = random_normal<T, B>({out, in}, rng, 0.02);
+    return l;
+  }
+  void check_input(const SequenceInput& in) const {
+    const auto n = static_cast<std::size_t>(in.rows * in.length);
+    if (in.tokens.size() != n || in.key_mask.size() != n || in.positions.size() != n)
+      fail<UsageError>("gpt2 forward: input arrays must hold rows*length = {} entries (tokens {}, mask {}, positions {})",
+                       n, in.tokens.size(), in.key_mask.size(), in.positions.size());
+    if (in.length > config_.n_positions)
+      fail<InputError>("gpt2 forward: sequence length {} exceeds n_positions {}", in.length, config_.n_positions);
+  }
+
+  Gpt2Config config_;
+  std::optional<LoraConfig> lora_;
+  Parameter<T, B> wte_, wpe_;
+  std::vector<Block> blocks_;
+  LayerNorm<T, B> ln_f_;
+  std::optional<Parameter<T, B>> lm_head_;
+};
+
+}  // namespace entropy_probe::nn

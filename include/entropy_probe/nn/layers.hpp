@@ -1,0 +1,120 @@
+// Layers as ordinary Modules, written the way a user would write their own:
+// parameters as members, named_parameters() listing them, forward() calling
+// tape ops. Names follow PyTorch / PEFT so registry names match checkpoints.
+#pragma once
+
+#include "entropy_probe/module/bind.hpp"
+#include "entropy_probe/module/module.hpp"
+#include "entropy_probe/tape/ops/embedding.hpp"
+#include "entropy_probe/tape/ops/linear.hpp"
+#include "entropy_probe/tape/ops/norm.hpp"
+
+#include <cmath>
+#include <optional>
+#include <random>
+
+namespace entropy_probe::nn {
+
+template <class T, class B>
+Tensor<T, B> random_normal(Shape shape, std::mt19937_64& rng, double stddev) {
+  std::vector<T> host(static_cast<std::size_t>(numel_of(shape)));
+  std::normal_distribution<double> nd(0.0, stddev);
+  for (auto& x : host) x = static_cast<T>(nd(rng));
+  return Tensor<T, B>::from_host(std::move(shape), host);
+}
+
+template <class T, class B>
+Tensor<T, B> random_uniform(Shape shape, std::mt19937_64& rng, double bound) {
+  std::vector<T> host(static_cast<std::size_t>(numel_of(shape)));
+  std::uniform_real_distribution<double> ud(-bound, bound);
+  for (auto& x : host) x = static_cast<T>(ud(rng));
+  return Tensor<T, B>::from_host(std::move(shape), host);
+}
+
+// LoRA scale: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA.
+inline double lora_scale(double alpha, index_t r, bool use_rslora) {
+  return use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
+}
+
+// A linear layer y = x W^T + b, optionally LoRA-adapted:
+// y += scale * (x A^T) B^T. The base weight and bias are frozen once an
+// adapter is attached (PEFT's behaviour); names then follow PEFT
+// ("base_layer.weight", "lora_A.weight", "lora_B.weight").
+template <class T, class B = CpuBackend>
+struct LoraLinear {
+  using scalar_type = T;
+  using backend_type = B;
+
+  LoraLinear() = default;
+  LoraLinear(index_t in, index_t out, bool with_bias)
+      : weight(Tensor<T, B>({out, in})), in_features(in), out_features(out) {
+    if (with_bias) bias.emplace(Tensor<T, B>({out}));
+  }
+
+  // Attaches an adapter of rank r. PEFT's default initialisation: A
+  // Kaiming-uniform (bound 1/sqrt(in)), B zero, so the adapted layer starts
+  // equal to the base layer.
+  void add_lora(index_t r, double scale_value, std::mt19937_64& rng, bool zero_b = true) {
+    if (r < 1) fail<UsageError>("LoraLinear::add_lora: rank {} < 1", r);
+    lora_A.emplace(random_uniform<T, B>({r, in_features}, rng, 1.0 / std::sqrt(double(in_features))));
+    lora_B.emplace(zero_b ? Tensor<T, B>({out_features, r})
+                          : random_uniform<T, B>({out_features, r}, rng, 1.0 / std::sqrt(double(r))));
+    scale = static_cast<T>(scale_value);
+    weight.requires_grad = false;
+    if (bias) bias->requires_grad = false;
+  }
+  bool has_lora() const { return lora_A.has_value(); }
+
+  void named_parameters(const ParameterVisitor<T, B>& v) {
+    const std::string base = has_lora() ? "base_layer." : "";
+    v(base + "weight", weight);
+    if (bias) v(base + "bias", *bias);
+    if (lora_A) v("lora_A.weight", *lora_A);
+    if (lora_B) v("lora_B.weight", *lora_B);
+  }
+
+  Var forward(Tape<T, B>& tape, Var x) {
+    std::optional<Var> b;
+    if (bias) b = use(tape, *bias);
+    if (!has_lora()) return linear(tape, x, use(tape, weight), b);
+    return lora_linear(tape, x, use(tape, weight), b, use(tape, *lora_A), use(tape, *lora_B), scale);
+  }
+
+  Parameter<T, B> weight;  // [out, in]
+  std::optional<Parameter<T, B>> bias;
+  std::optional<Parameter<T, B>> lora_A;  // [r, in]
+  std::optional<Parameter<T, B>> lora_B;  // [out, r]
+  T scale = T(0);
+  index_t in_features = 0;
+  index_t out_features = 0;
+};
+
+template <class T, class B = CpuBackend>
+struct LayerNorm {
+  using scalar_type = T;
+  using backend_type = B;
+  LayerNorm() = default;
+  LayerNorm(index_t d, double eps_value)
+      : weight(Tensor<T, B>::full({d}, T(1))), bias(Tensor<T, B>({d})), eps(eps_value) {}
+  void named_parameters(const ParameterVisitor<T, B>& v) {
+    v("weight", weight);
+    v("bias", bias);
+  }
+  Var forward(Tape<T, B>& tape, Var x) { return layer_norm(tape, x, use(tape, weight), use(tape, bias), eps); }
+  Parameter<T, B> weight, bias;
+  double eps = 1e-5;
+};
+
+template <class T, class B = CpuBackend>
+struct RmsNorm {
+  using scalar_type = T;
+  using backend_type = B;
+  RmsNorm() = default;
+  RmsNorm(index_t d, double eps_value) : weight(Tensor<T, B>::full({d}, T(1))), eps(eps_value) {}
+  void named_parameters(const ParameterVisitor<T, B>& v) { v("weight", weight); }
+  Var forward(Tape<T, B>& tape, Var x) { return rms_norm(tape, x, use(tape, weight), eps); }
+  Parameter<T, B> weight;
+  double eps = 1e-6;
+};
+
+}  // namespace entropy_probe::nn

@@ -1,0 +1,166 @@
+// Adam state, the Adam preconditioner and an AdamW step with PyTorch's
+// semantics (torch.optim.AdamW, foreach=False, amsgrad=False).
+//
+// State is keyed by registry index and bound to the registry like every
+// parameter buffer; a parameter without state is representable (the
+// preconditioner then uses the identity for it, with one warning).
+#pragma once
+
+#include "entropy_probe/core/log.hpp"
+#include "entropy_probe/module/buffers.hpp"
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace entropy_probe {
+
+struct AdamHyper {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.01;
+};
+
+template <class T, class B = CpuBackend>
+struct AdamParamState {
+  Tensor<T, B> exp_avg;     // m
+  Tensor<T, B> exp_avg_sq;  // v
+  double step = 0;
+};
+
+template <class T, class B = CpuBackend>
+class AdamState {
+ public:
+  using Entry = AdamParamState<T, B>;
+
+  AdamState() = default;
+  // No state for any parameter yet (a fresh optimizer).
+  AdamState(std::shared_ptr<const RegistryInfo> info, AdamHyper hyper)
+      : info_(std::move(info)), hyper_(hyper), entries_(static_cast<std::size_t>(info_->size())) {}
+
+  const std::shared_ptr<const RegistryInfo>& info() const { return info_; }
+  const AdamHyper& hyper() const { return hyper_; }
+  AdamHyper& hyper() { return hyper_; }
+  index_t size() const { return static_cast<index_t>(entries_.size()); }
+
+  const Entry* entry(index_t i) const {
+    const auto& e = entries_.at(static_cast<std::size_t>(i));
+    return e ? &*e : nullptr;
+  }
+  Entry* entry(index_t i) {
+    auto& e = entries_.at(static_cast<std::size_t>(i));
+    return e ? &*e : nullptr;
+  }
+  // Sets the state of parameter `id`; shapes must match the parameter and the
+  // step must be a finite count >= 0.
+  void set(ParamId id, Entry e) {
+    if (!info_) fail<UsageError>("AdamState::set: state is not bound to a registry");
+    const index_t i = info_->find(id);
+    if (i < 0) fail<UsageError>("AdamState: parameter id {} is not in registry #{}", id.value, info_->serial);
+    const Shape& s = info_->shapes[static_cast<std::size_t>(i)];
+    const std::string& name = info_->names[static_cast<std::size_t>(i)];
+    if (e.exp_avg.shape() != s || e.exp_avg_sq.shape() != s)
+      fail<InputError>("Adam state for '{}': exp_avg {} / exp_avg_sq {} do not match the parameter shape {}", name,
+                       shape_str(e.exp_avg.shape()), shape_str(e.exp_avg_sq.shape()), shape_str(s));
+    if (!(e.step >= 0) || !std::isfinite(e.step))
+      fail<InputError>("Adam state for '{}': step {} is not a count >= 0", name, e.step);
+    entries_[static_cast<std::size_t>(i)] = std::move(e);
+  }
+  index_t missing_count() const {
+    index_t n = 0;
+    for (const auto& e : entries_) n += !e.has_value();
+    return n;
+  }
+
+ private:
+  std::shared_ptr<const RegistryInfo> info_;
+  AdamHyper hyper_;
+  std::vector<std::optional<Entry>> entries_;
+};
+
+// P g = g / (sqrt(vhat) + eps), vhat = v / (1 - beta2^step) if step > 0 else v.
+// A parameter with no state gets the identity, with one warning naming it
+// (once per preconditioner), and is counted in missing().
+template <class T, class B = CpuBackend>
+class AdamPreconditioner {
+ public:
+  explicit AdamPreconditioner(const AdamState<T, B>& state) : state_(&state) {}
+
+  template <class U>
+  void apply(ParamBuffer<U, B>& buf) {
+    buf.require_bound("AdamPreconditioner::apply");
+    if (buf.info() != state_->info())
+      fail<UsageError>("AdamPreconditioner: buffer bound to registry #{}, Adam state to registry #{}",
+                       buf.info()->serial, state_->info() ? state_->info()->serial : 0);
+    warned_.resize(static_cast<std::size_t>(buf.size()), false);
+    const double beta2 = state_->hyper().beta2, eps = state_->hyper().eps;
+    for (index_t i = 0; i < buf.size(); ++i) {
+      Tensor<U, B>* g = buf.entry(i);
+      if (!g) continue;
+      const auto* st = state_->entry(i);
+      if (!st) {
+        if (!warned_[static_cast<std::size_t>(i)]) {
+          log_warning("AdamPreconditioner: no optimizer state for '{}'; using the identity", buf.name(i));
+          warned_[static_cast<std::size_t>(i)] = true;
+        }
+        continue;
+      }
+      const double bc2 = st->step > 0 ? 1.0 - std::pow(beta2, st->step) : 1.0;
+      const T* v = st->exp_avg_sq.data();
+      U* gp = g->data();
+      B::parallel_for(g->numel(), [=] EP_HOST_DEVICE(index_t k) {
+        const double vhat = static_cast<double>(v[k]) / bc2;
+        gp[k] = static_cast<U>(static_cast<double>(gp[k]) / (std::sqrt(vhat) + eps));
+      });
+    }
+  }
+
+  index_t missing() const { return state_->missing_count(); }
+
+ private:
+  const AdamState<T, B>* state_;
+  std::vector<bool> warned_;
+};
+
+// One AdamW step on the registry's parameters that have a gradient, as
+// torch.optim.AdamW does it: decoupled weight decay p *= 1 - lr*wd, then
+// m, v moving averages and p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
+// Parameters without state start from zero state (step 0), as PyTorch's lazy
+// initialisation does; parameters without a gradient are left alone.
+template <class T, class B>
+void adamw_step(const Registry<T, B>& registry, AdamState<T, B>& state, double lr) {
+  if (state.info() != registry.info())
+    fail<UsageError>("adamw_step: Adam state is bound to registry #{}, not #{}",
+                     state.info() ? state.info()->serial : 0, registry.serial());
+  const AdamHyper h = state.hyper();
+  for (index_t i = 0; i < registry.size(); ++i) {
+    auto& e = registry.entry(i);
+    if (!e.param->grad) continue;
+    if (!state.entry(i)) {
+      AdamParamState<T, B> fresh{Tensor<T, B>(e.param->value.shape()), Tensor<T, B>(e.param->value.shape()), 0};
+      state.set(e.id, std::move(fresh));
+    }
+    auto* st = state.entry(i);
+    st->step += 1;
+    const double bc1 = 1.0 - std::pow(h.beta1, st->step);
+    const double bc2_sqrt = std::sqrt(1.0 - std::pow(h.beta2, st->step));
+    const double step_size = lr / bc1, decay = 1.0 - lr * h.weight_decay;
+    const double b1 = h.beta1, b2 = h.beta2, eps = h.eps;
+    T* p = e.param->value.data();
+    const T* g = e.param->grad->data();
+    T* m = st->exp_avg.data();
+    T* v = st->exp_avg_sq.data();
+    B::parallel_for(e.param->value.numel(), [=] EP_HOST_DEVICE(index_t k) {
+      p[k] = static_cast<T>(p[k] * decay);
+      m[k] = static_cast<T>(b1 * m[k] + (1 - b1) * g[k]);
+      v[k] = static_cast<T>(b2 * v[k] + (1 - b2) * static_cast<double>(g[k]) * g[k]);
+      const double denom = std::sqrt(static_cast<double>(v[k])) / bc2_sqrt + eps;
+      p[k] = static_cast<T>(p[k] - step_size * m[k] / denom);
+    });
+  }
+}
+
+}  // namespace entropy_probe

@@ -1,0 +1,240 @@
+// The probe's building blocks, in the Python original's vocabulary:
+// zeros_like_params, add_into_param_buffer, scale_param_gradients,
+// dot_param_buffers, iter_microbatches, accumulate_sum_X, accumulate_sum_Y,
+// plus the per-prompt directional derivatives the variance phases need.
+//
+// Everything iterates the one registry the components were built with.
+#pragma once
+
+#include "entropy_probe/core/log.hpp"
+#include "entropy_probe/module/bind.hpp"
+#include "entropy_probe/probe/comm.hpp"
+#include "entropy_probe/probe/sequence_logprob.hpp"
+
+#include <cmath>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace entropy_probe {
+
+enum class Weighting { dr_grpo, per_token_avg };
+
+inline const char* to_string(Weighting w) { return w == Weighting::dr_grpo ? "dr_grpo" : "per_token_avg"; }
+
+struct ProbeSettings {
+  Weighting weighting = Weighting::dr_grpo;
+  index_t mb_size = 0;       // prompts per microbatch; 0 = all at once
+  double temperature = 1.0;  // tau
+  ProgressCallback progress;  // called after each microbatch of a long phase
+};
+
+// Loss weights for one batch, given its S values (row-major [B, G]):
+//   X: LX[b] = sum_g W[b,g] S[b,g] with W = -(1/G) c[b,g],
+//      c = stopgrad(Sw - LOO), Sw = S / Lmax (dr_grpo) or S / max(L, 1);
+//   Y: LY[u] = sum_g (1/G) (A[u,g] / Lmax[u]) S[u,g].
+inline std::vector<double> x_loss_weights(const TokenBatch& batch, std::span<const double> S, Weighting w) {
+  const index_t G = batch.G;
+  std::vector<double> W(static_cast<std::size_t>(batch.rows()), 0.0), sw(static_cast<std::size_t>(G));
+  for (index_t b = 0; b < batch.B; ++b) {
+    const double lmax = batch.lmax(b);
+    double total = 0;
+    for (index_t g = 0; g < G; ++g) {
+      const double denom = w == Weighting::dr_grpo ? lmax : std::max<double>(1.0, double(batch.gen_length(b, g)));
+      sw[static_cast<std::size_t>(g)] = S[static_cast<std::size_t>(b * G + g)] / denom;
+      total += sw[static_cast<std::size_t>(g)];
+    }
+    for (index_t g = 0; g < G; ++g) {
+      const double swg = sw[static_cast<std::size_t>(g)];
+      const double loo = G > 1 ? (total - swg) / double(G - 1) : 0.0;
+      W[static_cast<std::size_t>(b * G + g)] = -(swg - loo) / double(G);
+    }
+  }
+  return W;
+}
+
+inline std::vector<double> y_loss_weights(const TokenBatch& batch) {
+  std::vector<double> W(static_cast<std::size_t>(batch.rows()));
+  for (index_t b = 0; b < batch.B; ++b) {
+    const double lmax = batch.lmax(b);
+    for (index_t g = 0; g < batch.G; ++g)
+      W[static_cast<std::size_t>(b * batch.G + g)] = batch.advantage(b, g) / lmax / double(batch.G);
+  }
+  return W;
+}
+
+// Which loss a phase differentiates: its per-row weights from (batch, S).
+using LossWeightsFn = std::function<std::vector<double>(const TokenBatch&, std::span<const double>)>;
+
+template <CausalLM M>
+class ProbeComponents {
+ public:
+  using T = typename M::scalar_type;
+  using B = typename M::backend_type;
+  using RegistryT = Registry<T, B>;
+  using Buffer = ParamBuffer<double, B>;
+
+  ProbeComponents(M& model, const RegistryT& registry, ProbeSettings settings, Communicator& comm)
+      : model_(&model), registry_(&registry), settings_(std::move(settings)), comm_(&comm) {
+    registry.require_trainable("ProbeComponents");
+    if (!(settings_.temperature > 0) || !std::isfinite(settings_.temperature))
+      fail<UsageError>("ProbeComponents: temperature {} must be positive and finite", settings_.temperature);
+    if (settings_.mb_size < 0) fail<UsageError>("ProbeComponents: mb_size {} is negative", settings_.mb_size);
+  }
+
+  M& model() const { return *model_; }
+  const RegistryT& registry() const { return *registry_; }
+  const ProbeSettings& settings() const { return settings_; }
+  Communicator& comm() const { return *comm_; }
+
+  // ---- the buffer vocabulary, always over this registry ----------------------
+  Buffer zeros_like_params() const { return entropy_probe::zeros_like_params<double>(*registry_); }
+  AddIntoStats add_into_param_buffer(Buffer& buf, double scale) const {
+    return entropy_probe::add_into_param_buffer(buf, *registry_, scale);
+  }
+  void scale_param_gradients(double scale) const { entropy_probe::scale_param_gradients(*registry_, scale); }
+  double dot_param_buffers(const Buffer& a, const Buffer& b) const {
+    require_bound_to(a, *registry_, "dot_param_buffers");
+    return entropy_probe::dot_param_buffers(a, b);
+  }
+
+  // [begin, end) ranges of at most mb_size prompts covering [0, n).
+  std::vector<std::pair<index_t, index_t>> iter_microbatches(index_t n) const {
+    std::vector<std::pair<index_t, index_t>> out;
+    const index_t step = settings_.mb_size > 0 ? settings_.mb_size : std::max<index_t>(n, 1);
+    for (index_t b = 0; b < n; b += step) out.emplace_back(b, std::min(n, b + step));
+    return out;
+  }
+
+  struct Sum {
+    Buffer sum;       // sum over prompts of the per-prompt gradient
+    index_t count = 0;  // prompts summed, over all ranks
+  };
+
+  // sum_b X_b over the E batch (this rank's shard, then all-reduced).
+  Sum accumulate_sum_X(const TokenBatch& E) const {
+    const Weighting w = settings_.weighting;
+    return accumulate("X", "[X] nonzero param.grads", E,
+                      [w](const TokenBatch& mb, std::span<const double> S) { return x_loss_weights(mb, S, w); });
+  }
+  // sum_u grad LY[u] over the U batch, raw (the preconditioner comes after).
+  Sum accumulate_sum_Y(const TokenBatch& U) const {
+    return accumulate("Y", "[Y] raw nonzero param.grads", U,
+                      [](const TokenBatch& mb, std::span<const double>) { return y_loss_weights(mb); });
+  }
+
+  // For every prompt b of `batch` (batch order, all ranks): the directional
+  // derivative of its loss along `tangent`,
+  //   d_b = sum_g W[b,g] * (dS[b,g]/dtheta . tangent),
+  // by forward mode: one forward and one JVP pass per microbatch.
+  std::vector<double> per_prompt_directional(const TokenBatch& batch, const Buffer& tangent,
+                                             const LossWeightsFn& weights, const char* phase) const {
+    require_bound_to(tangent, *registry_, phase);
+    std::vector<double> d(static_cast<std::size_t>(batch.B), 0.0);
+    const std::vector<index_t> mine = comm_->shard(batch.B);
+    const auto mbs = iter_microbatches(static_cast<index_t>(mine.size()));
+    index_t done = 0;
+    for (auto [b0, b1] : mbs) {
+      const std::vector<index_t> idx(mine.begin() + b0, mine.begin() + b1);
+      const TokenBatch mb = batch.select(idx);
+      Tape<T, B> tape;
+      Var S = record_sequence_logprobs(tape, *model_, mb, settings_.temperature);
+      const std::vector<double> s = to_double(tape.value(S));
+      const std::vector<double> W = weights(mb, s);
+      jvp(tape, tangent);
+      const Tensor<T, B>* sdot = tape.tangent(S);
+      const std::vector<double> sd = sdot ? to_double(*sdot) : std::vector<double>(s.size(), 0.0);
+      for (index_t j = 0; j < mb.B; ++j) {
+        double acc = 0;
+        for (index_t g = 0; g < mb.G; ++g) acc += W[static_cast<std::size_t>(j * mb.G + g)] * sd[static_cast<std::size_t>(j * mb.G + g)];
+        d[static_cast<std::size_t>(idx[static_cast<std::size_t>(j)])] = acc;
+      }
+      report(phase, done += mb.B, static_cast<index_t>(mine.size()));
+    }
+    comm_->allreduce_sum(std::span<double>(d));
+    return d;
+  }
+
+  static std::vector<double> to_double(const Tensor<T, B>& t) {
+    std::vector<double> out;
+    for (T v : t.to_host()) out.push_back(static_cast<double>(v));
+    return out;
+  }
+  static Tensor<T, B> from_double(const std::vector<double>& v) {
+    std::vector<T> h(v.begin(), v.end());
+    return Tensor<T, B>::from_host({static_cast<index_t>(v.size())}, h);
+  }
+
+  // Sums each parameter buffer across ranks as one contiguous message.
+  void allreduce(Buffer& buf) const {
+    if (comm_->world() == 1) return;
+    std::vector<double> flat;
+    for (index_t i = 0; i < buf.size(); ++i)
+      if (auto* t = buf.entry(i)) {
+        auto h = t->to_host();
+        flat.insert(flat.end(), h.begin(), h.end());
+      }
+    comm_->allreduce_sum(std::span<double>(flat));
+    std::size_t at = 0;
+    for (index_t i = 0; i < buf.size(); ++i)
+      if (auto* t = buf.entry(i)) {
+        B::upload(t->data(), flat.data() + at, t->numel());
+        at += static_cast<std::size_t>(t->numel());
+      }
+  }
+
+  void report(const char* phase, index_t done, index_t total) const {
+    if (settings_.progress) settings_.progress(phase, done, total);
+  }
+
+ private:
+  // The shared loop of both accumulations: per microbatch, zero the grads,
+  // record S, seed the backward pass with the phase's loss weights, add the
+  // gradients into the running sum.
+  Sum accumulate(const char* phase, const char* nonzero_label, const TokenBatch& batch,
+                 const LossWeightsFn& weights) const {
+    Sum out{zeros_like_params(), batch.B};
+    const std::vector<index_t> mine = comm_->shard(batch.B);
+    std::vector<double> nonzero(static_cast<std::size_t>(registry_->size()), 0.0);
+    index_t done = 0;
+    for (auto [b0, b1] : iter_microbatches(static_cast<index_t>(mine.size()))) {
+      const TokenBatch mb = batch.select(std::vector<index_t>(mine.begin() + b0, mine.begin() + b1));
+      registry_->zero_grad();
+      Tape<T, B> tape;
+      Var S = record_sequence_logprobs(tape, *model_, mb, settings_.temperature);
+      const std::vector<double> W = weights(mb, to_double(tape.value(S)));
+      tape.backward(S, from_double(W));
+      for (index_t i = 0; i < registry_->size(); ++i)
+        if (has_nonzero(registry_->entry(i).param->grad)) nonzero[static_cast<std::size_t>(i)] = 1;
+      add_into_param_buffer(out.sum, 1.0);
+      report(phase, done += mb.B, static_cast<index_t>(mine.size()));
+    }
+    registry_->zero_grad();
+    allreduce(out.sum);
+    comm_->allreduce_sum(std::span<double>(nonzero));
+    index_t k = 0;
+    for (double v : nonzero) k += v > 0;
+    log_debug("{} = {}/{}", nonzero_label, k, registry_->size());
+    log_debug("[{}] ||sum_{}|| = {:.6e} over {} prompts", phase, phase, norm_param_buffer(out.sum), out.count);
+    if (k == 0)
+      fail<Error>("{} = 0/{}: every trainable parameter's gradient is zero over the whole {} phase "
+                  "(all advantages zero, no generated tokens, or a LoRA B initialised to zero with nothing else "
+                  "trainable); refusing to report a silent zero",
+                  nonzero_label, registry_->size(), phase);
+    return out;
+  }
+
+  static bool has_nonzero(const std::optional<Tensor<T, B>>& g) {
+    if (!g) return false;
+    const T* p = g->data();
+    return B::sum(g->numel(), [=] EP_HOST_DEVICE(index_t k) { return p[k] != T(0) ? 1.0 : 0.0; }) > 0;
+  }
+
+  M* model_;
+  const RegistryT* registry_;
+  ProbeSettings settings_;
+  Communicator* comm_;
+};
+
+}  // namespace entropy_probe

@@ -1,0 +1,167 @@
+// OfflineEntropyProbe: runs the phases of DESIGN.md section 3 on a model, an
+// E batch, a U batch and the model's Adam state, and returns a result with a
+// timing per phase. Phases that are not configured do not run, and their
+// fields stay empty.
+#pragma once
+
+#include "entropy_probe/probe/adam.hpp"
+#include "entropy_probe/probe/components.hpp"
+#include "entropy_probe/probe/ground_truth.hpp"
+#include "entropy_probe/probe/variance.hpp"
+
+#include <chrono>
+#include <map>
+#include <optional>
+#include <string>
+
+namespace entropy_probe {
+
+enum class VarianceMode { none, conditional, full };
+inline const char* to_string(VarianceMode v) {
+  return v == VarianceMode::none ? "none" : v == VarianceMode::conditional ? "conditional" : "full";
+}
+
+struct ProbeConfig {
+  std::optional<double> learning_rate;  // eta; else the optimizer state's lr
+  Weighting weighting = Weighting::dr_grpo;
+  index_t mb_size = 0;
+  double temperature = 1.0;
+  VarianceMode variance = VarianceMode::full;
+  AlphaRoute alpha_route = AlphaRoute::jvp;
+  std::optional<StepKind> ground_truth;  // none when empty
+  ISEstimator is = ISEstimator::snis;
+  double clip_c = 10.0;
+  ProgressCallback progress;
+};
+
+struct RegistrySummary {
+  index_t trainable_tensors = 0, lora_tensors = 0, trainable_numel = 0;
+  std::vector<std::string> names;
+};
+
+struct ProbeResult {
+  double bars_dot = 0, deltaH1 = 0, learning_rate = 0;
+  std::string learning_rate_source;  // "config" or "optimizer"
+  index_t B_E = 0, B_U = 0;
+  double mu_X_norm = 0, mu_Y_norm = 0;
+  std::optional<ConditionalVariance> conditional;
+  std::optional<FullVariance> full;
+  std::optional<GroundTruth> truth;
+  index_t preconditioner_missing = 0;
+  RegistrySummary registry;
+  std::map<std::string, double> timing;  // seconds per phase, and "total"
+  ProbeConfig config;
+};
+
+template <CausalLM M>
+class OfflineEntropyProbe {
+ public:
+  using T = typename M::scalar_type;
+  using B = typename M::backend_type;
+  using Components = ProbeComponents<M>;
+  using Buffer = typename Components::Buffer;
+
+  // `model` may be a wrapper; the probe works on unwrap(model) and its registry.
+  template <class Model>
+  OfflineEntropyProbe(Model& model, ProbeConfig config, Communicator* comm = nullptr)
+      : model_(&unwrap(model)),
+        registry_(Registry<T, B>::build(*model_)),
+        config_(std::move(config)),
+        comm_(comm ? comm : &single_),
+        components_(*model_, registry_, ProbeSettings{config_.weighting, config_.mb_size, config_.temperature,
+                                                      config_.progress},
+                    *comm_) {}
+
+  const Registry<T, B>& registry() const { return registry_; }
+  const Components& components() const { return components_; }
+
+  // The state must be bound to registry() (AdamState(probe.registry().info(), ...)).
+  ProbeResult run(const TokenBatch& E, const TokenBatch& U, const AdamState<T, B>& state) {
+    using clock = std::chrono::steady_clock;
+    const auto t_start = clock::now();
+    auto seconds_since = [](clock::time_point t0) { return std::chrono::duration<double>(clock::now() - t0).count(); };
+    if (state.info() != registry_.info())
+      fail<UsageError>("OfflineEntropyProbe::run: the Adam state is bound to registry #{}, the probe's is #{}",
+                       state.info() ? state.info()->serial : 0, registry_.serial());
+    E.validate(model_->vocab_size(), "E batch");
+    U.validate(model_->vocab_size(), "U batch");
+
+    ProbeResult r;
+    r.config = config_;
+    r.learning_rate = config_.learning_rate.value_or(state.hyper().lr);
+    r.learning_rate_source = config_.learning_rate ? "config" : "optimizer";
+    if (!(r.learning_rate > 0) || !std::isfinite(r.learning_rate))
+      fail<UsageError>("OfflineEntropyProbe: learning rate {} ({}) must be positive", r.learning_rate,
+                       r.learning_rate_source);
+    const double eta = r.learning_rate;
+    r.registry = summary();
+
+    auto t0 = clock::now();
+    auto sum_X = components_.accumulate_sum_X(E);
+    r.B_E = sum_X.count;
+    Buffer mu_X = sum_X.sum;
+    scale_param_buffer(mu_X, 1.0 / double(r.B_E));
+    r.timing["sum_X"] = seconds_since(t0);
+
+    t0 = clock::now();
+    auto sum_Y = components_.accumulate_sum_Y(U);
+    r.B_U = sum_Y.count;
+    Buffer mu_Y = sum_Y.sum;
+    AdamPreconditioner<T, B> precond(state);
+    precond.apply(mu_Y);
+    scale_param_buffer(mu_Y, 1.0 / double(r.B_U));
+    r.preconditioner_missing = precond.missing();
+    r.timing["sum_Y"] = seconds_since(t0);
+
+    r.bars_dot = components_.dot_param_buffers(mu_X, mu_Y);
+    r.deltaH1 = eta * r.bars_dot;
+    r.mu_X_norm = norm_param_buffer(mu_X);
+    r.mu_Y_norm = norm_param_buffer(mu_Y);
+    log_debug("[PROBE] bars_dot={:.6e} deltaH1={:.6e} |mu_X|={:.4e} |mu_Y|={:.4e}", r.bars_dot, r.deltaH1,
+              r.mu_X_norm, r.mu_Y_norm);
+
+    if (config_.variance != VarianceMode::none) {
+      t0 = clock::now();
+      ConditionalVarianceEstimator<M> est(components_);
+      r.conditional = est.estimate(E, mu_Y, eta, config_.alpha_route);
+      r.timing["conditional_variance"] = seconds_since(t0);
+    }
+    if (config_.variance == VarianceMode::full) {
+      t0 = clock::now();
+      const bool reuse = r.conditional && r.conditional->lora_used == mu_Y.present_count();
+      r.full = full_variance(components_, E, U, mu_X, mu_Y, r.bars_dot, eta, [&](Buffer& b) { precond.apply(b); },
+                             reuse ? &r.conditional->s_values : nullptr);
+      r.timing["full_variance"] = seconds_since(t0);
+    }
+    if (config_.ground_truth) {
+      t0 = clock::now();
+      r.truth = entropy_probe::ground_truth(components_, E, *config_.ground_truth, eta, sum_Y.sum, r.B_U, mu_Y,
+                                            state, config_.is, config_.clip_c);
+      r.timing["ground_truth"] = seconds_since(t0);
+    }
+    r.timing["total"] = seconds_since(t_start);
+    return r;
+  }
+
+ private:
+  RegistrySummary summary() const {
+    RegistrySummary s;
+    s.trainable_tensors = registry_.size();
+    s.lora_tensors = registry_.lora_count();
+    s.trainable_numel = registry_.numel();
+    for (const auto& e : registry_.entries()) s.names.push_back(e.name);
+    return s;
+  }
+
+  M* model_;
+  Registry<T, B> registry_;
+  ProbeConfig config_;
+  SingleProcess single_;
+  Communicator* comm_;
+  Components components_;
+};
+
+template <class Model>
+OfflineEntropyProbe(Model&, ProbeConfig, Communicator* = nullptr) -> OfflineEntropyProbe<unwrapped_t<Model>>;
+
+}  // namespace entropy_probe

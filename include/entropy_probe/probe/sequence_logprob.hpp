@@ -1,0 +1,84 @@
+// Teacher-forced sequence log-probabilities on the tape (DESIGN.md section 3):
+//
+//   S[b,g] = sum over t in gen(b,g) of log_softmax(z[b,g,t-1,:] / tau)[seq[b,g,t]]
+//
+// Token t is scored by the logits at position t-1 (the causal shift).
+#pragma once
+
+#include "entropy_probe/module/module.hpp"
+#include "entropy_probe/probe/batch.hpp"
+#include "entropy_probe/tape/ops/logprob.hpp"
+
+#include <span>
+
+namespace entropy_probe {
+
+// The model input for all B*G rows of `batch`: tokens, key mask, and the
+// batch's position ids or the default 0..T-1 per row.
+inline SequenceInput sequence_input(const TokenBatch& batch) {
+  SequenceInput in;
+  in.rows = batch.rows();
+  in.length = batch.T;
+  in.tokens = batch.sequences;
+  in.key_mask = batch.attention_mask;
+  if (batch.position_ids) {
+    in.positions = *batch.position_ids;
+  } else {
+    in.positions.resize(batch.sequences.size());
+    for (std::size_t i = 0; i < in.positions.size(); ++i)
+      in.positions[i] = static_cast<std::int32_t>(static_cast<index_t>(i) % batch.T);
+  }
+  return in;
+}
+
+// Per flattened position (row, t-1): the token it scores (seq[row, t] when t
+// is generated, else -1) and the weight 1/0 of the masked sum.
+struct ScoredTargets {
+  std::vector<std::int32_t> targets;
+  std::vector<double> weights;
+};
+
+inline ScoredTargets scored_targets(const TokenBatch& batch) {
+  ScoredTargets st;
+  const auto n = static_cast<std::size_t>(batch.rows() * batch.T);
+  st.targets.assign(n, -1);
+  st.weights.assign(n, 0.0);
+  for (index_t b = 0; b < batch.B; ++b)
+    for (index_t g = 0; g < batch.G; ++g)
+      for (index_t t = 1; t < batch.T; ++t)
+        if (batch.generated(b, g, t)) {
+          const auto at = static_cast<std::size_t>(batch.at(b, g, t - 1));
+          st.targets[at] = batch.sequences[static_cast<std::size_t>(batch.at(b, g, t))];
+          st.weights[at] = 1.0;
+        }
+  return st;
+}
+
+// Records S for every row of `batch` on `tape`; returns a Var of shape [B*G].
+template <CausalLM M, class T = typename M::scalar_type, class B = typename M::backend_type>
+Var record_sequence_logprobs(Tape<T, B>& tape, M& model, const TokenBatch& batch, double temperature) {
+  const SequenceInput in = sequence_input(batch);
+  const ScoredTargets st = scored_targets(batch);
+  Var logits = model.forward(tape, in);
+  Var tok = log_softmax_gather(tape, logits, std::span<const std::int32_t>(st.targets), temperature);
+  return masked_seq_sum(tape, tok, std::span<const double>(st.weights), batch.rows());
+}
+
+// S values without gradients (one forward per microbatch of prompts).
+template <CausalLM M>
+std::vector<double> sequence_logprobs(M& model, const TokenBatch& batch, double temperature, index_t mb_size) {
+  using T = typename M::scalar_type;
+  using B = typename M::backend_type;
+  std::vector<double> s;
+  s.reserve(static_cast<std::size_t>(batch.rows()));
+  const index_t step = mb_size > 0 ? mb_size : batch.B;
+  for (index_t b0 = 0; b0 < batch.B; b0 += step) {
+    const TokenBatch mb = batch.slice(b0, std::min(batch.B, b0 + step));
+    Tape<T, B> tape;
+    Var S = record_sequence_logprobs(tape, model, mb, temperature);
+    for (T v : tape.value(S).to_host()) s.push_back(static_cast<double>(v));
+  }
+  return s;
+}
+
+}  // namespace entropy_probe

@@ -1,0 +1,94 @@
+// Small seeded models and batches shared by the probe tests.
+#pragma once
+
+#include <entropy_probe/nn/gpt2.hpp>
+#include <entropy_probe/probe/adam.hpp>
+#include <entropy_probe/probe/batch.hpp>
+
+#include <random>
+
+namespace ep_test {
+
+using namespace entropy_probe;
+
+inline nn::Gpt2Config tiny_gpt2_config() {
+  nn::Gpt2Config c;
+  c.vocab_size = 11;
+  c.n_positions = 16;
+  c.n_embd = 8;
+  c.n_layer = 2;
+  c.n_head = 2;
+  return c;
+}
+
+inline nn::LoraConfig tiny_lora(bool lm_head = false) {
+  nn::LoraConfig l;
+  l.r = 2;
+  l.lora_alpha = 4;
+  l.target_modules = {"c_attn", "c_proj", "c_fc"};
+  if (lm_head) l.modules_to_save = {"lm_head"};
+  l.init_lora_b_zero = false;  // a trained adapter: B != 0, so every LoRA gradient is live
+  return l;
+}
+
+template <class T>
+nn::Gpt2LMHeadModel<T> tiny_gpt2(std::uint64_t seed = 1, bool lm_head = false) {
+  return nn::Gpt2LMHeadModel<T>(tiny_gpt2_config(), tiny_lora(lm_head), seed);
+}
+
+// A batch with unequal prompt lengths, left padding inside some prompts,
+// responses of unequal length and right padding, random advantages.
+inline TokenBatch random_batch(index_t B, index_t G, index_t T, index_t vocab, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  TokenBatch b;
+  b.B = B;
+  b.G = G;
+  b.T = T;
+  b.sequences.assign(static_cast<std::size_t>(B * G * T), 0);
+  b.attention_mask.assign(b.sequences.size(), 0);
+  std::uniform_int_distribution<int> tok(0, int(vocab) - 1);
+  std::normal_distribution<double> nd(0, 1);
+  for (index_t p = 0; p < B; ++p) {
+    const index_t plen = 1 + index_t(rng() % std::uint64_t(std::max<index_t>(T / 2, 1)));
+    const index_t lpad = plen > 2 ? index_t(rng() % 2) : 0;  // some prompts left-padded
+    b.prompt_lens.push_back(std::int32_t(plen));
+    for (index_t g = 0; g < G; ++g) {
+      const index_t glen = 1 + index_t(rng() % std::uint64_t(T - plen));
+      for (index_t t = 0; t < T; ++t) {
+        const auto i = static_cast<std::size_t>(b.at(p, g, t));
+        const bool real = (t >= lpad && t < plen) || (t >= plen && t < plen + glen);
+        b.attention_mask[i] = real ? 1 : 0;
+        b.sequences[i] = real ? tok(rng) : 0;
+      }
+      // Prompts are shared by the group.
+      if (g > 0)
+        for (index_t t = 0; t < plen; ++t)
+          b.sequences[static_cast<std::size_t>(b.at(p, g, t))] = b.sequences[static_cast<std::size_t>(b.at(p, 0, t))];
+      b.advantages.push_back(nd(rng));
+    }
+  }
+  return b;
+}
+
+// Adam state with positive second moments and a few steps, for every
+// registry parameter except those whose name contains `skip` (when given).
+template <class T>
+AdamState<T> random_adam_state(const Registry<T>& reg, std::uint64_t seed, const std::string& skip = "") {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<double> u(0.5, 2.0);
+  AdamHyper h;
+  h.lr = 1e-3;
+  AdamState<T> st(reg.info(), h);
+  for (const auto& e : reg.entries()) {
+    if (!skip.empty() && e.name.find(skip) != std::string::npos) continue;
+    AdamParamState<T> ps{Tensor<T>(e.param->value.shape()), Tensor<T>(e.param->value.shape()), 3};
+    for (index_t k = 0; k < ps.exp_avg.numel(); ++k) {
+      ps.exp_avg[k] = T(1e-3 * (u(rng) - 1.25));
+      ps.exp_avg_sq[k] = T(1e-6 * u(rng));
+    }
+    st.set(e.id, std::move(ps));
+  }
+  return st;
+}
+
+}  // namespace ep_test
