@@ -160,6 +160,27 @@ void scale_param_gradients(const Registry<T, B>& registry, double scale) {
   }
 }
 
+// p.grad = scale * buf[p] (converted to the parameter's type) for entries
+// present in `buf`; parameters whose entry is absent get no gradient. Used to
+// hand an accumulated gradient to an optimizer step.
+template <class U, class T, class B>
+void load_param_gradients(const Registry<T, B>& registry, const ParamBuffer<U, B>& buf, double scale = 1.0) {
+  require_bound_to(buf, registry, "load_param_gradients");
+  for (index_t i = 0; i < registry.size(); ++i) {
+    auto* p = registry.entry(i).param;
+    const Tensor<U, B>* src = buf.entry(i);
+    if (!src) {
+      p->grad.reset();
+      continue;
+    }
+    Tensor<T, B> g(src->shape());
+    const U* sp = src->data();
+    T* gp = g.data();
+    B::parallel_for(g.numel(), [=] EP_HOST_DEVICE(index_t k) { gp[k] = static_cast<T>(scale * static_cast<double>(sp[k])); });
+    p->grad = std::move(g);
+  }
+}
+
 // buf *= scale (present entries).
 template <class U, class B>
 void scale_param_buffer(ParamBuffer<U, B>& buf, double scale) {

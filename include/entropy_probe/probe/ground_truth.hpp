@@ -119,18 +119,7 @@ GroundTruth ground_truth(const ProbeComponents<M>& c, const TokenBatch& E, StepK
   try {
     if (kind == StepKind::adam) {
       AdamState<T, B> scratch = state;  // the loaded state itself is never touched
-      for (index_t i = 0; i < reg.size(); ++i) {
-        auto* p = reg.entry(i).param;
-        if (const auto* g = sum_Y_raw.entry(i)) {
-          Tensor<T, B> grad = g->template cast<T>();
-          T* gp = grad.data();
-          const T s = static_cast<T>(-1.0 / double(B_U));
-          B::parallel_for(grad.numel(), [=] EP_HOST_DEVICE(index_t k) { gp[k] *= s; });
-          p->grad = std::move(grad);
-        } else {
-          p->grad.reset();
-        }
-      }
+      load_param_gradients(reg, sum_Y_raw, -1.0 / double(B_U));
       adamw_step(reg, scratch, eta);
     } else {
       for (index_t i = 0; i < reg.size(); ++i) {

@@ -133,17 +133,32 @@ class OfflineEntropyProbe {
                              reuse ? &r.conditional->s_values : nullptr);
       r.timing["full_variance"] = seconds_since(t0);
     }
+    last_ = Cached{sum_Y.sum, mu_Y, r.B_U, &state};
     if (config_.ground_truth) {
       t0 = clock::now();
-      r.truth = entropy_probe::ground_truth(components_, E, *config_.ground_truth, eta, sum_Y.sum, r.B_U, mu_Y,
-                                            state, config_.is, config_.clip_c);
+      r.truth = ground_truth(E, *config_.ground_truth, eta);
       r.timing["ground_truth"] = seconds_since(t0);
     }
     r.timing["total"] = seconds_since(t_start);
     return r;
   }
 
+  // Ground truth for another step size or step kind, reusing the U sums of
+  // the last run() (a learning-rate sweep needs X and Y only once). The
+  // Adam state passed to run() must still be alive.
+  GroundTruth ground_truth(const TokenBatch& E, StepKind kind, double eta) {
+    if (!last_) fail<UsageError>("OfflineEntropyProbe::ground_truth: call run() first");
+    return entropy_probe::ground_truth(components_, E, kind, eta, last_->sum_Y_raw, last_->B_U, last_->mu_Y,
+                                       *last_->state, config_.is, config_.clip_c);
+  }
+
  private:
+  struct Cached {
+    Buffer sum_Y_raw, mu_Y;
+    index_t B_U;
+    const AdamState<T, B>* state;
+  };
+
   RegistrySummary summary() const {
     RegistrySummary s;
     s.trainable_tensors = registry_.size();
@@ -159,6 +174,7 @@ class OfflineEntropyProbe {
   SingleProcess single_;
   Communicator* comm_;
   Components components_;
+  std::optional<Cached> last_;
 };
 
 template <class Model>

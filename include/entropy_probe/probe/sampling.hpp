@@ -1,0 +1,108 @@
+// Ancestral sampling of G responses per prompt from any CausalLM, into the
+// batch layout the probe reads: prompt at positions [0, p), response from p
+// on, the rest padding (mask 0). Reproducible from the seed.
+#pragma once
+
+#include "entropy_probe/module/module.hpp"
+#include "entropy_probe/probe/batch.hpp"
+
+#include <cmath>
+#include <optional>
+#include <random>
+#include <vector>
+
+namespace entropy_probe {
+
+struct SamplingConfig {
+  index_t G = 4;                // responses per prompt
+  index_t max_new_tokens = 8;   // response length limit
+  double temperature = 1.0;     // logits / temperature before sampling
+  std::optional<std::int32_t> end_token;  // stops a response (the end token itself is kept)
+  std::uint64_t seed = 0;
+};
+
+// Samples config.G responses for each prompt. Advantages are zero; set them
+// (grpo_advantages) once rewards are known. No KV cache: each new token
+// re-runs the forward over the prefix, fine for the small models this serves.
+template <CausalLM M>
+TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t>>& prompts,
+                            const SamplingConfig& config) {
+  using T = typename M::scalar_type;
+  using B = typename M::backend_type;
+  if (prompts.empty()) fail<UsageError>("sample_responses: no prompts");
+  if (config.G < 1 || config.max_new_tokens < 1)
+    fail<UsageError>("sample_responses: G = {} and max_new_tokens = {} must be >= 1", config.G, config.max_new_tokens);
+  if (!(config.temperature > 0) || !std::isfinite(config.temperature))
+    fail<UsageError>("sample_responses: temperature {} must be positive", config.temperature);
+  const index_t V = model.vocab_size();
+  index_t max_prompt = 0;
+  for (std::size_t b = 0; b < prompts.size(); ++b) {
+    if (prompts[b].empty()) fail<UsageError>("sample_responses: prompt {} is empty", b);
+    for (std::size_t t = 0; t < prompts[b].size(); ++t)
+      if (prompts[b][t] < 0 || prompts[b][t] >= V)
+        fail<UsageError>("sample_responses: prompt {} token {} = {} is outside the vocabulary [0, {})", b, t,
+                         prompts[b][t], V);
+    max_prompt = std::max<index_t>(max_prompt, static_cast<index_t>(prompts[b].size()));
+  }
+  TokenBatch batch;
+  batch.B = static_cast<index_t>(prompts.size());
+  batch.G = config.G;
+  batch.T = max_prompt + config.max_new_tokens;
+  const auto n = static_cast<std::size_t>(batch.B * batch.G * batch.T);
+  batch.sequences.assign(n, 0);
+  batch.attention_mask.assign(n, 0);
+  batch.advantages.assign(static_cast<std::size_t>(batch.B * batch.G), 0.0);
+  for (index_t b = 0; b < batch.B; ++b) {
+    const auto& p = prompts[static_cast<std::size_t>(b)];
+    batch.prompt_lens.push_back(static_cast<std::int32_t>(p.size()));
+    for (index_t g = 0; g < batch.G; ++g)
+      for (std::size_t t = 0; t < p.size(); ++t) {
+        batch.sequences[static_cast<std::size_t>(batch.at(b, g, static_cast<index_t>(t)))] = p[t];
+        batch.attention_mask[static_cast<std::size_t>(batch.at(b, g, static_cast<index_t>(t)))] = 1;
+      }
+  }
+  std::mt19937_64 rng(config.seed);
+  std::uniform_real_distribution<double> unif(0.0, 1.0);
+  std::vector<bool> done(static_cast<std::size_t>(batch.rows()), false);
+  std::vector<double> probs(static_cast<std::size_t>(V));
+  for (index_t step = 0; step < config.max_new_tokens; ++step) {
+    const index_t len = max_prompt + step;  // forward over the longest prefix that matters
+    SequenceInput in;
+    in.rows = batch.rows();
+    in.length = len;
+    for (index_t r = 0; r < batch.rows(); ++r)
+      for (index_t t = 0; t < len; ++t) {
+        const auto i = static_cast<std::size_t>(r * batch.T + t);
+        in.tokens.push_back(batch.sequences[i]);
+        in.key_mask.push_back(batch.attention_mask[i]);
+        in.positions.push_back(static_cast<std::int32_t>(t));
+      }
+    Tape<T, B> tape;
+    const std::vector<T> logits = tape.value(model.forward(tape, in)).to_host();
+    for (index_t r = 0; r < batch.rows(); ++r) {
+      if (done[static_cast<std::size_t>(r)]) continue;
+      const index_t b = r / batch.G;
+      const index_t pos = batch.prompt_lens[static_cast<std::size_t>(b)] + step;  // the token being sampled
+      const T* z = logits.data() + (r * len + pos - 1) * V;
+      double mx = -INFINITY, total = 0;
+      for (index_t v = 0; v < V; ++v) mx = std::max(mx, double(z[v]) / config.temperature);
+      for (index_t v = 0; v < V; ++v) total += probs[static_cast<std::size_t>(v)] = std::exp(double(z[v]) / config.temperature - mx);
+      double u = unif(rng) * total;
+      index_t pick = V - 1;
+      for (index_t v = 0; v < V; ++v) {
+        u -= probs[static_cast<std::size_t>(v)];
+        if (u <= 0) {
+          pick = v;
+          break;
+        }
+      }
+      const auto i = static_cast<std::size_t>(r * batch.T + pos);
+      batch.sequences[i] = static_cast<std::int32_t>(pick);
+      batch.attention_mask[i] = 1;
+      if (config.end_token && pick == *config.end_token) done[static_cast<std::size_t>(r)] = true;
+    }
+  }
+  return batch;
+}
+
+}  // namespace entropy_probe
