@@ -1,0 +1,177 @@
+// Token log-probabilities and their per-sequence sums, forward / VJP / JVP
+// side by side.
+//
+//   log_softmax_gather:  out[i] = log_softmax(z[i, :] / tau)[target[i]]    z [..., V] -> [N]
+//   masked_seq_sum:      out[r] = sum_t w[r, t] x[r, t]                    x [R, T]   -> [R]
+//
+// Together they give the probe's sequence log-probability (DESIGN.md section
+// 3), with the causal shift done by the caller when building targets and
+// weights: the logits at position t-1 score the token at position t. For
+// logits z [R, T, V] of R = B*G responses with tokens seq[r, t]:
+//
+//   for t in 0 .. T-2:  targets[r*T + t] = gen(r, t+1) ? seq[r, t+1] : -1
+//                       weights[r*T + t] = gen(r, t+1) ? 1 : 0
+//   targets[r*T + T-1] = -1, weights[r*T + T-1] = 0   (the last logits score nothing)
+//   Var lp = log_softmax_gather(tape, z, targets, tau);   // [R*T]
+//   Var S  = masked_seq_sum(tape, lp, weights, R);        // [R], S[r] = S[b, g]
+//
+// where gen(r, t) = p[b] <= t and m[r, t] = 1. A target of -1 skips the row
+// entirely (no softmax over V), so unscored prompt and padding positions cost
+// nothing; the weights then only repeat that selection.
+#pragma once
+
+#include "entropy_probe/tape/tape.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <span>
+
+namespace entropy_probe {
+
+namespace detail {
+// Saved by log_softmax_gather: per-row logsumexp of z / tau (double, 0 for
+// unscored rows) and the targets, on the backend. p is recomputed from these
+// and the logits, so nothing of size [N, V] is kept.
+template <class B>
+struct LogSoftmaxGatherSaved {
+  Tensor<acc_t, B> lse;
+  Tensor<std::int32_t, B> targets;
+};
+}  // namespace detail
+
+// out[i] = log_softmax(logits[i, :] / temperature)[targets[i]]; targets[i] < 0
+// means "not scored": out[i] = 0 with no gradient or tangent.
+template <class T, class B>
+Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_t> targets, double temperature = 1.0) {
+  const Shape& zs = tape.shape(logits);
+  if (zs.empty() || zs.back() < 1)
+    fail<UsageError>("log_softmax_gather: logits have shape {}, expected [..., V] with V >= 1", shape_str(zs));
+  if (!(temperature > 0) || !std::isfinite(temperature))
+    fail<UsageError>("log_softmax_gather: temperature must be positive and finite, got {}", temperature);
+  const index_t vocab = zs.back();
+  const index_t n = tape.value(logits).numel() / vocab;
+  if (static_cast<index_t>(targets.size()) != n)
+    fail<UsageError>("log_softmax_gather: {} targets for {} rows of logits {}", targets.size(), n, shape_str(zs));
+  for (std::size_t i = 0; i < targets.size(); ++i)
+    if (targets[i] >= vocab)
+      fail<UsageError>("log_softmax_gather: target[{}] = {} is out of range for vocabulary size {}", i, targets[i],
+                       vocab);
+  const acc_t inv_tau = 1.0 / temperature;
+
+  // ---- forward: one row at a time, max and logsumexp in double ----
+  auto saved = std::make_shared<detail::LogSoftmaxGatherSaved<B>>();
+  saved->targets = Tensor<std::int32_t, B>::from_host({n}, targets);
+  saved->lse = Tensor<acc_t, B>({n});
+  Tensor<T, B> out({n});
+  {
+    const T* z = tape.value(logits).data();
+    const std::int32_t* tg = saved->targets.data();
+    acc_t* lse = saved->lse.data();
+    T* o = out.data();
+    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) {
+      if (tg[i] < 0) return;  // unscored: out 0, lse 0
+      const T* row = z + i * vocab;
+      acc_t mx = static_cast<acc_t>(row[0]) * inv_tau;
+      for (index_t j = 1; j < vocab; ++j) mx = std::fmax(mx, static_cast<acc_t>(row[j]) * inv_tau);
+      acc_t sum = 0;
+      for (index_t j = 0; j < vocab; ++j) sum += std::exp(static_cast<acc_t>(row[j]) * inv_tau - mx);
+      lse[i] = mx + std::log(sum);
+      o[i] = static_cast<T>(static_cast<acc_t>(row[tg[i]]) * inv_tau - lse[i]);
+    });
+  }
+
+  // dz[i, :] += (g_i / tau) (onehot(target_i) - p_i)
+  auto backward = [&tape, logits, saved, n, vocab, inv_tau](Var self) {
+    if (!tape.requires_grad(logits)) return;
+    const T* g = tape.grad_data(self);
+    const T* z = tape.value(logits).data();
+    T* gz = tape.grad_accum(logits);
+    const std::int32_t* tg = saved->targets.data();
+    const acc_t* lse = saved->lse.data();
+    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) {
+      const std::int32_t target = tg[i];
+      if (target < 0) return;
+      const acc_t c = static_cast<acc_t>(g[i]) * inv_tau;
+      const T* row = z + i * vocab;
+      T* grow = gz + i * vocab;
+      for (index_t j = 0; j < vocab; ++j) {
+        const acc_t p = std::exp(static_cast<acc_t>(row[j]) * inv_tau - lse[i]);
+        grow[j] += static_cast<T>(c * ((j == target ? 1.0 : 0.0) - p));
+      }
+    });
+  };
+  // tout_i = (tz[i, target_i] - sum_j p_ij tz[i, j]) / tau
+  auto jvp = [&tape, logits, saved, n, vocab, inv_tau](Var self) {
+    const T* tz = tape.tangent_data(logits);
+    T* to = tape.tangent_out(self);
+    if (!tz) return;
+    const T* z = tape.value(logits).data();
+    const std::int32_t* tg = saved->targets.data();
+    const acc_t* lse = saved->lse.data();
+    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) {
+      const std::int32_t target = tg[i];
+      if (target < 0) return;
+      const T* row = z + i * vocab;
+      const T* trow = tz + i * vocab;
+      acc_t mean = 0;
+      for (index_t j = 0; j < vocab; ++j)
+        mean += std::exp(static_cast<acc_t>(row[j]) * inv_tau - lse[i]) * static_cast<acc_t>(trow[j]);
+      to[i] = static_cast<T>((static_cast<acc_t>(trow[target]) - mean) * inv_tau);
+    });
+  };
+  return tape.record("log_softmax_gather", std::move(out), {logits}, backward, jvp);
+}
+
+// out[r] = sum_t weights[r*T + t] * x[r, t], x [rows, T] or [rows*T]; sums in
+// double. The weights are 0/1 masks in the probe, but any real weight works.
+template <class T, class B>
+Var masked_seq_sum(Tape<T, B>& tape, Var x, std::span<const double> weights, index_t rows) {
+  const Shape& xs = tape.shape(x);
+  const index_t numel = tape.value(x).numel();
+  if (rows < 1) fail<UsageError>("masked_seq_sum: rows must be positive, got {}", rows);
+  if (xs.size() > 2 || xs.empty() || numel % rows != 0 || (xs.size() == 2 && xs[0] != rows))
+    fail<UsageError>("masked_seq_sum: x has shape {}, expected [{}, T] or [{}*T]", shape_str(xs), rows, rows);
+  if (static_cast<index_t>(weights.size()) != numel)
+    fail<UsageError>("masked_seq_sum: {} weights for x of shape {} ({} entries)", weights.size(), shape_str(xs), numel);
+  const index_t len = numel / rows;
+
+  // forward
+  auto w_saved = std::make_shared<Tensor<acc_t, B>>(Tensor<acc_t, B>::from_host({numel}, weights));
+  Tensor<T, B> out({rows});
+  {
+    const T* xv = tape.value(x).data();
+    const acc_t* w = w_saved->data();
+    T* o = out.data();
+    B::parallel_for(rows, [=] EP_HOST_DEVICE(index_t r) {
+      acc_t s = 0;
+      for (index_t t = 0; t < len; ++t) s += w[r * len + t] * static_cast<acc_t>(xv[r * len + t]);
+      o[r] = static_cast<T>(s);
+    });
+  }
+
+  // dx[r, t] += w[r, t] g[r]
+  auto backward = [&tape, x, w_saved, numel, len](Var self) {
+    if (!tape.requires_grad(x)) return;
+    const T* g = tape.grad_data(self);
+    const acc_t* w = w_saved->data();
+    T* gx = tape.grad_accum(x);
+    B::parallel_for(numel,
+                    [=] EP_HOST_DEVICE(index_t i) { gx[i] += static_cast<T>(w[i] * static_cast<acc_t>(g[i / len])); });
+  };
+  // tout[r] = sum_t w[r, t] tx[r, t]
+  auto jvp = [&tape, x, w_saved, rows, len](Var self) {
+    const T* tx = tape.tangent_data(x);
+    T* to = tape.tangent_out(self);
+    if (!tx) return;
+    const acc_t* w = w_saved->data();
+    B::parallel_for(rows, [=] EP_HOST_DEVICE(index_t r) {
+      acc_t s = 0;
+      for (index_t t = 0; t < len; ++t) s += w[r * len + t] * static_cast<acc_t>(tx[r * len + t]);
+      to[r] = static_cast<T>(s);
+    });
+  };
+  return tape.record("masked_seq_sum", std::move(out), {x}, backward, jvp);
+}
+
+}  // namespace entropy_probe
