@@ -1,0 +1,232 @@
+// The estimator against exact enumeration (DESIGN.md section 3, 'Scale'):
+// a LoRA LM with a vocabulary of 5 and fixed-length responses of 3 tokens has
+// 125 responses, so expectations and the entropy are finite sums.
+#include "../support/tiny_models.hpp"
+
+#include <entropy_probe/probe/probe.hpp>
+#include <entropy_probe/probe/sampling.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+
+using namespace entropy_probe;
+using namespace ep_test;
+
+namespace {
+
+constexpr index_t kVocab = 5, kLen = 3, kPrompt = 2;  // prompt token id 2
+
+using Model = nn::Gpt2LMHeadModel<double>;
+
+Model enumerable_model(std::uint64_t seed) {
+  nn::Gpt2Config c = tiny_gpt2_config();
+  c.vocab_size = kVocab;
+  c.n_positions = 8;
+  // Larger weights than GPT-2's init so the policy is far from uniform.
+  Model m(c, tiny_lora(), seed);
+  for (auto& b : m.blocks())
+    for (auto* l : {&b.c_attn, &b.c_fc})
+      for (index_t k = 0; k < l->lora_B->value.numel(); ++k) l->lora_B->value[k] *= 3;
+  for (index_t k = 0; k < m.wte().value.numel(); ++k) m.wte().value[k] *= 20;
+  return m;
+}
+
+// Every response y = (y1, y2, y3) after the one-token prompt, as G rows of a
+// single-prompt batch.
+TokenBatch all_responses() {
+  TokenBatch b;
+  b.B = 1;
+  b.G = kVocab * kVocab * kVocab;
+  b.T = 1 + kLen;
+  for (index_t y = 0; y < b.G; ++y) {
+    b.sequences.insert(b.sequences.end(), {std::int32_t(kPrompt), std::int32_t(y / 25), std::int32_t(y / 5 % 5),
+                                           std::int32_t(y % 5)});
+  }
+  b.attention_mask.assign(b.sequences.size(), 1);
+  b.prompt_lens = {1};
+  b.advantages.assign(static_cast<std::size_t>(b.G), 0.0);
+  return b;
+}
+
+struct Exact {
+  std::vector<double> S, p;
+  double H = 0;
+};
+
+Exact exact_distribution(Model& m) {
+  Exact e;
+  e.S = sequence_logprobs(m, all_responses(), 1.0, 0);
+  double total = 0;
+  for (double s : e.S) {
+    e.p.push_back(std::exp(s));
+    total += e.p.back();
+    e.H -= e.p.back() * s;
+  }
+  REQUIRE(total == Approx(1.0).epsilon(1e-12));  // an autoregressive model normalises
+  return e;
+}
+
+// grad H = -sum_y p_y (S_y + 1) grad S_y, from the tape.
+ParamBuffer<double> exact_entropy_gradient(Model& m, const Registry<double>& reg) {
+  const Exact e = exact_distribution(m);
+  Tape<double> tape;
+  Var S = record_sequence_logprobs(tape, m, all_responses(), 1.0);
+  std::vector<double> w;
+  for (std::size_t y = 0; y < e.S.size(); ++y) w.push_back(-e.p[y] * (e.S[y] + 1.0));
+  reg.zero_grad();
+  tape.backward(S, Tensor<double>::from_host({index_t(w.size())}, w));
+  auto g = zeros_like_params<double>(reg);
+  add_into_param_buffer(g, reg, 1.0);
+  reg.zero_grad();
+  return g;
+}
+
+ParamBuffer<double> random_direction(const Registry<double>& reg, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> nd(0, 1);
+  auto v = zeros_like_params<double>(reg);
+  for (index_t i = 0; i < v.size(); ++i)
+    for (index_t k = 0; k < v.entry(i)->numel(); ++k) (*v.entry(i))[k] = nd(rng);
+  return v;
+}
+
+double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
+
+}  // namespace
+
+TEST_CASE("exactness: E[X_b] with G = 2 over all response pairs equals grad H / 3", "[probe][exact]") {
+  Model m = enumerable_model(4);
+  auto reg = Registry<double>::build(m);
+  const Exact e = exact_distribution(m);
+  auto gradH = exact_entropy_gradient(m, reg);
+  scale_param_buffer(gradH, 1.0 / double(kLen));
+  REQUIRE(norm_param_buffer(gradH) > 1e-3);  // the check is not vacuous
+  INFO("H = " << e.H);
+  REQUIRE(e.H > 0.5);
+  REQUIRE(e.H < 0.9 * 3 * std::log(5.0));  // far from uniform
+
+  // Every ordered pair (y1, y2) is one prompt with G = 2; its X_b is the
+  // gradient of LX[b], so sum_b p(y1) p(y2) X_b is one backward pass seeded
+  // with p_b times the X loss weights.
+  const index_t n = kVocab * kVocab * kVocab;
+  TokenBatch pairs;
+  pairs.B = n * n;
+  pairs.G = 2;
+  pairs.T = 1 + kLen;
+  const TokenBatch all = all_responses();
+  std::vector<double> pb;
+  for (index_t a = 0; a < n; ++a)
+    for (index_t b = 0; b < n; ++b) {
+      for (index_t y : {a, b})
+        pairs.sequences.insert(pairs.sequences.end(), all.sequences.begin() + y * 4, all.sequences.begin() + y * 4 + 4);
+      pairs.prompt_lens.push_back(1);
+      pb.push_back(e.p[std::size_t(a)] * e.p[std::size_t(b)]);
+    }
+  pairs.attention_mask.assign(pairs.sequences.size(), 1);
+  pairs.advantages.assign(static_cast<std::size_t>(pairs.rows()), 0.0);
+  pairs.validate(kVocab, "pairs");
+
+  Tape<double> tape;
+  Var S = record_sequence_logprobs(tape, m, pairs, 1.0);
+  std::vector<double> s = tape.value(S).to_host();
+  std::vector<double> W = x_loss_weights(pairs, s, Weighting::dr_grpo);
+  for (index_t b = 0; b < pairs.B; ++b)
+    for (index_t g = 0; g < 2; ++g) W[std::size_t(b * 2 + g)] *= pb[std::size_t(b)];
+  reg.zero_grad();
+  tape.backward(S, Tensor<double>::from_host({index_t(W.size())}, W));
+  auto EX = zeros_like_params<double>(reg);
+  add_into_param_buffer(EX, reg, 1.0);
+  reg.zero_grad();
+
+  // Compare as whole vectors: |E[X] - grad H / 3| / |grad H / 3|.
+  auto diff = EX;
+  for (index_t i = 0; i < diff.size(); ++i)
+    for (index_t k = 0; k < diff.entry(i)->numel(); ++k) (*diff.entry(i))[k] -= (*gradH.entry(i))[k];
+  const double err = norm_param_buffer(diff) / norm_param_buffer(gradH);
+  INFO("relative error " << err);
+  CHECK(err < 1e-10);
+}
+
+TEST_CASE("exactness: mean of mu_X over sampled E batches is within 4 SE of grad H / 3", "[probe][exact]") {
+  Model m = enumerable_model(4);
+  auto reg = Registry<double>::build(m);
+  auto gradH = exact_entropy_gradient(m, reg);
+  scale_param_buffer(gradH, 1.0 / double(kLen));
+  SingleProcess comm;
+  ProbeComponents<Model> c(m, reg, ProbeSettings{Weighting::dr_grpo, 0, 1.0, {}}, comm);
+  const std::vector<ParamBuffer<double>> dirs{random_direction(reg, 1), random_direction(reg, 2), gradH};
+  const int batches = 150;
+  const index_t B_E = 8;
+  std::vector<std::vector<double>> proj(dirs.size());
+  for (int k = 0; k < batches; ++k) {
+    SamplingConfig sc;
+    sc.G = 2;
+    sc.max_new_tokens = kLen;  // fixed length: Lmax = 3 for every prompt
+    sc.seed = 1000 + std::uint64_t(k);
+    TokenBatch E = sample_responses(m, std::vector<std::vector<std::int32_t>>(B_E, {std::int32_t(kPrompt)}), sc);
+    auto sum = c.accumulate_sum_X(E);
+    scale_param_buffer(sum.sum, 1.0 / double(sum.count));
+    for (std::size_t d = 0; d < dirs.size(); ++d) proj[d].push_back(dot_param_buffers(sum.sum, dirs[d]));
+  }
+  for (std::size_t d = 0; d < dirs.size(); ++d) {
+    double mean = 0, ss = 0;
+    for (double x : proj[d]) mean += x;
+    mean /= batches;
+    for (double x : proj[d]) ss += (x - mean) * (x - mean);
+    const double se = std::sqrt(ss / (batches - 1) / batches);
+    const double exact = dot_param_buffers(gradH, dirs[d]);
+    INFO("direction " << d << ": mean " << mean << " exact " << exact << " SE " << se);
+    CHECK(std::abs(mean - exact) < 4 * se);
+    CHECK(se < 0.5 * std::abs(exact));  // the test has power: the effect is well resolved
+  }
+}
+
+TEST_CASE("exactness: the first-order prediction's error is O(eta^2) over three decades", "[probe][exact]") {
+  Model m = enumerable_model(6);
+  auto reg = Registry<double>::build(m);
+  auto gradH = exact_entropy_gradient(m, reg);
+  const double H0 = exact_distribution(m).H;
+  // mu_Y from a sampled U batch with random advantages, Adam-preconditioned.
+  SamplingConfig sc;
+  sc.G = 4;
+  sc.max_new_tokens = kLen;
+  sc.seed = 77;
+  TokenBatch U = sample_responses(m, std::vector<std::vector<std::int32_t>>(6, {std::int32_t(kPrompt)}), sc);
+  std::mt19937_64 rng(5);
+  std::normal_distribution<double> nd(0, 1);
+  for (auto& a : U.advantages) a = nd(rng);
+  SingleProcess comm;
+  ProbeComponents<Model> c(m, reg, ProbeSettings{}, comm);
+  auto mu_Y = c.accumulate_sum_Y(U).sum;
+  auto state = random_adam_state(reg, 3);
+  AdamPreconditioner<double>(state).apply(mu_Y);
+  scale_param_buffer(mu_Y, 1.0 / double(U.B));
+  const double slope = dot_param_buffers(gradH, mu_Y) / double(kLen);  // (grad H / 3) . mu_Y
+  REQUIRE(std::abs(slope) > 0);
+
+  // Step sizes relative to |mu_Y| (preconditioning makes it large): the step
+  // theta -> theta + eta mu_Y has norm 1e-3 down to 1e-6.
+  const double base = 1e-3 / norm_param_buffer(mu_Y);
+  std::vector<double> gaps;
+  for (double eta : {base, base * 1e-1, base * 1e-2, base * 1e-3}) {
+    ParameterSnapshot<double, CpuBackend> snap(reg);
+    for (index_t i = 0; i < reg.size(); ++i) {
+      auto& v = reg.entry(i).param->value;
+      for (index_t k = 0; k < v.numel(); ++k) v[k] += eta * (*mu_Y.entry(i))[k];
+    }
+    const double H1 = exact_distribution(m).H;
+    snap.restore();
+    const double predicted = eta * slope, actual = (H1 - H0) / double(kLen);
+    gaps.push_back(rel(actual, predicted));
+    INFO("eta " << eta << " predicted " << predicted << " actual " << actual << " rel gap " << gaps.back());
+    CHECK(gaps.back() < 0.5);
+  }
+  // Linear shrinkage of the relative gap: each decade of eta divides it by ~10.
+  for (std::size_t k = 0; k + 1 < gaps.size(); ++k) {
+    const double ratio = gaps[k] / gaps[k + 1];
+    INFO("gap ratio between decades " << k << " and " << k + 1 << ": " << ratio);
+    CHECK(ratio > 8.0);
+    CHECK(ratio < 12.0);
+  }
+}
