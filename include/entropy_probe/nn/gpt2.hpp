@@ -66,10 +66,10 @@ class Gpt2LMHeadModel {
       Block b;
       b.ln_1 = LayerNorm<T, B>(d, config_.layer_norm_epsilon);
       b.ln_2 = LayerNorm<T, B>(d, config_.layer_norm_epsilon);
-      b.c_attn = make_linear(d, 3 * d, rng);
-      b.attn_c_proj = make_linear(d, d, rng);
-      b.c_fc = make_linear(d, 4 * d, rng);
-      b.mlp_c_proj = make_linear(4 * d, d, rng);
+      b.c_attn = random_linear<T, B>(d, 3 * d, true, rng);
+      b.attn_c_proj = random_linear<T, B>(d, d, true, rng);
+      b.c_fc = random_linear<T, B>(d, 4 * d, true, rng);
+      b.mlp_c_proj = random_linear<T, B>(4 * d, d, true, rng);
       blocks_.push_back(std::move(b));
     }
     ln_f_ = LayerNorm<T, B>(d, config_.layer_norm_epsilon);
@@ -140,11 +140,6 @@ class Gpt2LMHeadModel {
   }
 
  private:
-  LoraLinear<T, B> make_linear(index_t in, index_t out, std::mt19937_64& rng) {
-    LoraLinear<T, B> l(in, out, true);
-    l.weight.value = random_normal<T, B>({out, in}, rng, 0.02);
-    return l;
-  }
   void check_input(const SequenceInput& in) const {
     const auto n = static_cast<std::size_t>(in.rows * in.length);
     if (in.tokens.size() != n || in.key_mask.size() != n || in.positions.size() != n)

@@ -89,6 +89,14 @@ struct LoraLinear {
   index_t out_features = 0;
 };
 
+// A linear layer with base weights drawn from N(0, 0.02^2) and zero bias.
+template <class T, class B>
+LoraLinear<T, B> random_linear(index_t in, index_t out, bool with_bias, std::mt19937_64& rng) {
+  LoraLinear<T, B> l(in, out, with_bias);
+  l.weight.value = random_normal<T, B>({out, in}, rng, 0.02);
+  return l;
+}
+
 template <class T, class B = CpuBackend>
 struct LayerNorm {
   using scalar_type = T;
