@@ -5,6 +5,7 @@
 
 #include "entropy_probe/core/config.hpp"
 
+#include <cstdint>
 #include <span>
 #include <vector>
 
@@ -17,6 +18,8 @@ class Communicator {
   virtual int world() const = 0;
   // In-place sum over ranks.
   virtual void allreduce_sum(std::span<double> values) = 0;
+  // Rank `root`'s values to every rank (sampled prompt indices, seeds).
+  virtual void broadcast(std::span<std::int64_t> values, int root) = 0;
 
   // The prompt indices this rank owns: r, r + world, r + 2 world, ...
   std::vector<index_t> shard(index_t n) const {
@@ -36,6 +39,7 @@ class SingleProcess final : public Communicator {
   int rank() const override { return 0; }
   int world() const override { return 1; }
   void allreduce_sum(std::span<double>) override {}
+  void broadcast(std::span<std::int64_t>, int) override {}
   using Communicator::allreduce_sum;
 };
 
