@@ -147,4 +147,27 @@ inline void require_gradcheck(const std::vector<GradcheckInput>& inputs, const B
   CHECK(r.dual_rel_err < kDualTol);
 }
 
+// Max |y_float - y_double| / max |y_double| of one op's forward, both run on
+// the same float-representable inputs so only the op's own rounding shows.
+template <class Build>
+inline double float_vs_double(const std::vector<TensorD>& xs, Build build) {
+  Tape<double> td;
+  Tape<float> tf;
+  std::vector<Var> vd, vf;
+  for (const TensorD& x : xs) {
+    const entropy_probe::Tensor<float> xf = x.template cast<float>();
+    vf.push_back(tf.input(xf));
+    vd.push_back(td.input(xf.cast<double>()));
+  }
+  const TensorD yd = td.value(build(td, vd));
+  const entropy_probe::Tensor<float> yf = tf.value(build(tf, vf));
+  REQUIRE(yd.shape() == yf.shape());
+  double num = 0, den = 1e-300;
+  for (index_t i = 0; i < yd.numel(); ++i) {
+    num = std::max(num, std::abs(static_cast<double>(yf[i]) - yd[i]));
+    den = std::max(den, std::abs(yd[i]));
+  }
+  return num / den;
+}
+
 }  // namespace ep_test

@@ -1,0 +1,134 @@
+// Elementwise ops, forward / VJP / JVP side by side.
+//
+//   add:        y = a + b             dA += dy,        dB += dy         ty = ta + tb
+//   mul:        y = a * b             dA += dy * b,    dB += dy * a     ty = ta * b + a * tb
+//   gelu_tanh:  y = GeluTanh(x)       dX += dy * f'(x)                  ty = f'(x) * tx
+//   silu:       y = Silu(x)           dX += dy * f'(x)                  ty = f'(x) * tx
+//
+// Operands of add and mul must have the same shape (no broadcasting: a bias
+// add lives in linear). The scalar math is in tensor/functors.hpp, shared
+// with the device backend. add(x, x) and mul(x, x) are fine: both input
+// gradients accumulate into the same buffer.
+#pragma once
+
+#include "entropy_probe/tape/tape.hpp"
+#include "entropy_probe/tensor/functors.hpp"
+
+namespace entropy_probe {
+
+namespace detail {
+template <class T, class B>
+void elementwise_same_shape(const Tape<T, B>& tape, Var a, Var b, const char* op) {
+  if (tape.shape(a) != tape.shape(b))
+    fail<UsageError>("{}: operand shapes {} and {} differ (no broadcasting)", op, shape_str(tape.shape(a)),
+                     shape_str(tape.shape(b)));
+}
+
+// y = F::f(x) elementwise; the derivative F::df(x) is recomputed from the
+// saved input in both directions (cheaper to store nothing than f'(x)).
+template <class F, class T, class B>
+Var unary_elementwise(Tape<T, B>& tape, Var x, const char* name) {
+  const index_t n = tape.value(x).numel();
+  Tensor<T, B> y(tape.shape(x));
+  {
+    const T* xp = tape.value(x).data();
+    T* yp = y.data();
+    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { yp[i] = F::f(xp[i]); });
+  }
+  auto backward = [&tape, x, n](Var self) {  // dX += dy * f'(x)
+    if (!tape.requires_grad(x)) return;
+    const T* gy = tape.grad_data(self);
+    const T* xp = tape.value(x).data();
+    T* gx = tape.grad_accum(x);
+    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { gx[i] += gy[i] * F::df(xp[i]); });
+  };
+  auto jvp = [&tape, x, n](Var self) {  // ty = f'(x) * tx (only called with tx present)
+    const T* tx = tape.tangent_data(x);
+    if (!tx) return;
+    const T* xp = tape.value(x).data();
+    T* ty = tape.tangent_out(self);
+    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] = F::df(xp[i]) * tx[i]; });
+  };
+  return tape.record(name, std::move(y), {x}, backward, jvp);
+}
+}  // namespace detail
+
+// y = a + b (same shapes).
+template <class T, class B>
+Var add(Tape<T, B>& tape, Var a, Var b) {
+  detail::elementwise_same_shape(tape, a, b, "add");
+  const index_t n = tape.value(a).numel();
+  Tensor<T, B> y(tape.shape(a));
+  {
+    const T* ap = tape.value(a).data();
+    const T* bp = tape.value(b).data();
+    T* yp = y.data();
+    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { yp[i] = ap[i] + bp[i]; });
+  }
+  auto backward = [&tape, a, b, n](Var self) {  // dA += dy, dB += dy
+    const T* gy = tape.grad_data(self);
+    for (Var v : {a, b}) {
+      if (!tape.requires_grad(v)) continue;
+      T* g = tape.grad_accum(v);
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { g[i] += gy[i]; });
+    }
+  };
+  auto jvp = [&tape, a, b, n](Var self) {  // ty = ta + tb
+    T* ty = tape.tangent_out(self);
+    for (Var v : {a, b}) {
+      if (const T* t = tape.tangent_data(v)) B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] += t[i]; });
+    }
+  };
+  return tape.record("add", std::move(y), {a, b}, backward, jvp);
+}
+
+// y = a * b elementwise (same shapes).
+template <class T, class B>
+Var mul(Tape<T, B>& tape, Var a, Var b) {
+  detail::elementwise_same_shape(tape, a, b, "mul");
+  const index_t n = tape.value(a).numel();
+  Tensor<T, B> y(tape.shape(a));
+  {
+    const T* ap = tape.value(a).data();
+    const T* bp = tape.value(b).data();
+    T* yp = y.data();
+    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { yp[i] = ap[i] * bp[i]; });
+  }
+  auto backward = [&tape, a, b, n](Var self) {  // dA += dy * b, dB += dy * a
+    const T* gy = tape.grad_data(self);
+    const T* ap = tape.value(a).data();
+    const T* bp = tape.value(b).data();
+    if (tape.requires_grad(a)) {
+      T* ga = tape.grad_accum(a);
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ga[i] += gy[i] * bp[i]; });
+    }
+    if (tape.requires_grad(b)) {
+      T* gb = tape.grad_accum(b);
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { gb[i] += gy[i] * ap[i]; });
+    }
+  };
+  auto jvp = [&tape, a, b, n](Var self) {  // ty = ta * b + a * tb; a null tangent is zero
+    T* ty = tape.tangent_out(self);
+    const T* ap = tape.value(a).data();
+    const T* bp = tape.value(b).data();
+    if (const T* ta = tape.tangent_data(a))
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] += ta[i] * bp[i]; });
+    if (const T* tb = tape.tangent_data(b))
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] += ap[i] * tb[i]; });
+  };
+  return tape.record("mul", std::move(y), {a, b}, backward, jvp);
+}
+
+// y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's MLP activation.
+template <class T, class B>
+Var gelu_tanh(Tape<T, B>& tape, Var x) {
+  return detail::unary_elementwise<GeluTanh>(tape, x, "gelu_tanh");
+}
+
+// y = x sigmoid(x), Llama/Qwen2's MLP activation.
+template <class T, class B>
+Var silu(Tape<T, B>& tape, Var x) {
+  return detail::unary_elementwise<Silu>(tape, x, "silu");
+}
+
+}  // namespace entropy_probe

@@ -1,0 +1,258 @@
+// Layer norm and RMS norm over the last dimension D, forward / VJP / JVP side
+// by side. x is [..., D], viewed as N rows; gamma and beta are [D].
+//
+//   layer_norm (PyTorch semantics: biased variance, eps inside the sqrt):
+//     mu = mean_j x_j,  var = mean_j (x_j - mu)^2,  rstd = 1 / sqrt(var + eps)
+//     xhat = (x - mu) rstd,  y = xhat * gamma + beta
+//   rms_norm (Llama/Qwen2):
+//     rstd = 1 / sqrt(mean_j x_j^2 + eps),  xhat = x rstd,  y = xhat * gamma
+//
+// Per row, with g = dy * gamma (the cotangent of xhat) and <.> the row mean:
+//   layer_norm  dx = rstd (g - <g> - xhat <g xhat>)
+//   rms_norm    dx = rstd (g - xhat <g xhat>)
+//   both        dgamma += sum_rows dy * xhat,   dbeta += sum_rows dy
+// The linearisation xhat -> txhat is the same (self-adjoint) projection:
+//   layer_norm  txhat = rstd (tx - <tx> - xhat <xhat tx>)
+//   rms_norm    txhat = rstd (tx - xhat <xhat tx>)
+//   ty = gamma * txhat + xhat * tgamma (+ tbeta)
+//
+// Row statistics are accumulated and saved in acc_t (double) whatever T is;
+// the forward saves per-row mean and rstd so backward and JVP rebuild xhat
+// without another reduction. Parameter gradients are column sums: one
+// parallel index per feature, rows summed inside (deterministic, no atomics).
+#pragma once
+
+#include "entropy_probe/tape/tape.hpp"
+#include "entropy_probe/tensor/blas.hpp"
+
+#include <cmath>
+
+namespace entropy_probe {
+
+namespace detail {
+// Number of features D (the last dimension, at least 1) of a normalised input.
+template <class T, class B>
+index_t norm_features(const Tape<T, B>& tape, Var x, const char* op) {
+  const Shape& s = tape.shape(x);
+  if (s.empty() || s.back() < 1)
+    fail<UsageError>("{}: input shape {} has no feature dimension to normalise over", op, shape_str(s));
+  return s.back();
+}
+template <class T, class B>
+void norm_check_param(const Tape<T, B>& tape, Var p, index_t d, const char* op, const char* what) {
+  if (tape.shape(p) != Shape{d})
+    fail<UsageError>("{}: {} has shape {}, expected [{}] to match the input's last dimension", op, what,
+                     shape_str(tape.shape(p)), d);
+}
+inline void norm_check_eps(double eps, const char* op) {
+  if (!(eps >= 0.0) || !std::isfinite(eps)) fail<UsageError>("{}: eps = {} must be finite and non-negative", op, eps);
+}
+}  // namespace detail
+
+// y = (x - mean) / sqrt(var + eps) * gamma + beta over the last dimension.
+template <class T, class B>
+Var layer_norm(Tape<T, B>& tape, Var x, Var gamma, Var beta, double eps) {
+  const index_t d = detail::norm_features(tape, x, "layer_norm");
+  detail::norm_check_param(tape, gamma, d, "layer_norm", "gamma");
+  detail::norm_check_param(tape, beta, d, "layer_norm", "beta");
+  detail::norm_check_eps(eps, "layer_norm");
+  const index_t n = tape.value(x).numel() / d;
+
+  // forward: two-pass mean / variance per row in double
+  Tensor<T, B> y(tape.shape(x));
+  Tensor<acc_t, B> mean({n}), rstd({n});
+  {
+    const T* xp = tape.value(x).data();
+    const T* gp = tape.value(gamma).data();
+    const T* bp = tape.value(beta).data();
+    T* yp = y.data();
+    acc_t* mp = mean.data();
+    acc_t* rp = rstd.data();
+    const acc_t e = eps;
+    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t r) {
+      const T* xr = xp + r * d;
+      acc_t s = 0;
+      for (index_t j = 0; j < d; ++j) s += xr[j];
+      const acc_t mu = s / static_cast<acc_t>(d);
+      acc_t v = 0;
+      for (index_t j = 0; j < d; ++j) {
+        const acc_t c = static_cast<acc_t>(xr[j]) - mu;
+        v += c * c;
+      }
+      const acc_t rs = 1.0 / std::sqrt(v / static_cast<acc_t>(d) + e);
+      mp[r] = mu;
+      rp[r] = rs;
+      for (index_t j = 0; j < d; ++j) {
+        const acc_t xh = (static_cast<acc_t>(xr[j]) - mu) * rs;
+        yp[r * d + j] = static_cast<T>(xh * static_cast<acc_t>(gp[j]) + static_cast<acc_t>(bp[j]));
+      }
+    });
+  }
+
+  auto backward = [&tape, x, gamma, beta, n, d, mean, rstd](Var self) {
+    const T* gy = tape.grad_data(self);
+    const T* xp = tape.value(x).data();
+    const T* gp = tape.value(gamma).data();
+    const acc_t* mp = mean.data();
+    const acc_t* rp = rstd.data();
+    if (tape.requires_grad(x)) {  // dx = rstd (g - <g> - xhat <g xhat>),  g = dy * gamma
+      T* gx = tape.grad_accum(x);
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t r) {
+        const T* xr = xp + r * d;
+        const T* gyr = gy + r * d;
+        const acc_t mu = mp[r], rs = rp[r];
+        acc_t sg = 0, sgx = 0;
+        for (index_t j = 0; j < d; ++j) {
+          const acc_t g = static_cast<acc_t>(gyr[j]) * static_cast<acc_t>(gp[j]);
+          sg += g;
+          sgx += g * (static_cast<acc_t>(xr[j]) - mu) * rs;
+        }
+        sg /= static_cast<acc_t>(d);
+        sgx /= static_cast<acc_t>(d);
+        for (index_t j = 0; j < d; ++j) {
+          const acc_t g = static_cast<acc_t>(gyr[j]) * static_cast<acc_t>(gp[j]);
+          const acc_t xh = (static_cast<acc_t>(xr[j]) - mu) * rs;
+          gx[r * d + j] += static_cast<T>(rs * (g - sg - xh * sgx));
+        }
+      });
+    }
+    if (tape.requires_grad(gamma)) {  // dgamma_j += sum_r dy[r, j] xhat[r, j]
+      T* gg = tape.grad_accum(gamma);
+      B::parallel_for(d, [=] EP_HOST_DEVICE(index_t j) {
+        acc_t s = 0;
+        for (index_t r = 0; r < n; ++r)
+          s += static_cast<acc_t>(gy[r * d + j]) * (static_cast<acc_t>(xp[r * d + j]) - mp[r]) * rp[r];
+        gg[j] += static_cast<T>(s);
+      });
+    }
+    if (tape.requires_grad(beta)) blas::add_column_sums<B>(n, d, T(1), gy, tape.grad_accum(beta));
+  };
+
+  auto jvp = [&tape, x, gamma, beta, n, d, mean, rstd](Var self) {
+    T* ty = tape.tangent_out(self);
+    const T* xp = tape.value(x).data();
+    const T* gp = tape.value(gamma).data();
+    const acc_t* mp = mean.data();
+    const acc_t* rp = rstd.data();
+    if (const T* tx = tape.tangent_data(x)) {  // ty += gamma * rstd (tx - <tx> - xhat <xhat tx>)
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t r) {
+        const T* xr = xp + r * d;
+        const T* txr = tx + r * d;
+        const acc_t mu = mp[r], rs = rp[r];
+        acc_t st = 0, sxt = 0;
+        for (index_t j = 0; j < d; ++j) {
+          st += static_cast<acc_t>(txr[j]);
+          sxt += (static_cast<acc_t>(xr[j]) - mu) * rs * static_cast<acc_t>(txr[j]);
+        }
+        st /= static_cast<acc_t>(d);
+        sxt /= static_cast<acc_t>(d);
+        for (index_t j = 0; j < d; ++j) {
+          const acc_t xh = (static_cast<acc_t>(xr[j]) - mu) * rs;
+          const acc_t txh = rs * (static_cast<acc_t>(txr[j]) - st - xh * sxt);
+          ty[r * d + j] += static_cast<T>(static_cast<acc_t>(gp[j]) * txh);
+        }
+      });
+    }
+    if (const T* tg = tape.tangent_data(gamma)) {  // ty += xhat * tgamma
+      B::parallel_for(n * d, [=] EP_HOST_DEVICE(index_t i) {
+        const index_t r = i / d;
+        const acc_t xh = (static_cast<acc_t>(xp[i]) - mp[r]) * rp[r];
+        ty[i] += static_cast<T>(xh * static_cast<acc_t>(tg[i - r * d]));
+      });
+    }
+    if (const T* tb = tape.tangent_data(beta)) blas::add_row_vector<B>(n, d, tb, ty);  // ty += tbeta
+  };
+  return tape.record("layer_norm", std::move(y), {x, gamma, beta}, std::move(backward), std::move(jvp));
+}
+
+// y = x / sqrt(mean(x^2) + eps) * gamma over the last dimension.
+template <class T, class B>
+Var rms_norm(Tape<T, B>& tape, Var x, Var gamma, double eps) {
+  const index_t d = detail::norm_features(tape, x, "rms_norm");
+  detail::norm_check_param(tape, gamma, d, "rms_norm", "gamma");
+  detail::norm_check_eps(eps, "rms_norm");
+  const index_t n = tape.value(x).numel() / d;
+
+  // forward
+  Tensor<T, B> y(tape.shape(x));
+  Tensor<acc_t, B> rstd({n});
+  {
+    const T* xp = tape.value(x).data();
+    const T* gp = tape.value(gamma).data();
+    T* yp = y.data();
+    acc_t* rp = rstd.data();
+    const acc_t e = eps;
+    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t r) {
+      const T* xr = xp + r * d;
+      acc_t ss = 0;
+      for (index_t j = 0; j < d; ++j) ss += static_cast<acc_t>(xr[j]) * static_cast<acc_t>(xr[j]);
+      const acc_t rs = 1.0 / std::sqrt(ss / static_cast<acc_t>(d) + e);
+      rp[r] = rs;
+      for (index_t j = 0; j < d; ++j)
+        yp[r * d + j] = static_cast<T>(static_cast<acc_t>(xr[j]) * rs * static_cast<acc_t>(gp[j]));
+    });
+  }
+
+  auto backward = [&tape, x, gamma, n, d, rstd](Var self) {
+    const T* gy = tape.grad_data(self);
+    const T* xp = tape.value(x).data();
+    const T* gp = tape.value(gamma).data();
+    const acc_t* rp = rstd.data();
+    if (tape.requires_grad(x)) {  // dx = rstd (g - xhat <g xhat>),  g = dy * gamma
+      T* gx = tape.grad_accum(x);
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t r) {
+        const T* xr = xp + r * d;
+        const T* gyr = gy + r * d;
+        const acc_t rs = rp[r];
+        acc_t sgx = 0;
+        for (index_t j = 0; j < d; ++j)
+          sgx += static_cast<acc_t>(gyr[j]) * static_cast<acc_t>(gp[j]) * static_cast<acc_t>(xr[j]) * rs;
+        sgx /= static_cast<acc_t>(d);
+        for (index_t j = 0; j < d; ++j) {
+          const acc_t g = static_cast<acc_t>(gyr[j]) * static_cast<acc_t>(gp[j]);
+          gx[r * d + j] += static_cast<T>(rs * (g - static_cast<acc_t>(xr[j]) * rs * sgx));
+        }
+      });
+    }
+    if (tape.requires_grad(gamma)) {  // dgamma_j += sum_r dy[r, j] xhat[r, j]
+      T* gg = tape.grad_accum(gamma);
+      B::parallel_for(d, [=] EP_HOST_DEVICE(index_t j) {
+        acc_t s = 0;
+        for (index_t r = 0; r < n; ++r)
+          s += static_cast<acc_t>(gy[r * d + j]) * static_cast<acc_t>(xp[r * d + j]) * rp[r];
+        gg[j] += static_cast<T>(s);
+      });
+    }
+  };
+
+  auto jvp = [&tape, x, gamma, n, d, rstd](Var self) {
+    T* ty = tape.tangent_out(self);
+    const T* xp = tape.value(x).data();
+    const T* gp = tape.value(gamma).data();
+    const acc_t* rp = rstd.data();
+    if (const T* tx = tape.tangent_data(x)) {  // ty += gamma * rstd (tx - xhat <xhat tx>)
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t r) {
+        const T* xr = xp + r * d;
+        const T* txr = tx + r * d;
+        const acc_t rs = rp[r];
+        acc_t sxt = 0;
+        for (index_t j = 0; j < d; ++j) sxt += static_cast<acc_t>(xr[j]) * rs * static_cast<acc_t>(txr[j]);
+        sxt /= static_cast<acc_t>(d);
+        for (index_t j = 0; j < d; ++j) {
+          const acc_t xh = static_cast<acc_t>(xr[j]) * rs;
+          const acc_t txh = rs * (static_cast<acc_t>(txr[j]) - xh * sxt);
+          ty[r * d + j] += static_cast<T>(static_cast<acc_t>(gp[j]) * txh);
+        }
+      });
+    }
+    if (const T* tg = tape.tangent_data(gamma)) {  // ty += xhat * tgamma
+      B::parallel_for(n * d, [=] EP_HOST_DEVICE(index_t i) {
+        const index_t r = i / d;
+        ty[i] += static_cast<T>(static_cast<acc_t>(xp[i]) * rp[r] * static_cast<acc_t>(tg[i - r * d]));
+      });
+    }
+  };
+  return tape.record("rms_norm", std::move(y), {x, gamma}, std::move(backward), std::move(jvp));
+}
+
+}  // namespace entropy_probe

@@ -1,0 +1,161 @@
+#include "../support/gradcheck.hpp"
+
+#include <entropy_probe/tape/ops/elementwise.hpp>
+#include <entropy_probe/tensor/functors.hpp>
+
+#include <cmath>
+#include <limits>
+
+using namespace entropy_probe;
+using namespace ep_test;
+
+namespace {
+
+// The reference formulas, written independently of functors.hpp.
+double gelu_ref(double x) {
+  const double pi = 3.14159265358979323846;
+  return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / pi) * (x + 0.044715 * x * x * x)));
+}
+double silu_ref(double x) { return x / (1.0 + std::exp(-x)); }
+
+}  // namespace
+
+TEST_CASE("functors: values at known points", "[ops][functors]") {
+  CHECK(GeluTanh::f(1.0) == Approx(0.8411919906082768).epsilon(1e-15));
+  CHECK(GeluTanh::f(0.0) == 0.0);
+  // gelu(x) - gelu(-x) = x for any odd-argument tanh form
+  for (double x : {-3.0, -0.7, 0.25, 2.5}) CHECK(GeluTanh::f(x) - GeluTanh::f(-x) == Approx(x).epsilon(1e-14));
+  CHECK(GeluTanh::f(-1.0) == Approx(-0.15880800939172324).epsilon(1e-14));
+  CHECK(Silu::f(1.0) == Approx(0.7310585786300049).epsilon(1e-15));
+  CHECK(Silu::f(-1.0) == Approx(-0.2689414213699951).epsilon(1e-15));
+  CHECK(Sigmoid::f(0.0) == 0.5);
+  CHECK(Sigmoid::f(2.0) + Sigmoid::f(-2.0) == Approx(1.0).epsilon(1e-16));
+  CHECK(Sigmoid::f(-40.0) == Approx(std::exp(-40.0)).epsilon(1e-14));  // relative accuracy in the tail
+  CHECK(GeluTanh::f(1.0f) == Approx(0.8411919906082768).epsilon(1e-6));
+  CHECK(Silu::f(1.0f) == Approx(0.7310585786300049).epsilon(1e-6));
+}
+
+TEST_CASE("functors: sigmoid and silu are finite far out in both directions", "[ops][functors]") {
+  for (double x : {-1000.0, -750.0, 750.0, 1000.0}) {
+    CAPTURE(x);
+    CHECK(std::isfinite(Sigmoid::f(x)));
+    CHECK(std::isfinite(Sigmoid::df(x)));
+    CHECK(std::isfinite(Silu::f(x)));
+    CHECK(std::isfinite(Silu::df(x)));
+    CHECK(std::isfinite(Sigmoid::f(static_cast<float>(x))));
+    CHECK(std::isfinite(Silu::df(static_cast<float>(x))));
+  }
+  CHECK(Sigmoid::f(-1000.0) == 0.0);
+  CHECK(Sigmoid::f(1000.0) == 1.0);
+  CHECK(Silu::f(-1000.0) == 0.0);
+  CHECK(Silu::f(1000.0) == 1000.0);
+  CHECK(GeluTanh::f(-30.0) == Approx(0.0).margin(1e-300));
+  CHECK(GeluTanh::f(30.0) == 30.0);
+}
+
+TEST_CASE("functors: derivatives match central differences", "[ops][functors]") {
+  const double h = 1e-5;
+  for (double x = -6.0; x <= 6.0; x += 0.37) {
+    CAPTURE(x);
+    CHECK(GeluTanh::df(x) == Approx((GeluTanh::f(x + h) - GeluTanh::f(x - h)) / (2 * h)).margin(1e-9));
+    CHECK(Silu::df(x) == Approx((Silu::f(x + h) - Silu::f(x - h)) / (2 * h)).margin(1e-9));
+    CHECK(Sigmoid::df(x) == Approx((Sigmoid::f(x + h) - Sigmoid::f(x - h)) / (2 * h)).margin(1e-9));
+  }
+}
+
+TEST_CASE("elementwise ops: values against plain formulas", "[ops][elementwise]") {
+  std::mt19937_64 rng(11);
+  const TensorD a = random_tensor({3, 4}, rng, 2.0), b = random_tensor({3, 4}, rng, 2.0);
+  Tape<double> t;
+  Var va = t.input(a), vb = t.input(b);
+  // copies: a reference into the tape dangles once later ops add slots
+  const TensorD s = t.value(add(t, va, vb));
+  const TensorD p = t.value(mul(t, va, vb));
+  const TensorD g = t.value(gelu_tanh(t, va));
+  const TensorD si = t.value(silu(t, va));
+  REQUIRE(s.shape() == Shape{3, 4});
+  REQUIRE(g.shape() == Shape{3, 4});
+  for (index_t i = 0; i < a.numel(); ++i) {
+    CAPTURE(i, a[i], b[i]);
+    CHECK(s[i] == a[i] + b[i]);
+    CHECK(p[i] == a[i] * b[i]);
+    CHECK(g[i] == Approx(gelu_ref(a[i])).epsilon(1e-14).margin(1e-300));
+    CHECK(si[i] == Approx(silu_ref(a[i])).epsilon(1e-14).margin(1e-300));
+  }
+}
+
+TEST_CASE("add and mul: VJP and JVP against finite differences", "[ops][elementwise]") {
+  std::mt19937_64 rng(12);
+  for (Shape s : {Shape{4, 5}, Shape{1, 1}, Shape{7}, Shape{1, 6}, Shape{6, 1}, Shape{2, 3, 4}}) {
+    CAPTURE(shape_str(s));
+    require_gradcheck({{random_tensor(s, rng)}, {random_tensor(s, rng)}},
+                      [](Tape<double>& t, const std::vector<Var>& v) { return add(t, v[0], v[1]); });
+    require_gradcheck({{random_tensor(s, rng)}, {random_tensor(s, rng)}},
+                      [](Tape<double>& t, const std::vector<Var>& v) { return mul(t, v[0], v[1]); });
+  }
+}
+
+TEST_CASE("add and mul: one operand constant (its tangent is null)", "[ops][elementwise]") {
+  std::mt19937_64 rng(13);
+  for (bool first_frozen : {true, false}) {
+    CAPTURE(first_frozen);
+    std::vector<GradcheckInput> in{{random_tensor({3, 4}, rng), !first_frozen},
+                                   {random_tensor({3, 4}, rng), first_frozen}};
+    require_gradcheck(in, [](Tape<double>& t, const std::vector<Var>& v) { return mul(t, v[0], v[1]); });
+    require_gradcheck(in, [](Tape<double>& t, const std::vector<Var>& v) { return add(t, v[0], v[1]); });
+  }
+}
+
+TEST_CASE("add and mul: the same value on both sides accumulates both gradients", "[ops][elementwise]") {
+  std::mt19937_64 rng(14);
+  require_gradcheck({{random_tensor({3, 4}, rng)}},
+                    [](Tape<double>& t, const std::vector<Var>& v) { return mul(t, v[0], v[0]); });
+  require_gradcheck({{random_tensor({3, 4}, rng)}},
+                    [](Tape<double>& t, const std::vector<Var>& v) { return add(t, v[0], v[0]); });
+  // d(x*x)/dx = 2x exactly
+  Tape<double> t;
+  const TensorD x = random_tensor({5}, rng);
+  Var vx = t.input(x);
+  Var y = mul(t, vx, vx);
+  t.backward(y, TensorD::full({5}, 1.0));
+  REQUIRE(t.grad(vx) != nullptr);
+  for (index_t i = 0; i < 5; ++i) CHECK((*t.grad(vx))[i] == 2 * x[i]);
+}
+
+TEST_CASE("gelu_tanh and silu: VJP and JVP against finite differences", "[ops][elementwise]") {
+  std::mt19937_64 rng(15);
+  for (Shape s : {Shape{4, 5}, Shape{1, 1}, Shape{9}, Shape{2, 3, 2}}) {
+    CAPTURE(shape_str(s));
+    require_gradcheck({{random_tensor(s, rng, 2.5)}},
+                      [](Tape<double>& t, const std::vector<Var>& v) { return gelu_tanh(t, v[0]); });
+    require_gradcheck({{random_tensor(s, rng, 2.5)}},
+                      [](Tape<double>& t, const std::vector<Var>& v) { return silu(t, v[0]); });
+  }
+}
+
+TEST_CASE("elementwise ops: composed chain (SwiGLU-style gate) passes gradcheck", "[ops][elementwise]") {
+  std::mt19937_64 rng(16);
+  require_gradcheck({{random_tensor({3, 4}, rng)}, {random_tensor({3, 4}, rng)}, {random_tensor({3, 4}, rng)}},
+                    [](Tape<double>& t, const std::vector<Var>& v) {
+                      return add(t, mul(t, silu(t, v[0]), v[1]), gelu_tanh(t, v[2]));
+                    });
+}
+
+TEST_CASE("elementwise ops: float forward agrees with double", "[ops][elementwise][float]") {
+  std::mt19937_64 rng(17);
+  const TensorD a = random_tensor({6, 7}, rng, 2.0), b = random_tensor({6, 7}, rng, 2.0);
+  CHECK(float_vs_double({a, b}, [](auto& t, const std::vector<Var>& v) { return add(t, v[0], v[1]); }) < 1e-6);
+  CHECK(float_vs_double({a, b}, [](auto& t, const std::vector<Var>& v) { return mul(t, v[0], v[1]); }) < 1e-6);
+  CHECK(float_vs_double({a}, [](auto& t, const std::vector<Var>& v) { return gelu_tanh(t, v[0]); }) < 1e-5);
+  CHECK(float_vs_double({a}, [](auto& t, const std::vector<Var>& v) { return silu(t, v[0]); }) < 1e-5);
+}
+
+TEST_CASE("add and mul: shape mismatch is a usage error", "[ops][elementwise][errors]") {
+  Tape<double> t;
+  Var a = t.input(TensorD({2, 3})), b = t.input(TensorD({3, 2})), c = t.input(TensorD({6}));
+  REQUIRE_THROWS_AS(add(t, a, b), UsageError);
+  REQUIRE_THROWS_WITH(add(t, a, b), Catch::Contains("add: operand shapes [2, 3] and [3, 2] differ"));
+  REQUIRE_THROWS_AS(mul(t, a, c), UsageError);
+  REQUIRE_THROWS_WITH(mul(t, a, c), Catch::Contains("mul: operand shapes [2, 3] and [6] differ"));
+  CHECK(t.num_nodes() == 0);  // nothing recorded by a failed op
+}
