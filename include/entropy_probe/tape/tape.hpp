@@ -12,6 +12,7 @@
 #include "entropy_probe/tensor/tensor.hpp"
 
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <initializer_list>
 #include <optional>
@@ -240,7 +241,9 @@ class Tape {
   }
   Slot& slot_mut(Var v) { return const_cast<Slot&>(std::as_const(*this).slot(v)); }
 
-  std::vector<Slot> slots_;
+  // A deque: references returned by value() stay valid while later ops add
+  // slots (a vector would reallocate under them).
+  std::deque<Slot> slots_;
   std::vector<Node> nodes_;
 };
 
