@@ -1,6 +1,7 @@
 #include "../support/gradcheck.hpp"
 
 #include <entropy_probe/tape/ops/linear.hpp>
+#include <entropy_probe/tape/ops/view.hpp>
 
 using namespace entropy_probe;
 using namespace ep_test;
@@ -52,4 +53,13 @@ TEST_CASE("lora_linear equals base linear plus the scaled low-rank product", "[o
   Var low = linear(t, u, b);
   for (index_t i = 0; i < 6; ++i)
     CHECK(t.value(y)[i] == Approx(t.value(base)[i] + 0.5 * t.value(low)[i]).epsilon(1e-14));
+}
+
+TEST_CASE("reshape: VJP and JVP against finite differences", "[ops][reshape]") {
+  std::mt19937_64 rng(5);
+  require_gradcheck({{random_tensor({2, 3, 4}, rng)}},
+                    [](Tape<double>& t, const std::vector<Var>& v) { return reshape(t, v[0], {6, 4}); });
+  Tape<double> t;
+  Var x = t.input(random_tensor({2, 3}, rng));
+  REQUIRE_THROWS_WITH(reshape(t, x, {4, 2}), Catch::Contains("element counts differ"));
 }

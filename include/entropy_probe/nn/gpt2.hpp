@@ -83,10 +83,7 @@ class Gpt2LMHeadModel {
         }
         if (lora_->targets("c_fc")) b.c_fc.add_lora(lora_->r, s, rng, lora_->init_lora_b_zero);
       }
-      wte_.requires_grad = wpe_.requires_grad = false;
-      for (auto& b : blocks_)
-        for (auto* ln : {&b.ln_1, &b.ln_2}) ln->weight.requires_grad = ln->bias.requires_grad = false;
-      ln_f_.weight.requires_grad = ln_f_.bias.requires_grad = false;
+      freeze_all_but_lora(*this);
       if (lora_->saves("lm_head")) lm_head_.emplace(wte_.value);  // a trainable, untied copy
     }
   }

@@ -97,6 +97,17 @@ LoraLinear<T, B> random_linear(index_t in, index_t out, bool with_bias, std::mt1
   return l;
 }
 
+// PEFT's get_peft_model: every parameter is frozen except the LoRA adapters
+// (modules_to_save are re-enabled by the caller).
+template <class M>
+void freeze_all_but_lora(M& model) {
+  using T = typename M::scalar_type;
+  using B = typename M::backend_type;
+  model.named_parameters(ParameterVisitor<T, B>([](const std::string& name, Parameter<T, B>& p) {
+    p.requires_grad = name.find("lora_A.") != std::string::npos || name.find("lora_B.") != std::string::npos;
+  }));
+}
+
 template <class T, class B = CpuBackend>
 struct LayerNorm {
   using scalar_type = T;

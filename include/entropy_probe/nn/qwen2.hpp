@@ -89,10 +89,7 @@ class Qwen2ForCausalLM {
       for (Layer& l : layers_)
         for (auto [name, lin] : linears(l))
           if (lora_->targets(name)) lin->add_lora(lora_->r, s, rng, lora_->init_lora_b_zero);
-      embed_tokens_.requires_grad = false;
-      for (Layer& l : layers_) l.input_layernorm.weight.requires_grad = l.post_attention_layernorm.weight.requires_grad = false;
-      norm_.weight.requires_grad = false;
-      if (lm_head_) lm_head_->requires_grad = false;
+      freeze_all_but_lora(*this);
       if (lora_->saves("lm_head")) {
         if (lm_head_) {
           lm_head_->requires_grad = true;

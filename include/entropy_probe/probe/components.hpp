@@ -96,7 +96,11 @@ class ProbeComponents {
   void scale_param_gradients(double scale) const { entropy_probe::scale_param_gradients(*registry_, scale); }
   double dot_param_buffers(const Buffer& a, const Buffer& b) const {
     require_bound_to(a, *registry_, "dot_param_buffers");
-    return entropy_probe::dot_param_buffers(a, b);
+    const DotStats st = dot_param_buffers_stats(a, b);
+    if (st.missing > 0)
+      log_debug("dot_param_buffers: {} of {} parameters absent from one of the buffers contribute 0", st.missing,
+                a.size());
+    return st.value;
   }
 
   // [begin, end) ranges of at most mb_size prompts covering [0, n).
@@ -144,7 +148,11 @@ class ProbeComponents {
       const std::vector<double> W = weights(mb, s);
       jvp(tape, tangent);
       const Tensor<T, B>* sdot = tape.tangent(S);
-      const std::vector<double> sd = sdot ? to_double(*sdot) : std::vector<double>(s.size(), 0.0);
+      if (!sdot)
+        fail<Error>("[JVP] {}: the tangent reached no sequence log-probability (no parameter of the forward pass "
+                    "has an entry in the tangent buffer)",
+                    phase);
+      const std::vector<double> sd = to_double(*sdot);
       for (index_t j = 0; j < mb.B; ++j) {
         double acc = 0;
         for (index_t g = 0; g < mb.G; ++g) acc += W[static_cast<std::size_t>(j * mb.G + g)] * sd[static_cast<std::size_t>(j * mb.G + g)];
@@ -203,6 +211,7 @@ class ProbeComponents {
       registry_->zero_grad();
       Tape<T, B> tape;
       Var S = record_sequence_logprobs(tape, *model_, mb, settings_.temperature);
+      require_leaves_in_registry(tape, *registry_->info(), phase);
       const std::vector<double> W = weights(mb, to_double(tape.value(S)));
       tape.backward(S, from_double(W));
       for (index_t i = 0; i < registry_->size(); ++i)

@@ -72,6 +72,10 @@ class OfflineEntropyProbe {
                                                       config_.progress},
                     *comm_) {}
 
+  // The registry and the components point into this object.
+  OfflineEntropyProbe(const OfflineEntropyProbe&) = delete;
+  OfflineEntropyProbe& operator=(const OfflineEntropyProbe&) = delete;
+
   const Registry<T, B>& registry() const { return registry_; }
   const Components& components() const { return components_; }
 

@@ -115,6 +115,14 @@ class Tape {
     return s.tangent->data();
   }
 
+  // Keys of the keyed (parameter) leaves recorded so far, in order of use.
+  std::vector<LeafKey> leaf_keys() const {
+    std::vector<LeafKey> keys;
+    for (const Slot& s : slots_)
+      if (s.key != kNoLeafKey) keys.push_back(s.key);
+    return keys;
+  }
+
   index_t num_nodes() const { return static_cast<index_t>(nodes_.size()); }
   index_t num_slots() const { return static_cast<index_t>(slots_.size()); }
 
