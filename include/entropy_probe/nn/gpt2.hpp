@@ -91,6 +91,7 @@ class Gpt2LMHeadModel {
   const Gpt2Config& config() const { return config_; }
   const std::optional<LoraConfig>& lora() const { return lora_; }
   index_t vocab_size() const { return config_.vocab_size; }
+  index_t max_positions() const { return config_.n_positions; }  // rows of the learned position table
   std::vector<Block>& blocks() { return blocks_; }
   Parameter<T, B>& wte() { return wte_; }
   Parameter<T, B>& wpe() { return wpe_; }

@@ -49,9 +49,11 @@ struct TokenBatch {
   double advantage(index_t b, index_t g) const { return advantages[static_cast<std::size_t>(b * G + g)]; }
 
   // Checks sizes, token ids against the vocabulary, masks, prompt lengths,
-  // finite advantages and positive max lengths. `what` names the batch in
-  // messages ("E batch", "U.safetensors").
-  void validate(index_t vocab_size, const std::string& what) const {
+  // finite advantages and rewards, positive max lengths, and (when the model
+  // has a position table of `max_positions` rows) every position id, given
+  // or default. `what` names the batch in messages ("E batch", "U.safetensors").
+  void validate(index_t vocab_size, const std::string& what,
+                std::optional<index_t> max_positions = std::nullopt) const {
     if (B < 1) fail<InputError>("{}: empty batch (B = {})", what, B);
     if (G < 1) fail<InputError>("{}: G = {} responses per prompt; need at least 1", what, G);
     if (T < 2) fail<InputError>("{}: sequence length T = {}; need at least 2 (a prompt token and a response token)", what, T);
@@ -78,6 +80,8 @@ struct TokenBatch {
       for (index_t g = 0; g < G; ++g) {
         const double a = advantage(b, g);
         if (!std::isfinite(a)) fail<InputError>("{}: advantages[{},{}] = {} is not finite", what, b, g, a);
+        if (rewards && !std::isfinite((*rewards)[static_cast<std::size_t>(b * G + g)]))
+          fail<InputError>("{}: rewards[{},{}] = {} is not finite", what, b, g, (*rewards)[static_cast<std::size_t>(b * G + g)]);
         for (index_t t = 0; t < T; ++t) {
           const auto i = static_cast<std::size_t>(at(b, g, t));
           const std::uint8_t m = attention_mask[i];
@@ -91,6 +95,13 @@ struct TokenBatch {
                              tok, vocab_size);
           if (position_ids && (*position_ids)[i] < 0)
             fail<InputError>("{}: position_ids[{},{},{}] = {} is negative", what, b, g, t, (*position_ids)[i]);
+          if (max_positions) {
+            const index_t pos = position_ids ? (*position_ids)[i] : t;
+            if (pos >= *max_positions)
+              fail<InputError>("{}: {}[{},{},{}] = {} is not below the model's {} positions", what,
+                               position_ids ? "position_ids" : "default position (T too long)", b, g, t, pos,
+                               *max_positions);
+          }
         }
       }
     }

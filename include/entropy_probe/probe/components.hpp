@@ -13,11 +13,23 @@
 
 #include <cmath>
 #include <functional>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace entropy_probe {
+
+namespace detail {
+// Whether a gradient exists and has a nonzero element. A free function: nvcc
+// does not allow a device lambda inside a private member.
+template <class T, class B>
+bool has_nonzero(const std::optional<Tensor<T, B>>& g) {
+  if (!g) return false;
+  const T* p = g->data();
+  return B::sum(g->numel(), [=] EP_HOST_DEVICE(index_t k) { return p[k] != T(0) ? 1.0 : 0.0; }) > 0;
+}
+}  // namespace detail
 
 enum class Weighting { dr_grpo, per_token_avg };
 
@@ -215,7 +227,7 @@ class ProbeComponents {
       const std::vector<double> W = weights(mb, to_double(tape.value(S)));
       tape.backward(S, from_double(W));
       for (index_t i = 0; i < registry_->size(); ++i)
-        if (has_nonzero(registry_->entry(i).param->grad)) nonzero[static_cast<std::size_t>(i)] = 1;
+        if (detail::has_nonzero(registry_->entry(i).param->grad)) nonzero[static_cast<std::size_t>(i)] = 1;
       add_into_param_buffer(out.sum, 1.0);
       report(phase, done += mb.B, static_cast<index_t>(mine.size()));
     }
@@ -232,12 +244,6 @@ class ProbeComponents {
                   "trainable); refusing to report a silent zero",
                   nonzero_label, registry_->size(), phase);
     return out;
-  }
-
-  static bool has_nonzero(const std::optional<Tensor<T, B>>& g) {
-    if (!g) return false;
-    const T* p = g->data();
-    return B::sum(g->numel(), [=] EP_HOST_DEVICE(index_t k) { return p[k] != T(0) ? 1.0 : 0.0; }) > 0;
   }
 
   M* model_;

@@ -33,6 +33,8 @@ inline GroundTruth importance_sampled_entropies(const std::vector<double>& S0, c
   const std::size_t n = S0.size();
   if (n == 0 || S1.size() != n || L.size() != n)
     fail<UsageError>("importance_sampled_entropies: sizes {} / {} / {}", S0.size(), S1.size(), L.size());
+  if (est == ISEstimator::clip && !(clip_c > 0))
+    fail<UsageError>("importance sampling: clip_c = {} must be positive", clip_c);
   double max_logw = -std::numeric_limits<double>::infinity();
   for (std::size_t i = 0; i < n; ++i) max_logw = std::max(max_logw, S1[i] - S0[i]);
   double sum_s0 = 0, sum_l = 0, sw = 0, sw2 = 0, sw_s1 = 0, sw_l = 0;
@@ -57,19 +59,20 @@ inline GroundTruth importance_sampled_entropies(const std::vector<double>& S0, c
   return gt;
 }
 
-// Copies of every registry parameter's value and grad; restore() puts them back.
+// Copies of every registry parameter's grad (and value, unless values is
+// false); restore() puts them back bit for bit.
 template <class T, class B>
 class ParameterSnapshot {
  public:
-  explicit ParameterSnapshot(const Registry<T, B>& reg) : reg_(&reg) {
+  explicit ParameterSnapshot(const Registry<T, B>& reg, bool values = true) : reg_(&reg) {
     for (const auto& e : reg.entries()) {
-      values_.push_back(e.param->value);
+      if (values) values_.push_back(e.param->value);
       grads_.push_back(e.param->grad);
     }
   }
   void restore() const {
     for (index_t i = 0; i < reg_->size(); ++i) {
-      reg_->entry(i).param->value = values_[static_cast<std::size_t>(i)];
+      if (!values_.empty()) reg_->entry(i).param->value = values_[static_cast<std::size_t>(i)];
       reg_->entry(i).param->grad = grads_[static_cast<std::size_t>(i)];
     }
   }
@@ -110,8 +113,8 @@ GroundTruth ground_truth(const ProbeComponents<M>& c, const TokenBatch& E, StepK
   const auto& reg = c.registry();
   require_bound_to(sum_Y_raw, reg, "ground_truth");
   require_bound_to(mu_Y, reg, "ground_truth");
-  if (est == ISEstimator::clip && !(clip_c > 0))
-    fail<UsageError>("ground_truth: clip_c = {} must be positive", clip_c);
+  if (est == ISEstimator::clip && !(clip_c > 0))  // checked before any work, not only at the end
+    fail<UsageError>("importance sampling: clip_c = {} must be positive", clip_c);
 
   const std::vector<double> S0 = gathered_sequence_logprobs(c, E);
   const ParameterSnapshot<T, B> snapshot(reg);

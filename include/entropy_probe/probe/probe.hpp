@@ -87,8 +87,17 @@ class OfflineEntropyProbe {
     if (state.info() != registry_.info())
       fail<UsageError>("OfflineEntropyProbe::run: the Adam state is bound to registry #{}, the probe's is #{}",
                        state.info() ? state.info()->serial : 0, registry_.serial());
-    E.validate(model_->vocab_size(), "E batch");
-    U.validate(model_->vocab_size(), "U batch");
+    std::optional<index_t> max_pos;
+    if constexpr (requires { model_->max_positions(); }) max_pos = model_->max_positions();
+    E.validate(model_->vocab_size(), "E batch", max_pos);
+    U.validate(model_->vocab_size(), "U batch", max_pos);
+    // Gradients the caller had on the trainable parameters come back
+    // afterwards, also when a phase throws: the probe leaves nothing modified.
+    const ParameterSnapshot<T, B> grads_before(registry_, /*values=*/false);
+    struct Restore {
+      const ParameterSnapshot<T, B>& s;
+      ~Restore() { s.restore(); }
+    } restore{grads_before};
 
     ProbeResult r;
     r.config = config_;

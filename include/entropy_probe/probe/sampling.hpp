@@ -35,6 +35,8 @@ TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t
   if (!(config.temperature > 0) || !std::isfinite(config.temperature))
     fail<UsageError>("sample_responses: temperature {} must be positive", config.temperature);
   const index_t V = model.vocab_size();
+  if (config.end_token && (*config.end_token < 0 || *config.end_token >= V))
+    fail<UsageError>("sample_responses: end_token {} is outside the vocabulary [0, {})", *config.end_token, V);
   index_t max_prompt = 0;
   for (std::size_t b = 0; b < prompts.size(); ++b) {
     if (prompts[b].empty()) fail<UsageError>("sample_responses: prompt {} is empty", b);

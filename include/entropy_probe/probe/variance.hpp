@@ -10,6 +10,7 @@
 #pragma once
 
 #include "entropy_probe/probe/components.hpp"
+#include "entropy_probe/tensor/blas.hpp"
 
 #include <cmath>
 
@@ -119,9 +120,7 @@ class ConditionalVarianceEstimator {
           const auto* vi = v.entry(i);
           if (!g || !vi) continue;
           ++reached;
-          const T* gp = g->data();
-          const double* vp = vi->data();
-          acc += B::sum(g->numel(), [=] EP_HOST_DEVICE(index_t k) { return static_cast<double>(gp[k]) * vp[k]; });
+          acc += blas::dot<B>(g->numel(), g->data(), vi->data());
         }
         if (reached == 0)
           fail<Error>("[VJP] the VJP of prompt {} reached no LoRA parameter present in mu_Y",
