@@ -1,13 +1,16 @@
 // entropy-probe: the command-line program.
 //
 //   entropy-probe demo [--seed N] [--out DIR] [--quick]
+//   entropy-probe run CHECKPOINT_DIR --e-batch E --u-batch U [OPTIONS]   (run_command.hpp)
 //
 // Subcommands are entries of one table (name, synopsis, options, handler);
 // each parses its own arguments with the shared parser below, so a new
 // subcommand (`run CHECKPOINT_DIR ...`) is one more entry.
 //
-// Exit status: 0 success, 1 an error while running, 2 a usage error.
+// Exit status: 0 success, 1 an error while running, 2 a usage error
+// (`run`: 3 a bad input file).
 #include "../demo.hpp"
+#include "run_command.hpp"
 
 #include <entropy_probe/entropy_probe.hpp>
 
@@ -199,10 +202,12 @@ std::string program_help() {
       "commands:\n",
       kProgram, ENTROPY_PROBE_VERSION);
   for (const auto& e : subcommands()) s += fmt::format("  {:<10} {}\n", e.cmd->name, e.cmd->summary);
+  s += fmt::format("  {:<10} {}\n", "run",
+                   "probe a Hugging Face checkpoint (GPT-2/Qwen2 + PEFT LoRA + Adam state) on two batches");
   s += fmt::format(
       "\noptions:\n  -h, --help   show this help\n  --version    print the version\n\n"
       "'{} COMMAND --help' describes a command's arguments and options.\n"
-      "Exit status: 0 success, 1 an error while running, 2 a usage error.\n",
+      "Exit status: 0 success, 1 an error while running, 2 a usage error, 3 a bad input file (run).\n",
       kProgram);
   return s;
 }
@@ -221,9 +226,19 @@ int dispatch(const std::vector<std::string>& argv) {
     fmt::print("{} {}\n", kProgram, ENTROPY_PROBE_VERSION);
     return kExitOk;
   }
+  if (first == "run") {  // everything of `run` is in run_command.hpp
+    std::vector<std::string> rest(argv.begin() + 1, argv.end());
+    std::vector<char*> rest_argv;
+    for (auto& a : rest) rest_argv.push_back(a.data());
+    return run_command(static_cast<int>(rest_argv.size()), rest_argv.data());
+  }
   if (first == "help") {  // "help COMMAND" = "COMMAND --help"
     if (argv.size() == 1) {
       std::fputs(program_help().c_str(), stdout);
+      return kExitOk;
+    }
+    if (argv[1] == "run") {
+      std::fputs(ep_run::run_help().c_str(), stdout);
       return kExitOk;
     }
     for (const auto& e : subcommands())

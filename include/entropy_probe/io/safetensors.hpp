@@ -263,7 +263,7 @@ class File {
       for (const auto& d : v["shape"]) {
         if (!d.is_number_unsigned()) fail<InputError>("{}: tensor '{}': shape entry {} is not a count", path_, key, d.dump());
         const std::uint64_t x = d.get<std::uint64_t>();
-        if (x > (1ull << 40) || (x > 0 && numel > (1ull << 62) / x))
+        if (x > (1ull << 40) || (x > 0 && numel > (1ull << 60) / x))  // numel * 8 bytes stays below 2^63
           fail<InputError>("{}: tensor '{}': shape {} is too large", path_, key, v["shape"].dump());
         numel *= x;
         shape.push_back(static_cast<index_t>(x));

@@ -1,0 +1,374 @@
+// `entropy-probe run` (examples/cli/run_command.hpp), called in-process on
+// checkpoint directories and batch files written here from C++: exit codes
+// 0 (success), 2 (usage error, with a pointer to --help), 3 (bad input file,
+// naming the file and key), the JSON keys of DESIGN.md section 5, and the
+// numbers against the library called directly.
+#include "../../examples/cli/run_command.hpp"
+#include "../support/tiny_models.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+using namespace entropy_probe;
+using namespace ep_test;
+using Catch::Contains;
+using nlohmann::json;
+
+namespace {
+
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    static int counter = 0;
+    path = std::filesystem::temp_directory_path() / fmt::format("ep_test_cli_{}_{}", ::getpid(), counter++);
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+};
+
+// Runs `run_command` with stdout and stderr captured.
+struct Outcome {
+  int rc = -1;
+  std::string out, err;
+};
+
+class Capture {
+ public:
+  Capture(int fd, const std::string& path) : fd_(fd), path_(path) {
+    std::fflush(nullptr);
+    saved_ = ::dup(fd);
+    const int f = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ::dup2(f, fd);
+    ::close(f);
+  }
+  std::string finish() {
+    std::fflush(nullptr);
+    ::dup2(saved_, fd_);
+    ::close(saved_);
+    saved_ = -1;
+    std::ifstream in(path_);
+    std::stringstream s;
+    s << in.rdbuf();
+    return s.str();
+  }
+  ~Capture() {
+    if (saved_ >= 0) finish();
+  }
+
+ private:
+  int fd_, saved_ = -1;
+  std::string path_;
+};
+
+Outcome run(const std::vector<std::string>& args) {
+  TempDir tmp;
+  std::vector<std::string> copy = args;
+  std::vector<char*> argv;
+  for (auto& a : copy) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  Outcome o;
+  Capture out(1, tmp.file("stdout")), err(2, tmp.file("stderr"));
+  o.rc = run_command(static_cast<int>(args.size()), argv.data());
+  o.err = err.finish();
+  o.out = out.finish();
+  set_log_sink({});
+  return o;
+}
+
+json read_json(const std::string& path) {
+  std::ifstream in(path);
+  return json::parse(in);
+}
+
+// A GPT-2 LoRA checkpoint with Adam state and two batches.
+struct Gpt2Setup {
+  TempDir dir;
+  std::string ckpt, E, U;
+  AdamHyper hyper;
+  Gpt2Setup(bool with_optimizer = true) {
+    ckpt = dir.file("ckpt");
+    E = dir.file("E.safetensors");
+    U = dir.file("U.safetensors");
+    auto model = tiny_gpt2<double>(31);
+    hf::save_pretrained(model, ckpt, safetensors::Dtype::F64);
+    if (with_optimizer) {
+      const auto reg = Registry<double>::build(model);
+      auto state = random_adam_state(reg, 32);
+      state.hyper().lr = 2e-3;
+      hyper = state.hyper();
+      hf::save_adam_state(state, ckpt + "/optimizer.safetensors");
+    }
+    hf::save_batch(random_batch(4, 3, 8, 11, 33), E);
+    hf::save_batch(random_batch(3, 2, 8, 11, 34), U);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("cli run: a GPT-2 LoRA checkpoint, every phase, JSON with the documented keys", "[cli]") {
+  Gpt2Setup s;
+  const std::string out = s.dir.file("result.json");
+  const Outcome o = run({s.ckpt, "--e-batch", s.E, "--u-batch", s.U, "--json", out, "--ground-truth", "adam",
+                         "--mb-size", "2", "--log-level", "warning", "--dtype", "f64"});
+  INFO(o.err);
+  REQUIRE(o.rc == 0);
+  CHECK_THAT(o.out, Contains("deltaH1") && Contains("bars_dot") && Contains("B_E = 4, B_U = 3") &&
+                        Contains("ground truth") && Contains("timing"));
+  const json j = read_json(out);
+  for (const char* k : {"bars_dot",   "deltaH1",   "learning_rate",   "B_E",   "B_U",
+                        "mu_X_norm",  "mu_Y_norm", "SE_conditional",  "V_X",   "V_Y",
+                        "SE_deltaH1", "s_values",  "H_orig",          "H_upd", "deltaH_true",
+                        "H_orig_tok", "H_upd_tok", "deltaH_true_tok", "ESS",   "preconditioner_missing",
+                        "registry",   "timing",    "config"})
+    CHECK(j.contains(k));
+  CHECK(j["B_E"] == 4);
+  CHECK(j["B_U"] == 3);
+  CHECK(j["s_values"].size() == 4);
+  CHECK(j["learning_rate"] == 2e-3);
+  CHECK(j["preconditioner_missing"] == 0);
+  CHECK(j["registry"]["trainable_tensors"] == 16);
+  CHECK(j["registry"]["lora_tensors"] == 16);
+  CHECK(j["registry"]["names"][0] == "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight");
+  for (const char* k : {"load", "sum_X", "sum_Y", "conditional_variance", "full_variance", "ground_truth", "total"})
+    CHECK(j["timing"].contains(k));
+  CHECK(j["config"]["learning_rate_source"] == "optimizer");
+  CHECK(j["config"]["dtype"] == "f64");
+  CHECK(j["config"]["model_type"] == "gpt2");
+  CHECK(j["config"]["ground_truth"] == "adam");
+  CHECK(j["config"]["mb_size"] == 2);
+  CHECK(j["config"]["weighting"] == "dr_grpo");
+
+  // The same numbers as the library called directly on the same files.
+  auto model = hf::load_gpt2<double>(s.ckpt);
+  ProbeConfig pc;
+  pc.mb_size = 2;
+  pc.ground_truth = StepKind::adam;
+  OfflineEntropyProbe probe(model, pc);
+  const auto state = hf::load_adam_state(s.ckpt + "/optimizer.safetensors", probe.registry());
+  const ProbeResult r = probe.run(hf::load_batch(s.E), hf::load_batch(s.U), state);
+  CHECK(j["deltaH1"].get<double>() == Approx(r.deltaH1).epsilon(1e-12));
+  CHECK(j["SE_deltaH1"].get<double>() == Approx(r.full->se_deltaH1).epsilon(1e-12));
+  CHECK(j["deltaH_true_tok"].get<double>() == Approx(r.truth->deltaH_true_tok).epsilon(1e-9));
+  CHECK(r.deltaH1 != 0);
+
+  // In float, the default: the same prediction to float accuracy.
+  const std::string out32 = s.dir.file("result32.json");
+  const Outcome o32 = run({s.ckpt, "--e-batch=" + s.E, "--u-batch=" + s.U, "--json=" + out32, "--log-level=warning"});
+  REQUIRE(o32.rc == 0);
+  const json j32 = read_json(out32);
+  CHECK(j32["config"]["dtype"] == "f32");
+  CHECK(j32["deltaH1"].get<double>() == Approx(r.deltaH1).epsilon(1e-3));
+  CHECK_FALSE(j32.contains("deltaH_true"));
+}
+
+TEST_CASE("cli run: a Qwen2 checkpoint without optimizer state takes --lr", "[cli]") {
+  TempDir dir;
+  nn::Qwen2Config c;
+  c.vocab_size = 13;
+  c.hidden_size = 8;
+  c.intermediate_size = 12;
+  c.num_hidden_layers = 1;
+  c.num_attention_heads = 2;
+  c.num_key_value_heads = 1;
+  c.tie_word_embeddings = false;
+  nn::LoraConfig l;
+  l.r = 2;
+  l.lora_alpha = 4;
+  l.target_modules = {"q_proj", "v_proj"};
+  l.init_lora_b_zero = false;
+  nn::Qwen2ForCausalLM<float> model(c, l, 41);
+  const std::string ckpt = dir.file("qwen"), E = dir.file("E.safetensors"), U = dir.file("U.safetensors");
+  hf::save_pretrained(model, ckpt, safetensors::Dtype::BF16);
+  hf::save_batch(random_batch(3, 2, 6, 13, 42), E);
+  hf::save_batch(random_batch(2, 2, 6, 13, 43), U);
+  const std::string out = dir.file("r.json");
+
+  const Outcome missing_lr = run({ckpt, "--e-batch", E, "--u-batch", U});
+  CHECK(missing_lr.rc == 2);
+  CHECK_THAT(missing_lr.err, Contains("--lr") && Contains("optimizer.safetensors") && Contains("--help"));
+
+  const Outcome o = run({ckpt, "--e-batch", E, "--u-batch", U, "--lr", "0.01", "--variance", "none", "--json", out,
+                         "--weighting", "per_token_avg", "--temperature", "0.7"});
+  INFO(o.err);
+  REQUIRE(o.rc == 0);
+  CHECK_THAT(o.err, Contains("optimizer.safetensors: not found"));
+  const json j = read_json(out);
+  CHECK(j["learning_rate"] == 0.01);
+  CHECK(j["config"]["learning_rate_source"] == "config");
+  CHECK(j["config"]["model_type"] == "qwen2");
+  CHECK(j["config"]["weighting"] == "per_token_avg");
+  CHECK(j["config"]["temperature"].get<double>() == Approx(0.7));
+  CHECK(j["registry"]["trainable_tensors"] == 4);  // only the adapters: non-targeted linears stay frozen
+  CHECK(j["preconditioner_missing"] == 4);
+  for (const char* k : {"SE_conditional", "s_values", "V_X", "SE_deltaH1", "H_orig", "ESS"}) CHECK_FALSE(j.contains(k));
+  CHECK_FALSE(j["timing"].contains("conditional_variance"));
+  CHECK(j["timing"].contains("load"));
+  CHECK(std::isfinite(j["deltaH1"].get<double>()));
+
+  const Outcome cond = run({ckpt,
+                            "--e-batch",
+                            E,
+                            "--u-batch",
+                            U,
+                            "--lr",
+                            "0.01",
+                            "--variance",
+                            "conditional",
+                            "--alpha-route",
+                            "reverse",
+                            "--ground-truth",
+                            "precond_sgd",
+                            "--is",
+                            "clip",
+                            "--clip-c",
+                            "3",
+                            "--json",
+                            out,
+                            "--log-level",
+                            "warning"});
+  REQUIRE(cond.rc == 0);
+  const json k = read_json(out);
+  CHECK(k.contains("SE_conditional"));
+  CHECK_FALSE(k.contains("SE_deltaH1"));
+  CHECK(k.contains("deltaH_true_tok"));
+  CHECK(k["config"]["alpha_route"] == "reverse");
+  CHECK(k["config"]["is"] == "clip");
+  CHECK(k["config"]["clip_c"] == 3.0);
+}
+
+TEST_CASE("cli run: usage errors exit 2 with a pointer to --help", "[cli][errors]") {
+  Gpt2Setup s;
+  const std::vector<std::string> ok{s.ckpt, "--e-batch", s.E, "--u-batch", s.U};
+  auto with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> a = ok;
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+  };
+  struct Case {
+    std::vector<std::string> args;
+    std::string message;
+  };
+  const std::vector<Case> cases{
+      {{}, "missing CHECKPOINT_DIR"},
+      {{s.ckpt, "--e-batch", s.E}, "missing required option --u-batch"},
+      {{s.ckpt, "--u-batch", s.U}, "missing required option --e-batch"},
+      {with({"--frobnicate", "1"}), "unknown option '--frobnicate'"},
+      {with({"--weighting", "mean"}), "--weighting must be one of dr_grpo, per_token_avg, got 'mean'"},
+      {with({"--variance", "partial"}), "--variance must be one of"},
+      {with({"--ground-truth", "sgd"}), "--ground-truth must be one of"},
+      {with({"--dtype", "bf16"}), "--dtype must be one of f32, f64"},
+      {with({"--alpha-route", "double"}), "--alpha-route"},
+      {with({"--log-level", "loud"}), "--log-level"},
+      {with({"--is", "wis"}), "--is must be one of"},
+      {with({"--lr", "abc"}), "--lr expects a number, got 'abc'"},
+      {with({"--lr", "-1e-3"}), "--lr must be positive"},
+      {with({"--lr", "0"}), "--lr must be positive"},
+      {with({"--clip-c", "0"}), "--clip-c must be positive"},
+      {with({"--temperature", "nan"}), "--temperature expects a number"},
+      {with({"--mb-size", "-3"}), "--mb-size expects a non-negative integer, got '-3'"},
+      {with({"--mb-size", "2x"}), "--mb-size"},
+      {with({"extra"}), "unexpected argument 'extra'"},
+      {with({"--json", s.dir.file("no/such/dir/r.json")}), "does not exist"},
+      {with({"--lr", "1", "--lr", "2"}), "'--lr' given twice"},
+      {with({"--lr"}), "option '--lr' needs a value"},
+      {{s.ckpt, "--e-batch", "", "--u-batch", s.U}, "--e-batch needs a file name"},
+  };
+  for (const Case& c : cases) {
+    INFO(fmt::format("args: {}", fmt::join(c.args, " ")));
+    const Outcome o = run(c.args);
+    CHECK(o.rc == 2);
+    CHECK_THAT(o.err, Contains(c.message) && Contains("entropy-probe run --help"));
+  }
+  const Outcome help = run({"--help"});
+  CHECK(help.rc == 0);
+  CHECK_THAT(help.out, Contains("usage: entropy-probe run CHECKPOINT_DIR") && Contains("--ground-truth") &&
+                           Contains("Exit status"));
+  CHECK(run(with({"-h"})).rc == 0);
+}
+
+TEST_CASE("cli run: bad input files exit 3 naming the file and key", "[cli][errors]") {
+  Gpt2Setup s;
+  auto args = [&](const std::string& ckpt, const std::string& E, const std::string& U) {
+    return std::vector<std::string>{ckpt, "--e-batch", E, "--u-batch", U, "--log-level", "warning"};
+  };
+  SECTION("no checkpoint directory") {
+    const Outcome o = run(args(s.dir.file("nowhere"), s.E, s.U));
+    CHECK(o.rc == 3);
+    CHECK_THAT(o.err, Contains("nowhere"));
+  }
+  SECTION("a batch file that is not safetensors, or missing") {
+    std::ofstream(s.E) << "not a batch";
+    const Outcome o = run(args(s.ckpt, s.E, s.U));
+    CHECK(o.rc == 3);
+    CHECK_THAT(o.err, Contains(s.E) && Contains("header length"));
+    const Outcome m = run(args(s.ckpt, s.dir.file("absent.safetensors"), s.U));
+    CHECK(m.rc == 3);
+    CHECK_THAT(m.err, Contains("absent.safetensors") && Contains("cannot open"));
+  }
+  SECTION("a token id beyond the vocabulary") {
+    TokenBatch b = random_batch(2, 2, 8, 11, 35);
+    b.sequences[5] = 11;
+    b.attention_mask[5] = 1;
+    hf::save_batch(b, s.U);
+    const Outcome o = run(args(s.ckpt, s.E, s.U));
+    CHECK(o.rc == 3);
+    CHECK_THAT(o.err, Contains(s.U) && Contains("sequences[0,0,5] = 11") && Contains("vocabulary size 11"));
+  }
+  SECTION("batch tensors whose shapes disagree") {
+    std::map<std::string, safetensors::OutTensor> t;
+    const std::vector<std::int64_t> seq(2 * 2 * 8, 1), mask(2 * 2 * 7, 1), pl{2, 2};
+    const std::vector<double> adv(4, 0.5);
+    t.emplace("sequences", safetensors::make_out<std::int64_t>({2, 2, 8}, std::span<const std::int64_t>(seq)));
+    t.emplace("attention_mask", safetensors::make_out<std::int64_t>({2, 2, 7}, std::span<const std::int64_t>(mask)));
+    t.emplace("prompt_lens", safetensors::make_out<std::int64_t>({2}, std::span<const std::int64_t>(pl)));
+    t.emplace("advantages", safetensors::make_out<double>({2, 2}, std::span<const double>(adv)));
+    safetensors::write_file(s.E, t);
+    const Outcome o = run(args(s.ckpt, s.E, s.U));
+    CHECK(o.rc == 3);
+    CHECK_THAT(o.err, Contains(s.E) && Contains("'attention_mask' has shape [2, 2, 7]"));
+  }
+  SECTION("bad optimizer metadata") {
+    const std::string opt = s.ckpt + "/optimizer.safetensors";
+    const safetensors::File f = safetensors::File::open(opt);
+    std::map<std::string, safetensors::OutTensor> t;
+    for (const auto& v : f.tensors())
+      t.emplace(v.name,
+                safetensors::OutTensor{v.dtype, v.shape, std::vector<std::byte>(v.bytes.begin(), v.bytes.end())});
+    auto meta = f.metadata();
+    meta["eps"] = "tiny";
+    safetensors::write_file(opt + ".tmp", t, meta);
+    std::filesystem::rename(opt + ".tmp", opt);
+    const Outcome o = run(args(s.ckpt, s.E, s.U));
+    CHECK(o.rc == 3);
+    CHECK_THAT(o.err, Contains(opt) && Contains("'eps' = 'tiny'"));
+  }
+  SECTION("an unknown model_type and a broken weight file") {
+    const std::string cfg = s.ckpt + "/config.json";
+    json j = read_json(cfg);
+    j["model_type"] = "mistral";
+    std::ofstream(cfg) << j.dump();
+    const Outcome o = run(args(s.ckpt, s.E, s.U));
+    CHECK(o.rc == 3);
+    CHECK_THAT(o.err, Contains(cfg) && Contains("model_type 'mistral'"));
+    j["model_type"] = "gpt2";
+    std::ofstream(cfg) << j.dump();
+    std::filesystem::resize_file(s.ckpt + "/model.safetensors", 100);
+    const Outcome w = run(args(s.ckpt, s.E, s.U));
+    CHECK(w.rc == 3);
+    CHECK_THAT(w.err, Contains("model.safetensors"));
+  }
+}
