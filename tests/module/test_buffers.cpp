@@ -72,7 +72,8 @@ TEST_CASE("buffers: buffers of two registries cannot be combined", "[buffers]") 
   auto r2 = Registry<double>::build(m);
   auto b1 = zeros_like_params<double>(r1);
   auto b2 = zeros_like_params<double>(r2);
-  REQUIRE_THROWS_WITH(dot_param_buffers(b1, b2), Catch::Contains("different registries") && Catch::Contains("a.lora_A.weight"));
+  REQUIRE_THROWS_WITH(dot_param_buffers(b1, b2),
+                      Catch::Contains("different registries") && Catch::Contains("a.lora_A.weight"));
   REQUIRE_THROWS_WITH(add_into_param_buffer(b2, r1), Catch::Contains("not to registry"));
   Two<double> other;
   REQUIRE_THROWS_WITH(b1.set(other.a.id(), Tensor<double>({2, 3})), Catch::Contains("not in that registry"));

@@ -40,9 +40,12 @@ TEST_CASE("binding: a used but unregistered parameter fails accumulation and JVP
   ProbeComponents<Forgetful> c(m, reg, ProbeSettings{}, comm);
   REQUIRE_THROWS_WITH(c.accumulate_sum_X(E), Catch::Contains("registry #") && Catch::Contains("named_parameters()"));
   auto v = zeros_like_params<double>(reg);
-  REQUIRE_THROWS_WITH(c.per_prompt_directional(E, v, [](const TokenBatch& b, std::span<const double>) {
-    return std::vector<double>(std::size_t(b.rows()), 1.0);
-  }, "test"), Catch::Contains("named_parameters()"));
+  REQUIRE_THROWS_WITH(
+      c.per_prompt_directional(
+          E, v,
+          [](const TokenBatch& b, std::span<const double>) { return std::vector<double>(std::size_t(b.rows()), 1.0); },
+          "test"),
+      Catch::Contains("named_parameters()"));
 }
 
 TEST_CASE("binding: LoRA models freeze every base parameter, as PEFT does", "[registry][binding]") {

@@ -8,9 +8,7 @@
 using namespace entropy_probe;
 using namespace ep_test;
 
-namespace {
-
-}  // namespace
+namespace {}  // namespace
 
 TEST_CASE("embedding: rows are gathered by id", "[ops][embedding]") {
   std::mt19937_64 rng(31);

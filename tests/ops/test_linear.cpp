@@ -8,7 +8,10 @@ using namespace ep_test;
 
 TEST_CASE("linear: VJP and JVP against finite differences", "[ops][linear]") {
   std::mt19937_64 rng(1);
-  struct Case { index_t n, in, out; bool bias; };
+  struct Case {
+    index_t n, in, out;
+    bool bias;
+  };
   for (Case c : {Case{5, 4, 3, true}, Case{1, 4, 3, true}, Case{5, 1, 3, false}, Case{5, 4, 1, true}}) {
     CAPTURE(c.n, c.in, c.out, c.bias);
     std::vector<GradcheckInput> in{{random_tensor({c.n, c.in}, rng)}, {random_tensor({c.out, c.in}, rng)}};
@@ -27,7 +30,11 @@ TEST_CASE("linear: leading dimensions are flattened", "[ops][linear]") {
 
 TEST_CASE("lora_linear: VJP and JVP against finite differences", "[ops][lora]") {
   std::mt19937_64 rng(3);
-  struct Case { index_t n, in, out, r; bool bias; bool frozen_w; };
+  struct Case {
+    index_t n, in, out, r;
+    bool bias;
+    bool frozen_w;
+  };
   for (Case c : {Case{6, 5, 4, 2, true, true}, Case{6, 5, 4, 1, false, true}, Case{1, 5, 4, 3, true, false},
                  Case{4, 1, 1, 1, true, false}}) {
     CAPTURE(c.n, c.in, c.out, c.r, c.bias, c.frozen_w);
@@ -57,8 +64,9 @@ TEST_CASE("lora_linear equals base linear plus the scaled low-rank product", "[o
 
 TEST_CASE("reshape: VJP and JVP against finite differences", "[ops][reshape]") {
   std::mt19937_64 rng(5);
-  require_gradcheck({{random_tensor({2, 3, 4}, rng)}},
-                    [](Tape<double>& t, const std::vector<Var>& v) { return reshape(t, v[0], {6, 4}); });
+  require_gradcheck({{random_tensor({2, 3, 4}, rng)}}, [](Tape<double>& t, const std::vector<Var>& v) {
+    return reshape(t, v[0], {6, 4});
+  });
   Tape<double> t;
   Var x = t.input(random_tensor({2, 3}, rng));
   REQUIRE_THROWS_WITH(reshape(t, x, {4, 2}), Catch::Contains("element counts differ"));

@@ -8,9 +8,7 @@
 using namespace entropy_probe;
 using namespace ep_test;
 
-namespace {
-
-}  // namespace
+namespace {}  // namespace
 
 TEST_CASE("slice_last: splitting a fused [.., 3C] into q, k, v recovers every element", "[ops][slice]") {
   std::mt19937_64 rng(51);

@@ -40,8 +40,8 @@ TokenBatch all_responses() {
   b.G = kVocab * kVocab * kVocab;
   b.T = 1 + kLen;
   for (index_t y = 0; y < b.G; ++y) {
-    b.sequences.insert(b.sequences.end(), {std::int32_t(kPrompt), std::int32_t(y / 25), std::int32_t(y / 5 % 5),
-                                           std::int32_t(y % 5)});
+    b.sequences.insert(b.sequences.end(),
+                       {std::int32_t(kPrompt), std::int32_t(y / 25), std::int32_t(y / 5 % 5), std::int32_t(y % 5)});
   }
   b.attention_mask.assign(b.sequences.size(), 1);
   b.prompt_lens = {1};

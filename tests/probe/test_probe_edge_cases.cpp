@@ -599,8 +599,8 @@ TEST_CASE("edge: position ids beyond the model's table name the batch and field"
   (*E.position_ids)[5] = 16;  // n_positions = 16
   OfflineEntropyProbe probe(model, ProbeConfig{});
   auto st = ep_test::random_adam_state(probe.registry(), 1);
-  REQUIRE_THROWS_WITH(probe.run(E, U, st), Catch::Contains("E batch: position_ids[0,0,5] = 16") &&
-                                               Catch::Contains("16 positions"));
+  REQUIRE_THROWS_WITH(probe.run(E, U, st),
+                      Catch::Contains("E batch: position_ids[0,0,5] = 16") && Catch::Contains("16 positions"));
   TokenBatch long_u = ep_test::random_batch(1, 2, 17, 11, 3);  // default positions 0..16
   REQUIRE_THROWS_WITH(probe.run(ep_test::random_batch(2, 2, 8, 11, 1), long_u, st),
                       Catch::Contains("U batch: default position (T too long)[0,0,16] = 16"));

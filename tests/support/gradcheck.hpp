@@ -138,8 +138,7 @@ inline GradcheckResult gradcheck(const std::vector<GradcheckInput>& inputs, cons
 inline constexpr double kFdTol = 1e-7;
 inline constexpr double kDualTol = 1e-12;
 
-inline void require_gradcheck(const std::vector<GradcheckInput>& inputs, const BuildFn& build,
-                              std::uint64_t seed = 7) {
+inline void require_gradcheck(const std::vector<GradcheckInput>& inputs, const BuildFn& build, std::uint64_t seed = 7) {
   const GradcheckResult r = gradcheck(inputs, build, seed);
   INFO("vjp_rel_err=" << r.vjp_rel_err << " jvp_rel_err=" << r.jvp_rel_err << " dual_rel_err=" << r.dual_rel_err);
   CHECK(r.vjp_rel_err < kFdTol);

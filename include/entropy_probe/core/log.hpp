@@ -19,11 +19,16 @@ enum class LogLevel { debug = 0, info = 1, warning = 2, error = 3, off = 4 };
 
 inline const char* to_string(LogLevel l) {
   switch (l) {
-    case LogLevel::debug: return "debug";
-    case LogLevel::info: return "info";
-    case LogLevel::warning: return "warning";
-    case LogLevel::error: return "error";
-    case LogLevel::off: break;
+    case LogLevel::debug:
+      return "debug";
+    case LogLevel::info:
+      return "info";
+    case LogLevel::warning:
+      return "warning";
+    case LogLevel::error:
+      return "error";
+    case LogLevel::off:
+      break;
   }
   return "off";
 }
@@ -54,9 +59,7 @@ inline LogLevel log_level() { return static_cast<LogLevel>(detail::log_state().l
 // Convenience sink: "[level] message" lines on stderr.
 inline void log_to_stderr(LogLevel level = LogLevel::info) {
   set_log_level(level);
-  set_log_sink([](LogLevel l, std::string_view msg) {
-    fmt::print(stderr, "[{}] {}\n", to_string(l), msg);
-  });
+  set_log_sink([](LogLevel l, std::string_view msg) { fmt::print(stderr, "[{}] {}\n", to_string(l), msg); });
 }
 
 inline bool log_enabled(LogLevel level) {

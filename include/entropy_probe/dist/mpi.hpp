@@ -64,17 +64,16 @@ class MpiCommunicator final : public Communicator {
   int world() const override { return world_; }
   void allreduce_sum(std::span<double> values) override {
     if (values.empty()) return;
-    detail::mpi_check(MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE,
-                                    MPI_SUM, comm_),
-                      "MPI_Allreduce");
+    detail::mpi_check(
+        MPI_Allreduce(MPI_IN_PLACE, values.data(), static_cast<int>(values.size()), MPI_DOUBLE, MPI_SUM, comm_),
+        "MPI_Allreduce");
     bytes_reduced_ += values.size() * sizeof(double);
     ++allreduce_calls_;
   }
   using Communicator::allreduce_sum;
   void broadcast(std::span<std::int64_t> values, int root) override {
     if (values.empty()) return;
-    detail::mpi_check(MPI_Bcast(values.data(), static_cast<int>(values.size()), MPI_INT64_T, root, comm_),
-                      "MPI_Bcast");
+    detail::mpi_check(MPI_Bcast(values.data(), static_cast<int>(values.size()), MPI_INT64_T, root, comm_), "MPI_Bcast");
   }
   void barrier() { detail::mpi_check(MPI_Barrier(comm_), "MPI_Barrier"); }
 

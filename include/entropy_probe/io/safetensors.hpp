@@ -36,26 +36,35 @@ namespace entropy_probe::safetensors {
 enum class Dtype { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL };
 
 inline std::optional<Dtype> parse_dtype(const std::string& s) {
-  static const std::map<std::string, Dtype> m{{"F64", Dtype::F64}, {"F32", Dtype::F32}, {"F16", Dtype::F16},
-                                              {"BF16", Dtype::BF16}, {"I64", Dtype::I64}, {"I32", Dtype::I32},
-                                              {"I16", Dtype::I16}, {"I8", Dtype::I8},   {"U8", Dtype::U8},
-                                              {"BOOL", Dtype::BOOL}};
+  static const std::map<std::string, Dtype> m{
+      {"F64", Dtype::F64}, {"F32", Dtype::F32}, {"F16", Dtype::F16}, {"BF16", Dtype::BF16}, {"I64", Dtype::I64},
+      {"I32", Dtype::I32}, {"I16", Dtype::I16}, {"I8", Dtype::I8},   {"U8", Dtype::U8},     {"BOOL", Dtype::BOOL}};
   auto it = m.find(s);
   return it == m.end() ? std::nullopt : std::optional<Dtype>(it->second);
 }
 
 inline const char* dtype_name(Dtype d) {
   switch (d) {
-    case Dtype::F64: return "F64";
-    case Dtype::F32: return "F32";
-    case Dtype::F16: return "F16";
-    case Dtype::BF16: return "BF16";
-    case Dtype::I64: return "I64";
-    case Dtype::I32: return "I32";
-    case Dtype::I16: return "I16";
-    case Dtype::I8: return "I8";
-    case Dtype::U8: return "U8";
-    case Dtype::BOOL: return "BOOL";
+    case Dtype::F64:
+      return "F64";
+    case Dtype::F32:
+      return "F32";
+    case Dtype::F16:
+      return "F16";
+    case Dtype::BF16:
+      return "BF16";
+    case Dtype::I64:
+      return "I64";
+    case Dtype::I32:
+      return "I32";
+    case Dtype::I16:
+      return "I16";
+    case Dtype::I8:
+      return "I8";
+    case Dtype::U8:
+      return "U8";
+    case Dtype::BOOL:
+      return "BOOL";
   }
   return "?";
 }
@@ -63,15 +72,19 @@ inline const char* dtype_name(Dtype d) {
 inline std::size_t dtype_size(Dtype d) {
   switch (d) {
     case Dtype::F64:
-    case Dtype::I64: return 8;
+    case Dtype::I64:
+      return 8;
     case Dtype::F32:
-    case Dtype::I32: return 4;
+    case Dtype::I32:
+      return 4;
     case Dtype::F16:
     case Dtype::BF16:
-    case Dtype::I16: return 2;
+    case Dtype::I16:
+      return 2;
     case Dtype::I8:
     case Dtype::U8:
-    case Dtype::BOOL: return 1;
+    case Dtype::BOOL:
+      return 1;
   }
   return 0;
 }
@@ -99,16 +112,26 @@ struct TensorView {
       return v;
     };
     switch (dtype) {
-      case Dtype::F64: return load(double{});
-      case Dtype::F32: return load(float{});
-      case Dtype::F16: return static_cast<double>(Eigen::numext::bit_cast<Eigen::half>(load(std::uint16_t{})));
-      case Dtype::BF16: return static_cast<double>(Eigen::numext::bit_cast<Eigen::bfloat16>(load(std::uint16_t{})));
-      case Dtype::I64: return static_cast<double>(load(std::int64_t{}));
-      case Dtype::I32: return load(std::int32_t{});
-      case Dtype::I16: return load(std::int16_t{});
-      case Dtype::I8: return load(std::int8_t{});
-      case Dtype::U8: return load(std::uint8_t{});
-      case Dtype::BOOL: return load(std::uint8_t{}) != 0;
+      case Dtype::F64:
+        return load(double{});
+      case Dtype::F32:
+        return load(float{});
+      case Dtype::F16:
+        return static_cast<double>(Eigen::numext::bit_cast<Eigen::half>(load(std::uint16_t{})));
+      case Dtype::BF16:
+        return static_cast<double>(Eigen::numext::bit_cast<Eigen::bfloat16>(load(std::uint16_t{})));
+      case Dtype::I64:
+        return static_cast<double>(load(std::int64_t{}));
+      case Dtype::I32:
+        return load(std::int32_t{});
+      case Dtype::I16:
+        return load(std::int16_t{});
+      case Dtype::I8:
+        return load(std::int8_t{});
+      case Dtype::U8:
+        return load(std::uint8_t{});
+      case Dtype::BOOL:
+        return load(std::uint8_t{}) != 0;
     }
     return 0;
   }
@@ -222,8 +245,7 @@ class File {
     std::uint64_t n = 0;
     for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<std::uint8_t>(bytes_->data()[i]);
     if (n > kMaxHeaderSize) fail<InputError>("{}: header length {} exceeds the limit {}", path_, n, kMaxHeaderSize);
-    if (n > size - 8)
-      fail<InputError>("{}: header length {} runs past the end of the file ({} bytes)", path_, n, size);
+    if (n > size - 8) fail<InputError>("{}: header length {} runs past the end of the file ({} bytes)", path_, n, size);
     const char* h = reinterpret_cast<const char*>(bytes_->data() + 8);
     nlohmann::json header;
     try {
@@ -245,8 +267,7 @@ class File {
       if (key == "__metadata__") {
         if (!v.is_object()) fail<InputError>("{}: __metadata__ is not an object", path_);
         for (auto m = v.begin(); m != v.end(); ++m) {
-          if (!m.value().is_string())
-            fail<InputError>("{}: __metadata__ key '{}' is not a string", path_, m.key());
+          if (!m.value().is_string()) fail<InputError>("{}: __metadata__ key '{}' is not a string", path_, m.key());
           metadata_[m.key()] = m.value().get<std::string>();
         }
         continue;
@@ -261,7 +282,8 @@ class File {
       Shape shape;
       std::uint64_t numel = 1;
       for (const auto& d : v["shape"]) {
-        if (!d.is_number_unsigned()) fail<InputError>("{}: tensor '{}': shape entry {} is not a count", path_, key, d.dump());
+        if (!d.is_number_unsigned())
+          fail<InputError>("{}: tensor '{}': shape entry {} is not a count", path_, key, d.dump());
         const std::uint64_t x = d.get<std::uint64_t>();
         if (x > (1ull << 40) || (x > 0 && numel > (1ull << 60) / x))  // numel * 8 bytes stays below 2^63
           fail<InputError>("{}: tensor '{}': shape {} is too large", path_, key, v["shape"].dump());
@@ -279,8 +301,8 @@ class File {
         fail<InputError>("{}: tensor '{}': shape {} of {} needs {} bytes, data_offsets give {}", path_, key,
                          v["shape"].dump(), dtype_name(*dt), numel * dtype_size(*dt), e - b);
       ranges.push_back({b, e, key});
-      tensors_.push_back(TensorView{key, *dt, std::move(shape),
-                                    std::span<const std::byte>(bytes_->data() + data_start + b, e - b)});
+      tensors_.push_back(
+          TensorView{key, *dt, std::move(shape), std::span<const std::byte>(bytes_->data() + data_start + b, e - b)});
     }
     std::sort(ranges.begin(), ranges.end(), [](const Range& x, const Range& y) { return x.begin < y.begin; });
     std::uint64_t expect = 0;
@@ -343,7 +365,8 @@ inline std::vector<std::byte> serialize(const std::map<std::string, OutTensor>& 
     if (t.bytes.size() != static_cast<std::size_t>(numel_of(t.shape)) * dtype_size(t.dtype))
       fail<UsageError>("safetensors: tensor '{}' has {} bytes for shape {} of {}", name, t.bytes.size(),
                        shape_str(t.shape), dtype_name(t.dtype));
-    header[name] = {{"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes.size()}}};
+    header[name] = {
+        {"dtype", dtype_name(t.dtype)}, {"shape", t.shape}, {"data_offsets", {offset, offset + t.bytes.size()}}};
     offset += t.bytes.size();
   }
   std::string h = header.dump();

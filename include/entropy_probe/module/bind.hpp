@@ -25,9 +25,10 @@ template <class T, class B>
 void require_leaves_in_registry(const Tape<T, B>& tape, const RegistryInfo& info, const char* phase) {
   for (LeafKey key : tape.leaf_keys())
     if (info.find(ParamId{key}) < 0)
-      fail<UsageError>("{}: the forward pass used trainable parameter id {} that registry #{} does not hold; "
-                       "does the model's named_parameters() list every parameter its forward() uses?",
-                       phase, key, info.serial);
+      fail<UsageError>(
+          "{}: the forward pass used trainable parameter id {} that registry #{} does not hold; "
+          "does the model's named_parameters() list every parameter its forward() uses?",
+          phase, key, info.serial);
 }
 
 // Forward-mode pass with parameter tangents taken from `tangents` (absent

@@ -74,8 +74,8 @@ class ParamBuffer {
     require_bound("parameter buffer");
     const index_t i = info_->find(id);
     if (i < 0)
-      fail<UsageError>("parameter buffer bound to registry #{}: parameter id {} is not in that registry",
-                       info_->serial, id.value);
+      fail<UsageError>("parameter buffer bound to registry #{}: parameter id {} is not in that registry", info_->serial,
+                       id.value);
     return i;
   }
 
@@ -85,8 +85,8 @@ class ParamBuffer {
     require_bound(op);
     other.require_bound(op);
     if (info_ != other.info())
-      fail<UsageError>("{}: buffers are bound to different registries (#{} and #{}); first parameter '{}' vs '{}'",
-                       op, info_->serial, other.info()->serial, info_->names.empty() ? "" : info_->names[0],
+      fail<UsageError>("{}: buffers are bound to different registries (#{} and #{}); first parameter '{}' vs '{}'", op,
+                       info_->serial, other.info()->serial, info_->names.empty() ? "" : info_->names[0],
                        other.info()->names.empty() ? "" : other.info()->names[0]);
   }
   void require_bound(const char* op) const {
@@ -176,7 +176,8 @@ void load_param_gradients(const Registry<T, B>& registry, const ParamBuffer<U, B
     Tensor<T, B> g(src->shape());
     const U* sp = src->data();
     T* gp = g.data();
-    B::parallel_for(g.numel(), [=] EP_HOST_DEVICE(index_t k) { gp[k] = static_cast<T>(scale * static_cast<double>(sp[k])); });
+    B::parallel_for(g.numel(),
+                    [=] EP_HOST_DEVICE(index_t k) { gp[k] = static_cast<T>(scale * static_cast<double>(sp[k])); });
     p->grad = std::move(g);
   }
 }
@@ -215,9 +216,8 @@ DotStats dot_param_buffers_stats(const ParamBuffer<U, B>& a, const ParamBuffer<V
     }
     const U* xp = x->data();
     const V* yp = y->data();
-    st.value += B::sum(x->numel(), [=] EP_HOST_DEVICE(index_t k) {
-      return static_cast<acc_t>(xp[k]) * static_cast<acc_t>(yp[k]);
-    });
+    st.value += B::sum(x->numel(),
+                       [=] EP_HOST_DEVICE(index_t k) { return static_cast<acc_t>(xp[k]) * static_cast<acc_t>(yp[k]); });
     ++st.used;
   };
   if (indices.empty()) {

@@ -28,10 +28,12 @@ concept Module = requires(M& m, const ParameterVisitor<typename M::scalar_type, 
 
 // A wrapper (DDP-like) exposes the module that performs the forward pass.
 template <class W>
-concept Wrapper = requires(W& w) { w.module(); } &&
-                  std::is_lvalue_reference_v<decltype(std::declval<W&>().module())> &&
-                  (Module<std::remove_cvref_t<decltype(std::declval<W&>().module())>> ||
-                   requires(std::remove_cvref_t<decltype(std::declval<W&>().module())>& inner) { inner.module(); });
+concept Wrapper = requires(W& w) {
+  w.module();
+}
+&&std::is_lvalue_reference_v<decltype(std::declval<W&>().module())> &&
+    (Module<std::remove_cvref_t<decltype(std::declval<W&>().module())>> ||
+     requires(std::remove_cvref_t<decltype(std::declval<W&>().module())> & inner) { inner.module(); });
 
 // The Python original's `model.module if hasattr(model, "module") else model`,
 // applied until a non-wrapper is reached.
@@ -51,8 +53,8 @@ using unwrapped_t = std::remove_cvref_t<decltype(unwrap(std::declval<M&>()))>;
 // Visits `child`'s parameters with names prefixed by "prefix.".
 template <class T, class B, class Child>
 void visit_child(const ParameterVisitor<T, B>& visit, const std::string& prefix, Child& child) {
-  child.named_parameters(ParameterVisitor<T, B>(
-      [&](const std::string& name, Parameter<T, B>& p) { visit(prefix + "." + name, p); }));
+  child.named_parameters(
+      ParameterVisitor<T, B>([&](const std::string& name, Parameter<T, B>& p) { visit(prefix + "." + name, p); }));
 }
 
 // What a causal LM sees of a batch: R rows of T tokens, row-major [R, T].
@@ -68,8 +70,8 @@ struct SequenceInput {
 
 // A Module whose forward records logits [R, T, V] on a tape.
 template <class M>
-concept CausalLM = Module<M> && requires(M& m, Tape<typename M::scalar_type, typename M::backend_type>& tape,
-                                         const SequenceInput& in) {
+concept CausalLM = Module<M> &&
+    requires(M& m, Tape<typename M::scalar_type, typename M::backend_type>& tape, const SequenceInput& in) {
   { m.forward(tape, in) } -> std::same_as<Var>;
   { m.vocab_size() } -> std::convertible_to<index_t>;
 };

@@ -67,8 +67,8 @@ class Parameter {
   // set_to_none convention), so "no gradient" and "zero gradient" differ.
   void accumulate_grad(TensorT&& g) {
     if (g.shape() != value.shape())
-      fail<UsageError>("parameter {}: gradient shape {} does not match value shape {}", id_.value,
-                       shape_str(g.shape()), shape_str(value.shape()));
+      fail<UsageError>("parameter {}: gradient shape {} does not match value shape {}", id_.value, shape_str(g.shape()),
+                       shape_str(value.shape()));
     if (!grad) {
       grad = std::move(g);
       return;

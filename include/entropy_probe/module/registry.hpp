@@ -43,7 +43,8 @@ inline bool is_lora_view_name(const std::string& name) {
   std::transform(lower.begin(), lower.end(), lower.begin(),
                  [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   const std::string suffix = "lm_head.weight";
-  const bool head = name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+  const bool head =
+      name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
   return lower.find("lora_a") != std::string::npos || lower.find("lora_b") != std::string::npos || head;
 }
 
@@ -114,20 +115,25 @@ class Registry {
   index_t find(ParamId id) const { return info_ ? info_->find(id) : -1; }
   const Entry& at(ParamId id) const {
     const index_t i = find(id);
-    if (i < 0) fail<UsageError>("registry #{}: parameter id {} is not a registered trainable parameter", serial(), id.value);
+    if (i < 0)
+      fail<UsageError>("registry #{}: parameter id {} is not a registered trainable parameter", serial(), id.value);
     return entries_[static_cast<std::size_t>(i)];
   }
 
   // The probe needs something to differentiate: an empty registry is an error.
   void require_trainable(const char* who) const {
     if (empty())
-      fail<UsageError>("{}: the model has no trainable parameters (requires_grad == true); "
-                       "nothing to probe", who);
+      fail<UsageError>(
+          "{}: the model has no trainable parameters (requires_grad == true); "
+          "nothing to probe",
+          who);
   }
   void require_lora_view(const char* who) const {
     if (lora_count() == 0)
-      fail<UsageError>("{}: the LoRA view is empty: no trainable parameter name contains 'lora_A'/'lora_B' "
-                       "(any case) or ends with 'lm_head.weight'", who);
+      fail<UsageError>(
+          "{}: the LoRA view is empty: no trainable parameter name contains 'lora_A'/'lora_B' "
+          "(any case) or ends with 'lm_head.weight'",
+          who);
   }
 
   // Checks that `model` still holds the registered parameters at the recorded
@@ -136,7 +142,8 @@ class Registry {
   void rebind(M& model) {
     Registry fresh = build(model);
     if (fresh.size() != size())
-      fail<UsageError>("registry #{}: rebind found {} trainable parameters, expected {}", serial(), fresh.size(), size());
+      fail<UsageError>("registry #{}: rebind found {} trainable parameters, expected {}", serial(), fresh.size(),
+                       size());
     for (index_t i = 0; i < size(); ++i) {
       auto& e = entries_[static_cast<std::size_t>(i)];
       const auto& f = fresh.entries_[static_cast<std::size_t>(i)];

@@ -37,8 +37,7 @@ struct Gpt2Config {
     if (vocab_size < 1 || n_positions < 1 || n_embd < 1 || n_layer < 0 || n_head < 1)
       fail<InputError>("gpt2 config: sizes must be positive (vocab {}, positions {}, n_embd {}, n_layer {}, n_head {})",
                        vocab_size, n_positions, n_embd, n_layer, n_head);
-    if (n_embd % n_head != 0)
-      fail<InputError>("gpt2 config: n_embd {} is not divisible by n_head {}", n_embd, n_head);
+    if (n_embd % n_head != 0) fail<InputError>("gpt2 config: n_embd {} is not divisible by n_head {}", n_embd, n_head);
   }
 };
 
@@ -141,8 +140,9 @@ class Gpt2LMHeadModel {
   void check_input(const SequenceInput& in) const {
     const auto n = static_cast<std::size_t>(in.rows * in.length);
     if (in.tokens.size() != n || in.key_mask.size() != n || in.positions.size() != n)
-      fail<UsageError>("gpt2 forward: input arrays must hold rows*length = {} entries (tokens {}, mask {}, positions {})",
-                       n, in.tokens.size(), in.key_mask.size(), in.positions.size());
+      fail<UsageError>(
+          "gpt2 forward: input arrays must hold rows*length = {} entries (tokens {}, mask {}, positions {})", n,
+          in.tokens.size(), in.key_mask.size(), in.positions.size());
     if (in.length > config_.n_positions)
       fail<InputError>("gpt2 forward: sequence length {} exceeds n_positions {}", in.length, config_.n_positions);
   }

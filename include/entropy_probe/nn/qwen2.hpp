@@ -110,9 +110,8 @@ class Qwen2ForCausalLM {
 
   // The projections of a layer under the names PEFT's target_modules match.
   static std::vector<std::pair<std::string, LoraLinear<T, B>*>> linears(Layer& l) {
-    return {{"q_proj", &l.q_proj},       {"k_proj", &l.k_proj},   {"v_proj", &l.v_proj},
-            {"o_proj", &l.o_proj},       {"gate_proj", &l.gate_proj}, {"up_proj", &l.up_proj},
-            {"down_proj", &l.down_proj}};
+    return {{"q_proj", &l.q_proj},       {"k_proj", &l.k_proj},   {"v_proj", &l.v_proj},      {"o_proj", &l.o_proj},
+            {"gate_proj", &l.gate_proj}, {"up_proj", &l.up_proj}, {"down_proj", &l.down_proj}};
   }
 
   void named_parameters(const ParameterVisitor<T, B>& v) {
@@ -138,11 +137,12 @@ class Qwen2ForCausalLM {
     const auto n = static_cast<std::size_t>(r * t);
     if (in.tokens.size() != n || in.key_mask.size() != n || in.positions.size() != n)
       fail<UsageError>("qwen2 forward: input arrays must hold rows*length = {} entries", n);
-    const auto table = make_rotary_table<T, B>(std::span<const std::int32_t>(in.positions), config_.head_dim(),
-                                               config_.rope_theta);
+    const auto table =
+        make_rotary_table<T, B>(std::span<const std::int32_t>(in.positions), config_.head_dim(), config_.rope_theta);
     const index_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads;
     const std::span<const std::uint8_t> mask(in.key_mask);
-    Var h = reshape(tape, embedding(tape, use(tape, embed_tokens_), std::span<const std::int32_t>(in.tokens)), {r, t, d});
+    Var h =
+        reshape(tape, embedding(tape, use(tape, embed_tokens_), std::span<const std::int32_t>(in.tokens)), {r, t, d});
     for (Layer& l : layers_) {
       Var a = l.input_layernorm.forward(tape, h);
       Var q = rotary(tape, l.q_proj.forward(tape, a), table, hq);

@@ -19,13 +19,13 @@ namespace entropy_probe {
 
 struct TokenBatch {
   index_t B = 0, G = 0, T = 0;
-  std::vector<std::int32_t> sequences;        // [B, G, T]
-  std::vector<std::uint8_t> attention_mask;   // [B, G, T], 1 = real token
-  std::vector<std::int32_t> prompt_lens;      // [B]
-  std::vector<double> advantages;             // [B, G]
-  std::optional<std::vector<double>> max_lengths;           // [B], > 0
-  std::optional<std::vector<double>> rewards;               // [B, G]
-  std::optional<std::vector<std::int32_t>> position_ids;    // [B, G, T]
+  std::vector<std::int32_t> sequences;                    // [B, G, T]
+  std::vector<std::uint8_t> attention_mask;               // [B, G, T], 1 = real token
+  std::vector<std::int32_t> prompt_lens;                  // [B]
+  std::vector<double> advantages;                         // [B, G]
+  std::optional<std::vector<double>> max_lengths;         // [B], > 0
+  std::optional<std::vector<double>> rewards;             // [B, G]
+  std::optional<std::vector<std::int32_t>> position_ids;  // [B, G, T]
 
   index_t rows() const { return B * G; }
   index_t at(index_t b, index_t g, index_t t) const { return (b * G + g) * T + t; }
@@ -56,7 +56,8 @@ struct TokenBatch {
                 std::optional<index_t> max_positions = std::nullopt) const {
     if (B < 1) fail<InputError>("{}: empty batch (B = {})", what, B);
     if (G < 1) fail<InputError>("{}: G = {} responses per prompt; need at least 1", what, G);
-    if (T < 2) fail<InputError>("{}: sequence length T = {}; need at least 2 (a prompt token and a response token)", what, T);
+    if (T < 2)
+      fail<InputError>("{}: sequence length T = {}; need at least 2 (a prompt token and a response token)", what, T);
     const auto n = static_cast<std::size_t>(B * G * T);
     auto size_is = [&](const char* field, std::size_t got, std::size_t want, const char* shape) {
       if (got != want) fail<InputError>("{}: {} has {} entries, expected {} ({})", what, field, got, want, shape);
@@ -71,8 +72,8 @@ struct TokenBatch {
     for (index_t b = 0; b < B; ++b) {
       const index_t p = prompt_lens[static_cast<std::size_t>(b)];
       if (p < 1 || p >= T)
-        fail<InputError>("{}: prompt_lens[{}] = {} is outside [1, {}) (a prompt token and room for a response)", what, b,
-                         p, T);
+        fail<InputError>("{}: prompt_lens[{}] = {} is outside [1, {}) (a prompt token and room for a response)", what,
+                         b, p, T);
       if (max_lengths) {
         const double m = (*max_lengths)[static_cast<std::size_t>(b)];
         if (!(m > 0) || !std::isfinite(m)) fail<InputError>("{}: max_lengths[{}] = {} must be positive", what, b, m);
@@ -81,7 +82,8 @@ struct TokenBatch {
         const double a = advantage(b, g);
         if (!std::isfinite(a)) fail<InputError>("{}: advantages[{},{}] = {} is not finite", what, b, g, a);
         if (rewards && !std::isfinite((*rewards)[static_cast<std::size_t>(b * G + g)]))
-          fail<InputError>("{}: rewards[{},{}] = {} is not finite", what, b, g, (*rewards)[static_cast<std::size_t>(b * G + g)]);
+          fail<InputError>("{}: rewards[{},{}] = {} is not finite", what, b, g,
+                           (*rewards)[static_cast<std::size_t>(b * G + g)]);
         for (index_t t = 0; t < T; ++t) {
           const auto i = static_cast<std::size_t>(at(b, g, t));
           const std::uint8_t m = attention_mask[i];

@@ -37,8 +37,8 @@ inline const char* to_string(Weighting w) { return w == Weighting::dr_grpo ? "dr
 
 struct ProbeSettings {
   Weighting weighting = Weighting::dr_grpo;
-  index_t mb_size = 0;       // prompts per microbatch; 0 = all at once
-  double temperature = 1.0;  // tau
+  index_t mb_size = 0;        // prompts per microbatch; 0 = all at once
+  double temperature = 1.0;   // tau
   ProgressCallback progress;  // called after each microbatch of a long phase
 };
 
@@ -124,7 +124,7 @@ class ProbeComponents {
   }
 
   struct Sum {
-    Buffer sum;       // sum over prompts of the per-prompt gradient
+    Buffer sum;         // sum over prompts of the per-prompt gradient
     index_t count = 0;  // prompts summed, over all ranks
   };
 
@@ -161,13 +161,15 @@ class ProbeComponents {
       jvp(tape, tangent);
       const Tensor<T, B>* sdot = tape.tangent(S);
       if (!sdot)
-        fail<Error>("[JVP] {}: the tangent reached no sequence log-probability (no parameter of the forward pass "
-                    "has an entry in the tangent buffer)",
-                    phase);
+        fail<Error>(
+            "[JVP] {}: the tangent reached no sequence log-probability (no parameter of the forward pass "
+            "has an entry in the tangent buffer)",
+            phase);
       const std::vector<double> sd = to_double(*sdot);
       for (index_t j = 0; j < mb.B; ++j) {
         double acc = 0;
-        for (index_t g = 0; g < mb.G; ++g) acc += W[static_cast<std::size_t>(j * mb.G + g)] * sd[static_cast<std::size_t>(j * mb.G + g)];
+        for (index_t g = 0; g < mb.G; ++g)
+          acc += W[static_cast<std::size_t>(j * mb.G + g)] * sd[static_cast<std::size_t>(j * mb.G + g)];
         d[static_cast<std::size_t>(idx[static_cast<std::size_t>(j)])] = acc;
       }
       report(phase, done += mb.B, static_cast<index_t>(mine.size()));
@@ -239,10 +241,11 @@ class ProbeComponents {
     log_debug("{} = {}/{}", nonzero_label, k, registry_->size());
     log_debug("[{}] ||sum_{}|| = {:.6e} over {} prompts", phase, phase, norm_param_buffer(out.sum), out.count);
     if (k == 0)
-      fail<Error>("{} = 0/{}: every trainable parameter's gradient is zero over the whole {} phase "
-                  "(all advantages zero, no generated tokens, or a LoRA B initialised to zero with nothing else "
-                  "trainable); refusing to report a silent zero",
-                  nonzero_label, registry_->size(), phase);
+      fail<Error>(
+          "{} = 0/{}: every trainable parameter's gradient is zero over the whole {} phase "
+          "(all advantages zero, no generated tokens, or a LoRA B initialised to zero with nothing else "
+          "trainable); refusing to report a silent zero",
+          nonzero_label, registry_->size(), phase);
     return out;
   }
 

@@ -93,7 +93,8 @@ std::vector<double> gathered_sequence_logprobs(const ProbeComponents<M>& c, cons
     const std::vector<double> part = sequence_logprobs(c.model(), batch.select(idx), c.settings().temperature, 0);
     for (std::size_t j = 0; j < idx.size(); ++j)
       for (index_t g = 0; g < batch.G; ++g)
-        s[static_cast<std::size_t>(idx[j] * batch.G + g)] = part[j * static_cast<std::size_t>(batch.G) + static_cast<std::size_t>(g)];
+        s[static_cast<std::size_t>(idx[j] * batch.G + g)] =
+            part[j * static_cast<std::size_t>(batch.G) + static_cast<std::size_t>(g)];
   }
   c.comm().allreduce_sum(std::span<double>(s));
   return s;

@@ -68,9 +68,8 @@ class OfflineEntropyProbe {
         registry_(Registry<T, B>::build(*model_)),
         config_(std::move(config)),
         comm_(comm ? comm : &single_),
-        components_(*model_, registry_, ProbeSettings{config_.weighting, config_.mb_size, config_.temperature,
-                                                      config_.progress},
-                    *comm_) {}
+        components_(*model_, registry_,
+                    ProbeSettings{config_.weighting, config_.mb_size, config_.temperature, config_.progress}, *comm_) {}
 
   // The registry and the components point into this object.
   OfflineEntropyProbe(const OfflineEntropyProbe&) = delete;
@@ -130,8 +129,8 @@ class OfflineEntropyProbe {
     r.deltaH1 = eta * r.bars_dot;
     r.mu_X_norm = norm_param_buffer(mu_X);
     r.mu_Y_norm = norm_param_buffer(mu_Y);
-    log_debug("[PROBE] bars_dot={:.6e} deltaH1={:.6e} |mu_X|={:.4e} |mu_Y|={:.4e}", r.bars_dot, r.deltaH1,
-              r.mu_X_norm, r.mu_Y_norm);
+    log_debug("[PROBE] bars_dot={:.6e} deltaH1={:.6e} |mu_X|={:.4e} |mu_Y|={:.4e}", r.bars_dot, r.deltaH1, r.mu_X_norm,
+              r.mu_Y_norm);
 
     if (config_.variance != VarianceMode::none) {
       t0 = clock::now();
@@ -142,8 +141,9 @@ class OfflineEntropyProbe {
     if (config_.variance == VarianceMode::full) {
       t0 = clock::now();
       const bool reuse = r.conditional && r.conditional->lora_used == mu_Y.present_count();
-      r.full = full_variance(components_, E, U, mu_X, mu_Y, r.bars_dot, eta, [&](Buffer& b) { precond.apply(b); },
-                             reuse ? &r.conditional->s_values : nullptr);
+      r.full = full_variance(
+          components_, E, U, mu_X, mu_Y, r.bars_dot, eta, [&](Buffer& b) { precond.apply(b); },
+          reuse ? &r.conditional->s_values : nullptr);
       r.timing["full_variance"] = seconds_since(t0);
     }
     last_ = Cached{sum_Y.sum, mu_Y, r.B_U, &state};

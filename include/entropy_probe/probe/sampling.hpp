@@ -14,9 +14,9 @@
 namespace entropy_probe {
 
 struct SamplingConfig {
-  index_t G = 4;                // responses per prompt
-  index_t max_new_tokens = 8;   // response length limit
-  double temperature = 1.0;     // logits / temperature before sampling
+  index_t G = 4;                          // responses per prompt
+  index_t max_new_tokens = 8;             // response length limit
+  double temperature = 1.0;               // logits / temperature before sampling
   std::optional<std::int32_t> end_token;  // stops a response (the end token itself is kept)
   std::uint64_t seed = 0;
 };
@@ -88,7 +88,8 @@ TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t
       const T* z = logits.data() + (r * len + pos - 1) * V;
       double mx = -INFINITY, total = 0;
       for (index_t v = 0; v < V; ++v) mx = std::max(mx, double(z[v]) / config.temperature);
-      for (index_t v = 0; v < V; ++v) total += probs[static_cast<std::size_t>(v)] = std::exp(double(z[v]) / config.temperature - mx);
+      for (index_t v = 0; v < V; ++v)
+        total += probs[static_cast<std::size_t>(v)] = std::exp(double(z[v]) / config.temperature - mx);
       double u = unif(rng) * total;
       index_t pick = V - 1;
       for (index_t v = 0; v < V; ++v) {

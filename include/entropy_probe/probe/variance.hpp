@@ -25,8 +25,8 @@ struct ConditionalVariance {
   double sbar = 0;
   double var_s = 0;
   double se_conditional = 0;  // eta * sqrt(var_s / B_E); 0 when B_E < 2
-  index_t lora_used = 0;       // LoRA-view entries present in mu_Y
-  index_t lora_absent = 0;     // LoRA-view entries absent from mu_Y
+  index_t lora_used = 0;      // LoRA-view entries present in mu_Y
+  index_t lora_absent = 0;    // LoRA-view entries absent from mu_Y
 };
 
 // Sample mean and variance (B - 1 denominator) of the s values; SE as above.
@@ -155,11 +155,11 @@ FullVariance full_variance(const ProbeComponents<M>& c, const TokenBatch& E, con
   // X_b . mu_Y is exactly the alpha trick's s_b when the LoRA view holds every
   // entry of mu_Y; the caller passes those to save a pass.
   const std::vector<double> xd =
-      x_directional ? *x_directional
-                    : c.per_prompt_directional(
-                          E, mu_Y,
-                          [w](const TokenBatch& mb, std::span<const double> S) { return x_loss_weights(mb, S, w); },
-                          "full_variance");
+      x_directional
+          ? *x_directional
+          : c.per_prompt_directional(
+                E, mu_Y, [w](const TokenBatch& mb, std::span<const double> S) { return x_loss_weights(mb, S, w); },
+                "full_variance");
   auto p_mu_X = mu_X;
   precondition(p_mu_X);
   const std::vector<double> yd = c.per_prompt_directional(

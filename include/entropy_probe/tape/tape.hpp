@@ -75,8 +75,8 @@ class Tape {
   // (grad_accum); `jvp` reads input tangents (tangent_data, nullptr = zero)
   // and writes the output tangent (tangent_out). Both are skipped when no
   // input needs a gradient or carries a tangent.
-  Var record(const char* name, TensorT out, std::initializer_list<Var> inputs,
-             std::function<void(Var)> backward, std::function<void(Var)> jvp) {
+  Var record(const char* name, TensorT out, std::initializer_list<Var> inputs, std::function<void(Var)> backward,
+             std::function<void(Var)> jvp) {
     bool needs = false;
     for (Var v : inputs) needs = needs || slot(v).requires_grad;
     Var result = add_slot(make_slot(std::move(out), nullptr, needs));
@@ -169,8 +169,8 @@ class Tape {
     Slot& s = slot_mut(v);
     if (s.node >= 0) fail<UsageError>("Tape::set_tangent: var {} is not a leaf", v.id);
     if (tangent.shape() != value(v).shape())
-      fail<UsageError>("Tape::set_tangent: tangent shape {} does not match value shape {}",
-                       shape_str(tangent.shape()), shape_str(value(v).shape()));
+      fail<UsageError>("Tape::set_tangent: tangent shape {} does not match value shape {}", shape_str(tangent.shape()),
+                       shape_str(value(v).shape()));
     s.input_tangent = std::move(tangent);
   }
 

@@ -25,8 +25,7 @@ index_t rows_for_features(const Tape<T, B>& tape, Var x, index_t in, const char*
 template <class T, class B>
 void check_shape(const Tape<T, B>& tape, Var v, const Shape& expected, const char* op, const char* what) {
   if (tape.shape(v) != expected)
-    fail<UsageError>("{}: {} has shape {}, expected {}", op, what, shape_str(tape.shape(v)),
-                     shape_str(expected));
+    fail<UsageError>("{}: {} has shape {}, expected {}", op, what, shape_str(tape.shape(v)), shape_str(expected));
 }
 template <class T, class B>
 Shape with_last_dim(const Tape<T, B>& tape, Var x, index_t last) {
