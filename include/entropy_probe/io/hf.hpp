@@ -1069,7 +1069,9 @@ AdamState<T, B> load_adam_state(const std::string& path, const Registry<T, B>& r
     parts[name].*member = &t;
   }
   AdamState<T, B> state(registry.info(), h);
-  for (const auto& [name, p] : parts) {
+  for (const auto& entry : parts) {  // no structured binding here: nvcc 13.0 rejects the braced lists below in one
+    const std::string& name = entry.first;
+    const auto& p = entry.second;
     const index_t i = index_of.at(name);
     const Shape& shape = registry.entry(i).param->value.shape();
     for (auto [part, v] : {std::pair{"exp_avg", p.avg}, std::pair{"exp_avg_sq", p.sq}, std::pair{"step", p.step}})

@@ -29,6 +29,12 @@ void axpy(index_t n, T alpha, const T* x, T* y) {
   B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { y[i] += alpha * x[i]; });
 }
 
+// sum_i x[i] * y[i], accumulated in double.
+template <class B, class T, class U>
+acc_t dot(index_t n, const T* x, const U* y) {
+  return B::sum(n, [=] EP_HOST_DEVICE(index_t i) { return static_cast<acc_t>(x[i]) * static_cast<acc_t>(y[i]); });
+}
+
 // out[j] += alpha * sum_i x[i, j] over rows of x[rows, cols], in double.
 template <class B, class T>
 void add_column_sums(index_t rows, index_t cols, T alpha, const T* x, T* out) {

@@ -70,9 +70,11 @@ class Tensor {
   T* data() { return data_.data(); }
   const T* data() const { return data_.data(); }
 
-  // Host element access (CPU backend only).
-  T& operator[](index_t i) { return data_[static_cast<std::size_t>(i)]; }
-  const T& operator[](index_t i) const { return data_[static_cast<std::size_t>(i)]; }
+  // Host element access, only on a backend whose memory is host memory (the
+  // CPU backend): on a device it would not compile rather than crash. Device
+  // tensors go through from_host() / to_host().
+  T& operator[](index_t i) requires B::host_memory { return data_[static_cast<std::size_t>(i)]; }
+  const T& operator[](index_t i) const requires B::host_memory { return data_[static_cast<std::size_t>(i)]; }
 
   // Same data, another shape with the same number of elements.
   Tensor reshaped(Shape shape) const& {

@@ -24,24 +24,31 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <span>
+#include <vector>
 
 namespace entropy_probe {
 
 namespace detail {
-// Saved by log_softmax_gather: per-row logsumexp of z / tau (double, 0 for
-// unscored rows) and the targets, on the backend. p is recomputed from these
-// and the logits, so nothing of size [N, V] is kept.
+// Saved by log_softmax_gather for the m scored rows (target >= 0) only: their
+// row index, target and logsumexp of z / tau (double), on the backend. p is
+// recomputed from these and the logits, so nothing of size [N, V] is kept.
 template <class B>
 struct LogSoftmaxGatherSaved {
-  Tensor<acc_t, B> lse;
-  Tensor<std::int32_t, B> targets;
+  Tensor<std::int32_t, B> rows;     // [m] row of each scored row
+  Tensor<std::int32_t, B> targets;  // [m] its target
+  Tensor<acc_t, B> lse;             // [m]
 };
 }  // namespace detail
 
 // out[i] = log_softmax(logits[i, :] / temperature)[targets[i]]; targets[i] < 0
 // means "not scored": out[i] = 0 with no gradient or tangent.
+//
+// Every kernel runs over the scored rows only, as row reductions (max, sum)
+// and element-parallel passes over [m, V], so a device runs a long vocabulary
+// row with many threads and the host runs the same loops as before.
 template <class T, class B>
 Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_t> targets, double temperature = 1.0) {
   const Shape& zs = tape.shape(logits);
@@ -53,71 +60,85 @@ Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_
   const index_t n = tape.value(logits).numel() / vocab;
   if (static_cast<index_t>(targets.size()) != n)
     fail<UsageError>("log_softmax_gather: {} targets for {} rows of logits {}", targets.size(), n, shape_str(zs));
-  for (std::size_t i = 0; i < targets.size(); ++i)
+  if (n > std::numeric_limits<std::int32_t>::max())
+    fail<UsageError>("log_softmax_gather: {} rows of logits exceed the int32 row index", n);
+  std::vector<std::int32_t> rows, row_targets;
+  for (std::size_t i = 0; i < targets.size(); ++i) {
     if (targets[i] >= vocab)
       fail<UsageError>("log_softmax_gather: target[{}] = {} is out of range for vocabulary size {}", i, targets[i],
                        vocab);
+    if (targets[i] < 0) continue;
+    rows.push_back(static_cast<std::int32_t>(i));
+    row_targets.push_back(targets[i]);
+  }
+  const index_t m = static_cast<index_t>(rows.size());
   const acc_t inv_tau = 1.0 / temperature;
 
-  // ---- forward: one row at a time, max and logsumexp in double ----
+  // ---- forward: max and logsumexp per scored row, in double ----
   auto saved = std::make_shared<detail::LogSoftmaxGatherSaved<B>>();
-  saved->targets = Tensor<std::int32_t, B>::from_host({n}, targets);
-  saved->lse = Tensor<acc_t, B>({n});
+  saved->rows = Tensor<std::int32_t, B>::from_host({m}, rows);
+  saved->targets = Tensor<std::int32_t, B>::from_host({m}, row_targets);
+  saved->lse = Tensor<acc_t, B>({m});
   Tensor<T, B> out({n});
   {
     const T* z = tape.value(logits).data();
+    const std::int32_t* rw = saved->rows.data();
     const std::int32_t* tg = saved->targets.data();
     acc_t* lse = saved->lse.data();
     T* o = out.data();
-    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) {
-      if (tg[i] < 0) return;  // unscored: out 0, lse 0
-      const T* row = z + i * vocab;
-      acc_t mx = static_cast<acc_t>(row[0]) * inv_tau;
-      for (index_t j = 1; j < vocab; ++j) mx = std::fmax(mx, static_cast<acc_t>(row[j]) * inv_tau);
-      acc_t sum = 0;
-      for (index_t j = 0; j < vocab; ++j) sum += std::exp(static_cast<acc_t>(row[j]) * inv_tau - mx);
-      lse[i] = mx + std::log(sum);
-      o[i] = static_cast<T>(static_cast<acc_t>(row[tg[i]]) * inv_tau - lse[i]);
+    Tensor<acc_t, B> sum({m});
+    acc_t* sp = sum.data();
+    B::row_max(  // lse holds the row max until the last step
+        m, vocab,
+        [=] EP_HOST_DEVICE(index_t k, index_t j) { return static_cast<acc_t>(z[rw[k] * vocab + j]) * inv_tau; }, lse);
+    B::row_sum(
+        m, vocab,
+        [=] EP_HOST_DEVICE(index_t k, index_t j) {
+          return std::exp(static_cast<acc_t>(z[rw[k] * vocab + j]) * inv_tau - lse[k]);
+        },
+        sp);
+    B::parallel_for(m, [=] EP_HOST_DEVICE(index_t k) {
+      lse[k] += std::log(sp[k]);
+      o[rw[k]] = static_cast<T>(static_cast<acc_t>(z[rw[k] * vocab + tg[k]]) * inv_tau - lse[k]);
     });
   }
 
   // dz[i, :] += (g_i / tau) (onehot(target_i) - p_i)
-  auto backward = [&tape, logits, saved, n, vocab, inv_tau](Var self) {
+  auto backward = [&tape, logits, saved, m, vocab, inv_tau](Var self) {
     if (!tape.requires_grad(logits)) return;
     const T* g = tape.grad_data(self);
     const T* z = tape.value(logits).data();
     T* gz = tape.grad_accum(logits);
+    const std::int32_t* rw = saved->rows.data();
     const std::int32_t* tg = saved->targets.data();
     const acc_t* lse = saved->lse.data();
-    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) {
-      const std::int32_t target = tg[i];
-      if (target < 0) return;
-      const acc_t c = static_cast<acc_t>(g[i]) * inv_tau;
-      const T* row = z + i * vocab;
-      T* grow = gz + i * vocab;
-      for (index_t j = 0; j < vocab; ++j) {
-        const acc_t p = std::exp(static_cast<acc_t>(row[j]) * inv_tau - lse[i]);
-        grow[j] += static_cast<T>(c * ((j == target ? 1.0 : 0.0) - p));
-      }
+    B::parallel_for_2d(m, vocab, [=] EP_HOST_DEVICE(index_t k, index_t j) {
+      const index_t at = rw[k] * vocab + j;
+      const acc_t c = static_cast<acc_t>(g[rw[k]]) * inv_tau;
+      const acc_t p = std::exp(static_cast<acc_t>(z[at]) * inv_tau - lse[k]);
+      gz[at] += static_cast<T>(c * ((j == tg[k] ? 1.0 : 0.0) - p));
     });
   };
   // tout_i = (tz[i, target_i] - sum_j p_ij tz[i, j]) / tau
-  auto jvp = [&tape, logits, saved, n, vocab, inv_tau](Var self) {
+  auto jvp = [&tape, logits, saved, m, vocab, inv_tau](Var self) {
     const T* tz = tape.tangent_data(logits);
     T* to = tape.tangent_out(self);
     if (!tz) return;
     const T* z = tape.value(logits).data();
+    const std::int32_t* rw = saved->rows.data();
     const std::int32_t* tg = saved->targets.data();
     const acc_t* lse = saved->lse.data();
-    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) {
-      const std::int32_t target = tg[i];
-      if (target < 0) return;
-      const T* row = z + i * vocab;
-      const T* trow = tz + i * vocab;
-      acc_t mean = 0;
-      for (index_t j = 0; j < vocab; ++j)
-        mean += std::exp(static_cast<acc_t>(row[j]) * inv_tau - lse[i]) * static_cast<acc_t>(trow[j]);
-      to[i] = static_cast<T>((static_cast<acc_t>(trow[target]) - mean) * inv_tau);
+    Tensor<acc_t, B> mean({m});
+    acc_t* mp = mean.data();
+    B::row_sum(
+        m, vocab,
+        [=] EP_HOST_DEVICE(index_t k, index_t j) {
+          const index_t at = rw[k] * vocab + j;
+          return std::exp(static_cast<acc_t>(z[at]) * inv_tau - lse[k]) * static_cast<acc_t>(tz[at]);
+        },
+        mp);
+    B::parallel_for(m, [=] EP_HOST_DEVICE(index_t k) {
+      to[rw[k]] = static_cast<T>((static_cast<acc_t>(tz[rw[k] * vocab + tg[k]]) - mp[k]) * inv_tau);
     });
   };
   return tape.record("log_softmax_gather", std::move(out), {logits}, backward, jvp);
