@@ -3,10 +3,9 @@
 // frozen W: forward, backward, and a check that A and B got the right
 // gradients and W none. Exit status 0 on success, 1 otherwise.
 //
-// TODO(lead): include only <entropy_probe/entropy_probe.hpp> once the umbrella
-// header exists (that also checks it is installed and self-contained).
-#include <entropy_probe/module/bind.hpp>
-#include <entropy_probe/tape/ops/linear.hpp>
+// It includes only the umbrella header, which also checks that the installed
+// tree is complete and self-contained.
+#include <entropy_probe/entropy_probe.hpp>
 
 #include <cmath>
 #include <cstdio>
