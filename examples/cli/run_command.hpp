@@ -8,11 +8,19 @@
 // first of them) and returns the exit status: 0 success, 1 an error while
 // running, 2 a usage error (message and a pointer to --help on stderr), 3 a bad
 // input file (the message names the file and the key).
+//
+// Under mpirun (built with MPI), the same command runs distributed with no
+// other change: prompts are sharded by rank, results are identical on every
+// rank, and only rank 0 prints and writes. An error on any rank ends the job
+// with that rank's exit status.
 #pragma once
 
 #include <entropy_probe/entropy_probe.hpp>
 #include <entropy_probe/io/hf.hpp>
 #include <entropy_probe/io/result_json.hpp>
+#if defined(ENTROPY_PROBE_HAVE_MPI)
+#include <entropy_probe/dist/mpi.hpp>
+#endif
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -21,6 +29,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <filesystem>
 #include <fstream>
@@ -294,8 +303,10 @@ inline void print_summary(const ep::ProbeResult& r, const RunOptions& o, const s
   fmt::print("  timing (s): {}\n", timing);
 }
 
+// `comm` shards the prompts; only its rank 0 reports.
 template <class T>
-int run_typed(const RunOptions& o) {
+int run_typed(const RunOptions& o, ep::Communicator& comm) {
+  const bool root = comm.rank() == 0;
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
   auto models = ep::hf::load_model<T>(o.checkpoint);
@@ -316,8 +327,8 @@ int run_typed(const RunOptions& o) {
         pc.ground_truth = o.ground_truth;
         pc.is = o.is;
         pc.clip_c = o.clip_c;
-        pc.progress = progress_printer();
-        ep::OfflineEntropyProbe probe(model, pc);
+        if (root) pc.progress = progress_printer();
+        ep::OfflineEntropyProbe probe(model, pc, &comm);
         const std::string opt_path = optimizer_path(o);
         const bool have_optimizer = ep::hf::detail::is_file(opt_path);
         ep::AdamState<T> state = have_optimizer ? ep::hf::load_adam_state(opt_path, probe.registry())
@@ -331,6 +342,8 @@ int run_typed(const RunOptions& o) {
         ep::ProbeResult r = probe.run(E, U, state);
         r.timing["load"] = load_s;
         r.timing["total"] = std::chrono::duration<double>(clock::now() - t_start).count();
+        if (!root) return kExitOk;
+        if (comm.world() > 1) fmt::print("entropy-probe run: {} ranks\n", comm.world());
         print_summary(r, o, model_type, E, U, have_optimizer);
         if (o.json_out) {
           nlohmann::json j = ep::to_json(r);
@@ -358,36 +371,72 @@ int run_typed(const RunOptions& o) {
 
 }  // namespace detail
 
-// Parses and runs; never throws.
-inline int run_command(int argc, char** argv) {
-  std::vector<std::string> args;
-  for (int i = 0; i < argc; ++i) args.emplace_back(argv[i]);
+// Runs fn(); an exception becomes its message on stderr and an exit status:
+// 2 usage, 3 bad input file, 1 anything else.
+template <class F>
+int guarded(F&& fn, const std::string& who) {
   try {
-    const RunOptions o = parse_run_args(args);
-    if (o.help) {
-      std::fputs(run_help().c_str(), stdout);
-      return kExitOk;
-    }
-    if (!o.lr && !ep::hf::detail::is_file(detail::optimizer_path(o)) &&
-        ep::hf::detail::is_file((std::filesystem::path(o.checkpoint) / "config.json").string()))
-      throw UsageFailure(fmt::format(
-          "entropy-probe run: {} has no optimizer.safetensors, so the learning rate must be given with --lr",
-          o.checkpoint));
-    ep::log_to_stderr(o.log_level);
-    return o.dtype == "f64" ? detail::run_typed<double>(o) : detail::run_typed<float>(o);
+    return fn();
   } catch (const UsageFailure& e) {
     fmt::print(stderr, "{}\nsee 'entropy-probe run --help'\n", e.what());
     return kExitUsage;
   } catch (const ep::InputError& e) {
-    fmt::print(stderr, "entropy-probe run: bad input: {}\n", e.what());
+    fmt::print(stderr, "{}: bad input: {}\n", who, e.what());
     return kExitInput;
   } catch (const std::bad_alloc&) {
-    fmt::print(stderr, "entropy-probe run: error: out of memory\n");
+    fmt::print(stderr, "{}: error: out of memory\n", who);
     return kExitError;
   } catch (const std::exception& e) {
-    fmt::print(stderr, "entropy-probe run: error: {}\n", e.what());
+    fmt::print(stderr, "{}: error: {}\n", who, e.what());
     return kExitError;
   }
+}
+
+// Open MPI's launcher sets OMPI_COMM_WORLD_SIZE; PMIx-based ones PMIX_RANK.
+inline bool launched_by_mpirun() { return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMIX_RANK"); }
+
+// Parses and runs; never throws.
+inline int run_command(int argc, char** argv) {
+  std::vector<std::string> args;
+  for (int i = 0; i < argc; ++i) args.emplace_back(argv[i]);
+  RunOptions o;
+  // Usage errors come first and identically on every rank: no collective has
+  // started, so every rank simply exits 2.
+  const int parsed = guarded(
+      [&] {
+        o = parse_run_args(args);
+        if (o.help) return kExitOk;
+        if (!o.lr && !ep::hf::detail::is_file(detail::optimizer_path(o)) &&
+            ep::hf::detail::is_file((std::filesystem::path(o.checkpoint) / "config.json").string()))
+          throw UsageFailure(fmt::format(
+              "entropy-probe run: {} has no optimizer.safetensors, so the learning rate must be given with --lr",
+              o.checkpoint));
+        return kExitOk;
+      },
+      "entropy-probe run");
+  if (parsed != kExitOk) return parsed;
+  if (o.help) {
+    std::fputs(run_help().c_str(), stdout);
+    return kExitOk;
+  }
+  ep::log_to_stderr(o.log_level);
+  auto run = [&](ep::Communicator& comm) {
+    return o.dtype == "f64" ? detail::run_typed<double>(o, comm) : detail::run_typed<float>(o, comm);
+  };
+#if defined(ENTROPY_PROBE_HAVE_MPI)
+  if (launched_by_mpirun()) {
+    int mpi_argc = 0;
+    char** mpi_argv = nullptr;
+    ep::MpiSession session(mpi_argc, mpi_argv);
+    ep::MpiCommunicator comm;
+    const int code = guarded([&] { return run(comm); }, fmt::format("entropy-probe run [rank {}]", comm.rank()));
+    // A failed rank must not leave the others waiting in a collective.
+    if (code != kExitOk && comm.world() > 1) MPI_Abort(MPI_COMM_WORLD, code);
+    return code;
+  }
+#endif
+  ep::SingleProcess single;
+  return guarded([&] { return run(single); }, "entropy-probe run");
 }
 
 }  // namespace ep_run
