@@ -24,6 +24,8 @@
 #include <entropy_probe/tape/ops/linear.hpp>
 #include <entropy_probe/tape/ops/logprob.hpp>
 
+#include "bench_common.hpp"
+
 #include <benchmark/benchmark.h>
 #include <fmt/format.h>
 #include <Eigen/Core>
@@ -34,7 +36,6 @@
 #include <memory>
 #include <optional>
 #include <random>
-#include <set>
 #include <span>
 #include <string>
 #include <utility>
@@ -47,6 +48,8 @@ using TensorF = ep::Tensor<float>;
 using TapeF = ep::Tape<float>;
 
 namespace {
+
+using ep_bench::Times;
 
 // ---- helpers -------------------------------------------------------------------
 
@@ -435,41 +438,6 @@ void register_all() {
   }
 }
 
-// Console output as usual, plus per benchmark (by registered name) the
-// median wall and CPU time in seconds (the mean when run without repetitions).
-// CPU time is the main thread's: all of the work only with OPENBLAS_NUM_THREADS=1.
-struct Times {
-  double wall = 0, cpu = 0;
-};
-class MedianCollector : public benchmark::ConsoleReporter {
- public:
-  std::map<std::string, Times> times;
-
-  void ReportRuns(const std::vector<Run>& runs) override {
-    ConsoleReporter::ReportRuns(runs);
-    for (const Run& r : runs) {
-      if (r.error_occurred) continue;
-      const double unit = benchmark::GetTimeUnitMultiplier(r.time_unit);
-      const Times t{r.GetAdjustedRealTime() / unit, r.GetAdjustedCPUTime() / unit};
-      const std::string& name = r.run_name.function_name;
-      if (r.run_type == Run::RT_Aggregate && r.aggregate_name == "median") {
-        times[name] = t;
-        medians_.insert(name);
-      } else if (r.run_type == Run::RT_Iteration && !medians_.count(name)) {
-        auto& [sum, n] = singles_[name];
-        sum.wall += t.wall;
-        sum.cpu += t.cpu;
-        ++n;
-        times[name] = Times{sum.wall / n, sum.cpu / n};
-      }
-    }
-  }
-
- private:
-  std::set<std::string> medians_;
-  std::map<std::string, std::pair<Times, int>> singles_;
-};
-
 struct Ratio {
   std::string op, floor;
   double target;  // 0 = none
@@ -508,32 +476,6 @@ void print_ratios(const std::map<std::string, Times>& t) {
   }
 }
 
-// The threading layers in play, printed in the run's header (DESIGN.md 7:
-// OpenBLAS's pthread pool must not compete with an OpenMP pool).
-void add_threading_context() {
-#if defined(ENTROPY_PROBE_USE_CBLAS) && defined(OPENBLAS_VERSION)
-  benchmark::AddCustomContext("blas",
-                              fmt::format("{} ({} threads)", openblas_get_config(), openblas_get_num_threads()));
-#else
-  benchmark::AddCustomContext("blas", "none (Eigen's GEMM)");
-#endif
-#if defined(_OPENMP)
-  benchmark::AddCustomContext("openmp", "ON: check OMP_WAIT_POLICY=PASSIVE (DESIGN.md 7)");
-#else
-  benchmark::AddCustomContext("openmp", "off (Eigen single-threaded)");
-#endif
-}
-
 }  // namespace
 
-int main(int argc, char** argv) {
-  add_threading_context();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  register_all();
-  MedianCollector reporter;
-  benchmark::RunSpecifiedBenchmarks(&reporter);
-  print_ratios(reporter.times);
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return ep_bench::run_main(argc, argv, register_all, print_ratios); }

@@ -27,13 +27,14 @@
 #include <entropy_probe/probe/probe.hpp>
 #include <tiny_models.hpp>
 
+#include "bench_common.hpp"
+
 #include <benchmark/benchmark.h>
 #include <fmt/format.h>
 
 #include <chrono>
 #include <map>
 #include <memory>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,8 @@ using ep::index_t;
 using Model = ep::nn::Gpt2LMHeadModel<float>;
 
 namespace {
+
+using ep_bench::Times;
 
 struct ProbeShape {
   const char* name;
@@ -199,45 +202,6 @@ void register_all() {
           ->Unit(benchmark::kMillisecond);
 }
 
-// Console output as usual, plus per benchmark (by registered name) the
-// median wall and CPU time in seconds (the mean when run without repetitions).
-// CPU time is the main thread's: all of the work only with OPENBLAS_NUM_THREADS=1.
-struct Times {
-  double wall = 0, cpu = 0;
-  double paired = 0;  // the x_baseline counter (0: none)
-};
-class MedianCollector : public benchmark::ConsoleReporter {
- public:
-  std::map<std::string, Times> times;
-
-  void ReportRuns(const std::vector<Run>& runs) override {
-    ConsoleReporter::ReportRuns(runs);
-    for (const Run& r : runs) {
-      if (r.error_occurred) continue;
-      const double unit = benchmark::GetTimeUnitMultiplier(r.time_unit);
-      const auto c = r.counters.find("x_baseline");
-      const Times t{r.GetAdjustedRealTime() / unit, r.GetAdjustedCPUTime() / unit,
-                    c == r.counters.end() ? 0.0 : double(c->second)};
-      const std::string& name = r.run_name.function_name;
-      if (r.run_type == Run::RT_Aggregate && r.aggregate_name == "median") {
-        times[name] = t;
-        medians_.insert(name);
-      } else if (r.run_type == Run::RT_Iteration && !medians_.count(name)) {
-        auto& [sum, n] = singles_[name];
-        sum.wall += t.wall;
-        sum.cpu += t.cpu;
-        sum.paired += t.paired;
-        ++n;
-        times[name] = Times{sum.wall / n, sum.cpu / n, sum.paired / n};
-      }
-    }
-  }
-
- private:
-  std::set<std::string> medians_;
-  std::map<std::string, std::pair<Times, int>> singles_;
-};
-
 void print_ratios(const std::map<std::string, Times>& t) {
   struct Row {
     const char* phase;
@@ -282,32 +246,6 @@ void print_ratios(const std::map<std::string, Times>& t) {
   }
 }
 
-// The threading layers in play, printed in the run's header (DESIGN.md 7:
-// OpenBLAS's pthread pool must not compete with an OpenMP pool).
-void add_threading_context() {
-#if defined(ENTROPY_PROBE_USE_CBLAS) && defined(OPENBLAS_VERSION)
-  benchmark::AddCustomContext("blas",
-                              fmt::format("{} ({} threads)", openblas_get_config(), openblas_get_num_threads()));
-#else
-  benchmark::AddCustomContext("blas", "none (Eigen's GEMM)");
-#endif
-#if defined(_OPENMP)
-  benchmark::AddCustomContext("openmp", "ON: check OMP_WAIT_POLICY=PASSIVE (DESIGN.md 7)");
-#else
-  benchmark::AddCustomContext("openmp", "off (Eigen single-threaded)");
-#endif
-}
-
 }  // namespace
 
-int main(int argc, char** argv) {
-  add_threading_context();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  register_all();
-  MedianCollector reporter;
-  benchmark::RunSpecifiedBenchmarks(&reporter);
-  print_ratios(reporter.times);
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return ep_bench::run_main(argc, argv, register_all, print_ratios); }
