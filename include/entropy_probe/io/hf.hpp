@@ -826,33 +826,6 @@ inline bool is_int_dtype(safetensors::Dtype d) {
   return d == Dtype::I64 || d == Dtype::I32 || d == Dtype::I16 || d == Dtype::I8 || d == Dtype::U8;
 }
 
-// Element k of an integer (or BOOL) tensor, exactly.
-inline std::int64_t int_element(const safetensors::TensorView& v, index_t k) {
-  using safetensors::Dtype;
-  const std::byte* p = v.bytes.data() + static_cast<std::size_t>(k) * safetensors::dtype_size(v.dtype);
-  auto load = [p](auto tag) {
-    decltype(tag) x;
-    std::memcpy(&x, p, sizeof x);
-    return static_cast<std::int64_t>(x);
-  };
-  switch (v.dtype) {
-    case Dtype::I64:
-      return load(std::int64_t{});
-    case Dtype::I32:
-      return load(std::int32_t{});
-    case Dtype::I16:
-      return load(std::int16_t{});
-    case Dtype::I8:
-      return load(std::int8_t{});
-    case Dtype::U8:
-    case Dtype::BOOL:
-      return load(std::uint8_t{});
-    default:
-      break;
-  }
-  fail<UsageError>("int_element: dtype {} is not an integer type", safetensors::dtype_name(v.dtype));
-}
-
 // "[b,g,t]" for flat index k of `shape`.
 inline std::string index_str(const Shape& shape, index_t k) {
   std::vector<index_t> idx(shape.size());
@@ -890,7 +863,7 @@ class BatchReader {
                        safetensors::dtype_name(v.dtype));
     std::vector<std::int32_t> out(static_cast<std::size_t>(v.numel()));
     for (index_t k = 0; k < v.numel(); ++k) {
-      const std::int64_t x = int_element(v, k);
+      const std::int64_t x = v.integer(k);
       if (x < std::numeric_limits<std::int32_t>::min() || x > std::numeric_limits<std::int32_t>::max())
         fail<InputError>("{}: {}{} = {} is outside the int32 range", path(), v.name, index_str(v.shape, k), x);
       out[static_cast<std::size_t>(k)] = static_cast<std::int32_t>(x);
@@ -903,7 +876,7 @@ class BatchReader {
                        safetensors::dtype_name(v.dtype));
     std::vector<std::uint8_t> out(static_cast<std::size_t>(v.numel()));
     for (index_t k = 0; k < v.numel(); ++k) {
-      const std::int64_t x = int_element(v, k);
+      const std::int64_t x = v.integer(k);
       if (x != 0 && x != 1) fail<InputError>("{}: {}{} = {} is not 0 or 1", path(), v.name, index_str(v.shape, k), x);
       out[static_cast<std::size_t>(k)] = static_cast<std::uint8_t>(x);
     }

@@ -105,37 +105,51 @@ struct TensorView {
 
   // Element k as double, whatever the stored type (little-endian storage).
   double element(index_t k) const {
-    const std::byte* p = bytes.data() + static_cast<std::size_t>(k) * dtype_size(dtype);
-    auto load = [p](auto tag) {
-      decltype(tag) v;
-      std::memcpy(&v, p, sizeof v);
-      return v;
-    };
     switch (dtype) {
       case Dtype::F64:
-        return load(double{});
+        return load<double>(k);
       case Dtype::F32:
-        return load(float{});
+        return load<float>(k);
       case Dtype::F16:
-        return static_cast<double>(Eigen::numext::bit_cast<Eigen::half>(load(std::uint16_t{})));
+        return static_cast<double>(Eigen::numext::bit_cast<Eigen::half>(load<std::uint16_t>(k)));
       case Dtype::BF16:
-        return static_cast<double>(Eigen::numext::bit_cast<Eigen::bfloat16>(load(std::uint16_t{})));
-      case Dtype::I64:
-        return static_cast<double>(load(std::int64_t{}));
-      case Dtype::I32:
-        return load(std::int32_t{});
-      case Dtype::I16:
-        return load(std::int16_t{});
-      case Dtype::I8:
-        return load(std::int8_t{});
-      case Dtype::U8:
-        return load(std::uint8_t{});
-      case Dtype::BOOL:
-        return load(std::uint8_t{}) != 0;
+        return static_cast<double>(Eigen::numext::bit_cast<Eigen::bfloat16>(load<std::uint16_t>(k)));
+      default:
+        return static_cast<double>(integer(k));
     }
-    return 0;
   }
 
+  // Element k of an integer or BOOL tensor, exactly (a double would round
+  // int64 beyond 2^53). A floating-point tensor is a usage error.
+  std::int64_t integer(index_t k) const {
+    switch (dtype) {
+      case Dtype::I64:
+        return load<std::int64_t>(k);
+      case Dtype::I32:
+        return load<std::int32_t>(k);
+      case Dtype::I16:
+        return load<std::int16_t>(k);
+      case Dtype::I8:
+        return load<std::int8_t>(k);
+      case Dtype::U8:
+        return load<std::uint8_t>(k);
+      case Dtype::BOOL:
+        return load<std::uint8_t>(k) != 0;
+      default:
+        break;
+    }
+    fail<UsageError>("tensor '{}': dtype {} is not an integer type", name, dtype_name(dtype));
+  }
+
+ private:
+  template <class V>
+  V load(index_t k) const {
+    V v;
+    std::memcpy(&v, bytes.data() + static_cast<std::size_t>(k) * dtype_size(dtype), sizeof v);
+    return v;
+  }
+
+ public:
   // All elements converted to T (f16 and bf16 widen exactly; integers convert).
   template <class T>
   std::vector<T> to_vector() const {
