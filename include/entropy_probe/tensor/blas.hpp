@@ -48,7 +48,7 @@ void add_column_sums(index_t rows, index_t cols, T alpha, const T* x, T* out) {
 // y[i, j] += b[j] for rows of y[rows, cols]
 template <class B, class T>
 void add_row_vector(index_t rows, index_t cols, const T* b, T* y) {
-  B::parallel_for(rows * cols, [=] EP_HOST_DEVICE(index_t i) { y[i] += b[i % cols]; });
+  B::parallel_for_2d(rows, cols, [=] EP_HOST_DEVICE(index_t r, index_t j) { y[r * cols + j] += b[j]; });
 }
 
 }  // namespace entropy_probe::blas

@@ -9,14 +9,24 @@
 #pragma once
 
 #include "entropy_probe/core/config.hpp"
+#include "entropy_probe/core/error.hpp"
+#include "entropy_probe/tensor/block_cache.hpp"
 
 #include <Eigen/Core>
+#include <unsupported/Eigen/CXX11/ThreadPool>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(ENTROPY_PROBE_USE_CBLAS)
@@ -24,6 +34,213 @@
 #endif
 
 namespace entropy_probe {
+
+namespace cpu_detail {
+
+// Host memory for tensors: 64-byte aligned (a cache line, an AVX-512
+// vector), and blocks of at least kMinCachedBytes kept in a BlockCache when
+// freed. Without the cache every large temporary of a forward pass is a fresh
+// mmap that page-faults in and is zeroed by the kernel, then munmapped: 11-20%
+// of a probe pass (docs/performance.md).
+class HostAllocator {
+ public:
+  static constexpr std::size_t kAlign = 64;
+  static constexpr std::size_t kMinCachedBytes = std::size_t(64) << 10;
+  static constexpr std::size_t kDefaultLimit = std::size_t(2) << 30;
+
+  static HostAllocator& instance() {
+    static HostAllocator* a = new HostAllocator();  // never destroyed: buffers may outlive statics
+    return *a;
+  }
+
+  void* allocate(std::size_t bytes) {
+    if (bytes == 0) return nullptr;
+    const std::size_t size = block_size(bytes);
+    if (size >= kMinCachedBytes) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (void* p = cache_.take(size)) return p;
+    }
+    void* p = std::aligned_alloc(kAlign, size);
+    if (!p) {  // give the cached blocks back and try once more
+      empty_cache();
+      p = std::aligned_alloc(kAlign, size);
+    }
+    if (!p) fail<Error>("host allocation of {} bytes failed: out of memory", bytes);
+    return p;
+  }
+
+  void release(void* p, std::size_t bytes) noexcept {
+    if (!p) return;
+    const std::size_t size = block_size(bytes);
+    if (size >= kMinCachedBytes) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (cache_.cached_bytes() + size <= limit_) {
+        cache_.put(size, p);
+        return;
+      }
+    }
+    std::free(p);
+  }
+
+  void empty_cache() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    cache_.drain([](void* p, std::size_t) { std::free(p); });
+  }
+  std::size_t cached_bytes() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cache_.cached_bytes();
+  }
+  // At most `bytes` are kept cached (0: none); blocks beyond it are freed.
+  void set_limit(std::size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      limit_ = bytes;
+    }
+    if (cached_bytes() > bytes) empty_cache();
+  }
+  std::size_t limit() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return limit_;
+  }
+
+ private:
+  HostAllocator() = default;
+  // What is actually allocated: a size class for cacheable blocks, else the
+  // request rounded up to the alignment (aligned_alloc's requirement).
+  static std::size_t block_size(std::size_t bytes) {
+    const std::size_t c = detail::BlockCache::size_class(bytes);
+    return c >= kMinCachedBytes ? c : (bytes + kAlign - 1) / kAlign * kAlign;
+  }
+
+  mutable std::mutex mutex_;
+  detail::BlockCache cache_;
+  std::size_t limit_ = kDefaultLimit;
+};
+
+// Host storage of n elements: RAII over HostAllocator, a deep copy on copy,
+// size() / data() / operator[] like std::vector (and like CudaBackend's
+// DeviceBuffer, so Tensor holds either).
+template <class T>
+class HostBuffer {
+  static_assert(std::is_trivially_copyable_v<T>, "HostBuffer holds trivially copyable elements");
+
+ public:
+  HostBuffer() = default;
+  // n uninitialised elements.
+  explicit HostBuffer(std::size_t n) : size_(n) {
+    if (n == 0) return;
+    if (n > SIZE_MAX / sizeof(T)) fail<Error>("host allocation of {} elements of {} bytes overflows", n, sizeof(T));
+    data_ = static_cast<T*>(HostAllocator::instance().allocate(n * sizeof(T)));
+  }
+  HostBuffer(const HostBuffer& o) : HostBuffer(o.size_) {
+    if (size_ > 0) std::memcpy(data_, o.data_, size_ * sizeof(T));
+  }
+  HostBuffer(HostBuffer&& o) noexcept { swap(o); }
+  HostBuffer& operator=(const HostBuffer& o) {
+    if (this != &o) {
+      HostBuffer copy(o);
+      swap(copy);
+    }
+    return *this;
+  }
+  HostBuffer& operator=(HostBuffer&& o) noexcept {
+    HostBuffer moved(std::move(o));
+    swap(moved);
+    return *this;
+  }
+  ~HostBuffer() { HostAllocator::instance().release(data_, size_ * sizeof(T)); }
+
+  void swap(HostBuffer& o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(size_, o.size_);
+  }
+
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+  std::size_t size() const { return size_; }
+  bool empty() const { return size_ == 0; }
+  T& operator[](std::size_t i) { return data_[i]; }
+  const T& operator[](std::size_t i) const { return data_[i]; }
+
+ private:
+  T* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+// The threads that share the backend's element and row loops (every op's
+// non-GEMM work) with the calling thread, on Eigen's thread pool. Without
+// them, half of a probe pass on two cores ran on one core while OpenBLAS's
+// threads waited (docs/performance.md). A loop is split into one contiguous
+// part per thread, so results do not depend on timing; bodies write
+// disjoint outputs, as the CUDA backend already requires.
+//
+// Thread count: ENTROPY_PROBE_NUM_THREADS if set, else the hardware's; set
+// it to 1 (and OPENBLAS_NUM_THREADS=1) for one process per core, e.g. under
+// mpirun on a full machine.
+class HostThreads {
+ public:
+  static HostThreads& instance() {
+    static HostThreads* t = new HostThreads();  // never destroyed: workers may outlive statics
+    return *t;
+  }
+
+  int num_threads() const { return num_threads_; }
+  // Not while a loop runs on the pool.
+  void set_num_threads(int n) {
+    if (n < 1) fail<UsageError>("CpuBackend::set_num_threads: {} threads; need at least 1", n);
+    pool_.reset();
+    num_threads_ = n;
+    if (n > 1) pool_ = std::make_unique<Eigen::ThreadPool>(n - 1);
+  }
+
+  // f(begin, end) over [0, n) in num_threads() parts, the calling thread
+  // taking the first; serial below `grain` items per part, and inside a part
+  // (a body that itself loops in parallel runs that loop serially).
+  template <class F>
+  void run(index_t n, index_t grain, F&& f) {
+    const index_t parts = std::min<index_t>(num_threads_, n / std::max<index_t>(grain, 1));
+    if (parts < 2 || in_part()) {
+      if (n > 0) f(index_t(0), n);
+      return;
+    }
+    auto bound = [=](index_t p) { return n / parts * p + std::min(p, n % parts); };
+    Eigen::Barrier done(static_cast<unsigned>(parts - 1));
+    for (index_t p = 1; p < parts; ++p)
+      pool_->Schedule([&f, &done, bound, p] {
+        in_part() = true;
+        f(bound(p), bound(p + 1));
+        in_part() = false;
+        done.Notify();
+      });
+    in_part() = true;
+    f(index_t(0), bound(1));
+    in_part() = false;
+    done.Wait();
+  }
+
+ private:
+  HostThreads() { set_num_threads(default_threads()); }
+
+  static int default_threads() {
+    if (const char* env = std::getenv("ENTROPY_PROBE_NUM_THREADS")) {
+      char* end = nullptr;
+      const long v = std::strtol(env, &end, 10);
+      if (end == env || *end != '\0' || v < 1 || v > 4096)
+        fail<UsageError>("ENTROPY_PROBE_NUM_THREADS='{}': expected a thread count from 1 to 4096", env);
+      return static_cast<int>(v);
+    }
+    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  }
+  static bool& in_part() {
+    thread_local bool inside = false;
+    return inside;
+  }
+
+  int num_threads_ = 1;
+  std::unique_ptr<Eigen::ThreadPool> pool_;
+};
+
+}  // namespace cpu_detail
 
 struct CpuBackend {
   static constexpr const char* name = "cpu";
@@ -35,13 +252,28 @@ struct CpuBackend {
   static constexpr index_t batch_scratch_elements = 0;
 
   template <class T>
-  using Storage = std::vector<T>;
+  using Storage = cpu_detail::HostBuffer<T>;
 
   // Zero-initialised storage of n elements.
   template <class T>
   static Storage<T> allocate(index_t n) {
-    return Storage<T>(static_cast<std::size_t>(n), T(0));
+    Storage<T> s = allocate_uninitialized<T>(n);
+    if (n > 0) std::memset(s.data(), 0, s.size() * sizeof(T));
+    return s;
   }
+  // Storage of n elements that the caller overwrites completely before any
+  // read (an output every element of which a kernel or product assigns).
+  template <class T>
+  static Storage<T> allocate_uninitialized(index_t n) {
+    if (n < 0) fail<UsageError>("CpuBackend::allocate: negative size {}", n);
+    return Storage<T>(static_cast<std::size_t>(n));
+  }
+
+  // The allocator's cache of freed blocks: its size, a cap on it (0 turns
+  // caching off; default 2 GiB) and a way to give it all back.
+  static std::size_t cached_bytes() { return cpu_detail::HostAllocator::instance().cached_bytes(); }
+  static void set_cache_limit(std::size_t bytes) { cpu_detail::HostAllocator::instance().set_limit(bytes); }
+  static void empty_cache() { cpu_detail::HostAllocator::instance().empty_cache(); }
 
   template <class T>
   static void fill(T* dst, index_t n, T value) {
@@ -62,18 +294,102 @@ struct CpuBackend {
     copy(host_dst, src, n);
   }
 
-  // f(i) for i in [0, n). The body is a host/device functor.
+  // Threads of the element and row loops (see cpu_detail::HostThreads).
+  static int num_threads() { return cpu_detail::HostThreads::instance().num_threads(); }
+  static void set_num_threads(int n) { cpu_detail::HostThreads::instance().set_num_threads(n); }
+
+  // f(i) for i in [0, n). The body is a host/device functor; bodies for
+  // different i may run on different threads.
   template <class F>
   static void parallel_for(index_t n, F&& f) {
-    for (index_t i = 0; i < n; ++i) f(i);
+    threads().run(n, kGrainIndices, [&](index_t lo, index_t hi) {
+      for (index_t i = lo; i < hi; ++i) f(i);
+    });
   }
 
   // f(r, j) for r in [0, rows), j in [0, cols): element-parallel work on
   // rows (no index division on either backend).
   template <class F>
   static void parallel_for_2d(index_t rows, index_t cols, F&& f) {
-    for (index_t r = 0; r < rows; ++r)
-      for (index_t j = 0; j < cols; ++j) f(r, j);
+    threads().run(rows, row_grain(cols), [&](index_t lo, index_t hi) {
+      for (index_t r = lo; r < hi; ++r)
+        for (index_t j = 0; j < cols; ++j) f(r, j);
+    });
+  }
+
+  // Elementwise maps of a functor F of tensor/functors.hpp:
+  //   unary_map:  y[i]   = F::f(x[i])
+  //   unary_vjp:  gx[i] += gy[i] * F::df(x[i])
+  //   unary_jvp:  ty[i]  = F::df(x[i]) * tx[i]
+  // Here F's array forms run on cache-sized chunks, so exp and tanh are SIMD;
+  // the CUDA backend runs the scalar forms in a kernel.
+  template <class F, class T>
+  static void unary_map(index_t n, const T* x, T* y) {
+    for_chunks(n, [=](index_t i, index_t len) { vec(y + i, len) = F::f_array(vec(x + i, len)); });
+  }
+  template <class F, class T>
+  static void unary_vjp(index_t n, const T* x, const T* gy, T* gx) {
+    for_chunks(n, [=](index_t i, index_t len) { vec(gx + i, len) += vec(gy + i, len) * F::df_array(vec(x + i, len)); });
+  }
+  template <class F, class T>
+  static void unary_jvp(index_t n, const T* x, const T* tx, T* ty) {
+    for_chunks(n, [=](index_t i, index_t len) { vec(ty + i, len) = F::df_array(vec(x + i, len)) * vec(tx + i, len); });
+  }
+
+  // The passes of a log-softmax over rows of logits (log_softmax_gather):
+  // for k in [0, m), row k is z[rows[k] * V .. + V) and p_kj = exp(z_kj s - lse[k]):
+  //   softmax_lse:  lse[k] = log sum_j exp(z_kj s)                (max-shifted)
+  //   softmax_vjp:  gz_kj += c_k (onehot(targets[k])_j - p_kj),  c_k = g[rows[k]] s
+  //   softmax_dot:  out[k] = sum_j p_kj t_kj
+  // Sums and lse in double. Here exp runs on Eigen arrays in T (SIMD), a
+  // chunk at a time; the CUDA backend has the same three with one thread
+  // per element.
+  template <class T>
+  static void softmax_lse(index_t m, index_t V, const T* z, const std::int32_t* rows, acc_t s, acc_t* lse) {
+    threads().run(m, row_grain(V), [=](index_t lo, index_t hi) {
+      for (index_t k = lo; k < hi; ++k) {
+        const T* zr = z + rows[k] * V;
+        const T mx = V > 0 ? vec(zr, V).maxCoeff() : -std::numeric_limits<T>::infinity();
+        acc_t sum = 0;
+        for (index_t j = 0; j < V; j += kChunk) {
+          const index_t len = std::min(kChunk, V - j);
+          sum += ((vec(zr + j, len) - mx) * T(s)).exp().template cast<acc_t>().sum();
+        }
+        lse[k] = static_cast<acc_t>(mx) * s + std::log(sum);
+      }
+    });
+  }
+  template <class T>
+  static void softmax_vjp(index_t m, index_t V, const T* z, const std::int32_t* rows, const std::int32_t* targets,
+                          const acc_t* lse, const T* g, acc_t s, T* gz) {
+    threads().run(m, row_grain(V), [=](index_t lo, index_t hi) {
+      for (index_t k = lo; k < hi; ++k) {
+        const T* zr = z + rows[k] * V;
+        T* gr = gz + rows[k] * V;
+        const acc_t c = static_cast<acc_t>(g[rows[k]]) * s;
+        for (index_t j = 0; j < V; j += kChunk) {
+          const index_t len = std::min(kChunk, V - j);
+          vec(gr + j, len) -= T(c) * (vec(zr + j, len) * T(s) - T(lse[k])).exp();
+        }
+        gr[targets[k]] += static_cast<T>(c);
+      }
+    });
+  }
+  template <class T>
+  static void softmax_dot(index_t m, index_t V, const T* z, const std::int32_t* rows, const acc_t* lse, acc_t s,
+                          const T* t, acc_t* out) {
+    threads().run(m, row_grain(V), [=](index_t lo, index_t hi) {
+      for (index_t k = lo; k < hi; ++k) {
+        const T* zr = z + rows[k] * V;
+        const T* tr = t + rows[k] * V;
+        acc_t sum = 0;
+        for (index_t j = 0; j < V; j += kChunk) {
+          const index_t len = std::min(kChunk, V - j);
+          sum += ((vec(zr + j, len) * T(s) - T(lse[k])).exp() * vec(tr + j, len)).template cast<acc_t>().sum();
+        }
+        out[k] = sum;
+      }
+    });
   }
 
   // sum of f(i) over [0, n), accumulated in double.
@@ -88,19 +404,23 @@ struct CpuBackend {
   // max_j f(r, j) (std::fmax, so NaN is skipped; -inf when cols == 0).
   template <class F>
   static void row_sum(index_t rows, index_t cols, F&& f, acc_t* out) {
-    for (index_t r = 0; r < rows; ++r) {
-      acc_t s = 0;
-      for (index_t j = 0; j < cols; ++j) s += static_cast<acc_t>(f(r, j));
-      out[r] = s;
-    }
+    threads().run(rows, row_grain(cols), [&](index_t lo, index_t hi) {
+      for (index_t r = lo; r < hi; ++r) {
+        acc_t s = 0;
+        for (index_t j = 0; j < cols; ++j) s += static_cast<acc_t>(f(r, j));
+        out[r] = s;
+      }
+    });
   }
   template <class F>
   static void row_max(index_t rows, index_t cols, F&& f, acc_t* out) {
-    for (index_t r = 0; r < rows; ++r) {
-      acc_t m = -std::numeric_limits<acc_t>::infinity();
-      for (index_t j = 0; j < cols; ++j) m = std::fmax(m, static_cast<acc_t>(f(r, j)));
-      out[r] = m;
-    }
+    threads().run(rows, row_grain(cols), [&](index_t lo, index_t hi) {
+      for (index_t r = lo; r < hi; ++r) {
+        acc_t m = -std::numeric_limits<acc_t>::infinity();
+        for (index_t j = 0; j < cols; ++j) m = std::fmax(m, static_cast<acc_t>(f(r, j)));
+        out[r] = m;
+      }
+    });
   }
 
   // Row-major C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C.
@@ -167,6 +487,34 @@ struct CpuBackend {
   }
 
  private:
+  // Chunks small enough that a chunk's inputs, outputs and array temporaries
+  // stay in L1/L2 between the passes an array expression makes.
+  static constexpr index_t kChunk = 2048;
+  template <class F>
+  static void for_chunks(index_t n, F f) {
+    const index_t chunks = (n + kChunk - 1) / kChunk;
+    threads().run(chunks, kGrainItems / kChunk, [&](index_t lo, index_t hi) {
+      for (index_t c = lo; c < hi; ++c) f(c * kChunk, std::min(kChunk, n - c * kChunk));
+    });
+  }
+
+  // Work per thread below which a loop stays on the calling thread: waking a
+  // worker costs a few microseconds, about this many simple element updates.
+  static constexpr index_t kGrainItems = 16384;
+  // parallel_for does not know what one index costs (an element, or a whole
+  // attention row): a smaller grain.
+  static constexpr index_t kGrainIndices = 4096;
+  static index_t row_grain(index_t cols) { return std::max<index_t>(1, kGrainItems / std::max<index_t>(cols, 1)); }
+  static cpu_detail::HostThreads& threads() { return cpu_detail::HostThreads::instance(); }
+  template <class T>
+  static Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>> vec(T* p, index_t n) {
+    return {p, n};
+  }
+  template <class T>
+  static Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>> vec(const T* p, index_t n) {
+    return {p, n};
+  }
+
   template <class T>
   static void scale_matrix(index_t m, index_t n, T beta, T* c, index_t ldc) {
     for (index_t i = 0; i < m; ++i)

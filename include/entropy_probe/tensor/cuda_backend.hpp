@@ -27,6 +27,7 @@
 
 #include "entropy_probe/core/config.hpp"
 #include "entropy_probe/core/error.hpp"
+#include "entropy_probe/tensor/block_cache.hpp"
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -137,16 +138,10 @@ class CudaContext {
   // out of memory the cache is released and the allocation tried once more.
   void* allocate(std::size_t bytes) {
     if (bytes == 0) return nullptr;
-    const std::size_t size = size_class(bytes);
+    const std::size_t size = detail::BlockCache::size_class(bytes);
     if (cuda_detail::settings().cache_allocations) {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(size);
-      if (it != free_.end()) {
-        void* p = it->second;
-        free_.erase(it);
-        cached_bytes_ -= size;
-        return p;
-      }
+      if (void* p = cache_.take(size)) return p;
     }
     void* p = nullptr;
     cudaError_t e = cudaMalloc(&p, size);
@@ -164,11 +159,10 @@ class CudaContext {
   // on the same stream, so reuse is safe without synchronising.
   void release(void* p, std::size_t bytes) noexcept {
     if (!p) return;
-    const std::size_t size = size_class(bytes);
+    const std::size_t size = detail::BlockCache::size_class(bytes);
     if (cuda_detail::settings().cache_allocations) {
       std::lock_guard<std::mutex> lock(mutex_);
-      free_.emplace(size, p);
-      cached_bytes_ += size;
+      cache_.put(size, p);
       return;
     }
     (void)cudaFree(p);  // synchronises with the device; errors here cannot be reported
@@ -178,13 +172,11 @@ class CudaContext {
   void empty_cache() {
     std::lock_guard<std::mutex> lock(mutex_);
     (void)cudaStreamSynchronize(stream_);
-    for (auto& [size, p] : free_) (void)cudaFree(p);
-    free_.clear();
-    cached_bytes_ = 0;
+    cache_.drain([](void* p, std::size_t) { (void)cudaFree(p); });
   }
   std::size_t cached_bytes() const {
     std::lock_guard<std::mutex> lock(mutex_);
-    return cached_bytes_;
+    return cache_.cached_bytes();
   }
 
   // Scratch of CudaBackend::sum: kMaxSumBlocks partial sums and the total on
@@ -206,22 +198,12 @@ class CudaContext {
     check(cudaMallocHost(&sum_host_, sizeof(acc_t)), "cudaMallocHost({} B)", sizeof(acc_t));
   }
 
-  // Blocks are cached by size class: 512 B, then four classes per power of
-  // two, so a request wastes at most a quarter of its block.
-  static std::size_t size_class(std::size_t bytes) {
-    constexpr std::size_t kMin = 512;
-    if (bytes <= kMin) return kMin;
-    const std::size_t step = std::max(kMin, std::bit_floor(bytes) / 4);
-    return (bytes + step - 1) / step * step;
-  }
-
   int device_;
   cudaDeviceProp props_{};
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
   mutable std::mutex mutex_;
-  std::multimap<std::size_t, void*> free_;
-  std::size_t cached_bytes_ = 0;
+  detail::BlockCache cache_;  // blocks by size class (tensor/block_cache.hpp)
   acc_t* sum_scratch_ = nullptr;
   acc_t* sum_host_ = nullptr;
   std::mutex sum_mutex_;
@@ -388,6 +370,14 @@ struct CudaBackend {
     return s;
   }
 
+  // Storage of n elements that the caller overwrites completely before any
+  // read (no memset queued).
+  template <class T>
+  static Storage<T> allocate_uninitialized(index_t n) {
+    if (n < 0) fail<UsageError>("CudaBackend::allocate: negative size {}", n);
+    return Storage<T>(static_cast<std::size_t>(n));
+  }
+
   template <class T>
   static void fill(T* dst, index_t n, T value) {
     parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { dst[i] = value; });
@@ -422,6 +412,20 @@ struct CudaBackend {
                        "cudaMemcpyAsync(device to host, {})", cuda_detail::bytes_str(bytes));
     cuda_detail::check(cudaStreamSynchronize(s), "cudaStreamSynchronize after a {} device-to-host copy",
                        cuda_detail::bytes_str(bytes));
+  }
+
+  // Elementwise maps of a functor F (see CpuBackend): the scalar forms.
+  template <class F, class T>
+  static void unary_map(index_t n, const T* x, T* y) {
+    parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { y[i] = F::f(x[i]); });
+  }
+  template <class F, class T>
+  static void unary_vjp(index_t n, const T* x, const T* gy, T* gx) {
+    parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { gx[i] += gy[i] * F::df(x[i]); });
+  }
+  template <class F, class T>
+  static void unary_jvp(index_t n, const T* x, const T* tx, T* ty) {
+    parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] = F::df(x[i]) * tx[i]; });
   }
 
   // f(i) for i in [0, n): a grid-stride kernel calling the host/device functor.
@@ -476,6 +480,45 @@ struct CudaBackend {
   template <class F>
   static void row_max(index_t rows, index_t cols, F&& f, acc_t* out) {
     row_reduce(rows, cols, std::forward<F>(f), cuda_detail::MaxOp{}, out, "row_max");
+  }
+
+  // The log-softmax passes of CpuBackend (same contract), as row reductions
+  // and element-parallel passes: one block per row for the sums, one thread
+  // per element for the gradient.
+  template <class T>
+  static void softmax_lse(index_t m, index_t V, const T* z, const std::int32_t* rows, acc_t s, acc_t* lse) {
+    row_max(  // lse holds the row max until the last step
+        m, V, [=] EP_HOST_DEVICE(index_t k, index_t j) { return static_cast<acc_t>(z[rows[k] * V + j]) * s; }, lse);
+    Storage<acc_t> sum = allocate_uninitialized<acc_t>(m);
+    acc_t* sp = sum.data();
+    row_sum(
+        m, V,
+        [=] EP_HOST_DEVICE(index_t k, index_t j) {
+          return std::exp(static_cast<acc_t>(z[rows[k] * V + j]) * s - lse[k]);
+        },
+        sp);
+    parallel_for(m, [=] EP_HOST_DEVICE(index_t k) { lse[k] += std::log(sp[k]); });
+  }
+  template <class T>
+  static void softmax_vjp(index_t m, index_t V, const T* z, const std::int32_t* rows, const std::int32_t* targets,
+                          const acc_t* lse, const T* g, acc_t s, T* gz) {
+    parallel_for_2d(m, V, [=] EP_HOST_DEVICE(index_t k, index_t j) {
+      const index_t at = rows[k] * V + j;
+      const acc_t c = static_cast<acc_t>(g[rows[k]]) * s;
+      const acc_t p = std::exp(static_cast<acc_t>(z[at]) * s - lse[k]);
+      gz[at] += static_cast<T>(c * ((j == targets[k] ? 1.0 : 0.0) - p));
+    });
+  }
+  template <class T>
+  static void softmax_dot(index_t m, index_t V, const T* z, const std::int32_t* rows, const acc_t* lse, acc_t s,
+                          const T* t, acc_t* out) {
+    row_sum(
+        m, V,
+        [=] EP_HOST_DEVICE(index_t k, index_t j) {
+          const index_t at = rows[k] * V + j;
+          return std::exp(static_cast<acc_t>(z[at]) * s - lse[k]) * static_cast<acc_t>(t[at]);
+        },
+        out);
   }
 
   // Row-major C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C through

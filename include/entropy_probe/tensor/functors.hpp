@@ -5,9 +5,17 @@
 //
 // std:: math functions are fine here: on the host they are the usual ones,
 // and nvcc maps std::exp / std::tanh on float and double to device builtins.
+//
+// Each functor also has `f_array` / `df_array`, the same formula on an Eigen
+// array expression, for the CPU backend's elementwise primitives: Eigen
+// evaluates exp and tanh with SIMD where glibc's scalar calls cost ~17 ns an
+// element (docs/performance.md). Host only; tests/tensor/test_functors.cpp
+// checks them against the scalar forms.
 #pragma once
 
 #include "entropy_probe/core/config.hpp"
+
+#include <Eigen/Core>
 
 #include <cmath>
 
@@ -27,6 +35,13 @@ struct Sigmoid {
   static EP_HOST_DEVICE T df(T x) {
     const T s = f(x);
     return s * (T(1) - s);
+  }
+  // 1 / (1 + e^-x): for very negative x, e^-x is huge or inf and the result
+  // 0, never NaN.
+  template <class A>
+  static auto f_array(const Eigen::ArrayBase<A>& x) {
+    using T = typename A::Scalar;
+    return T(1) / (T(1) + (-x).exp());
   }
 };
 
@@ -48,6 +63,26 @@ struct GeluTanh {
     const T t = std::tanh(u);
     return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * T(kC) * (T(1) + T(3 * kK) * x * x);
   }
+  // The array forms use 1 + tanh u = 2 sigma(2u) and 1 - tanh u = 2 sigma(-2u):
+  //   f = x sigma(2u),  f' = sigma(2u) + 2 x sigma(2u) sigma(-2u) c (1 + 3 k x^2)
+  // exp-based, so float keeps a few ulps (Eigen's float tanh() is good to only
+  // ~1e-6, which x (1 + 3 k x^2) amplifies in f'), and there is no cancellation.
+  template <class A>
+  static auto two_u_array(const Eigen::ArrayBase<A>& x) {
+    using T = typename A::Scalar;
+    return T(2 * kC) * (x + T(kK) * x.cube());
+  }
+  template <class A>
+  static auto f_array(const Eigen::ArrayBase<A>& x) {
+    return x * Sigmoid::f_array(two_u_array(x));
+  }
+  template <class A>
+  static auto df_array(const Eigen::ArrayBase<A>& x) {
+    using T = typename A::Scalar;
+    const Eigen::Array<T, Eigen::Dynamic, 1> two_u = two_u_array(x);
+    const Eigen::Array<T, Eigen::Dynamic, 1> s = Sigmoid::f_array(two_u), s_neg = Sigmoid::f_array(-two_u);
+    return Eigen::Array<T, Eigen::Dynamic, 1>(s + T(2 * kC) * x * s * s_neg * (T(1) + T(3 * kK) * x.square()));
+  }
 };
 
 // SiLU (swish), Llama/Qwen2's MLP activation:
@@ -62,6 +97,16 @@ struct Silu {
   static EP_HOST_DEVICE T df(T x) {
     const T s = Sigmoid::f(x);
     return s * (T(1) + x * (T(1) - s));
+  }
+  template <class A>
+  static auto f_array(const Eigen::ArrayBase<A>& x) {
+    return x * Sigmoid::f_array(x);
+  }
+  template <class A>
+  static auto df_array(const Eigen::ArrayBase<A>& x) {
+    using T = typename A::Scalar;
+    const Eigen::Array<T, Eigen::Dynamic, 1> s = Sigmoid::f_array(x);  // once, used twice
+    return Eigen::Array<T, Eigen::Dynamic, 1>(s * (T(1) + x * (T(1) - s)));
   }
 };
 

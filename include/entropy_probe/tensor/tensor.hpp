@@ -42,6 +42,16 @@ class Tensor {
   explicit Tensor(Shape shape) : shape_(std::move(shape)), data_(B::template allocate<T>(numel_of(shape_))) {}
   Tensor(std::initializer_list<index_t> shape) : Tensor(Shape(shape)) {}
 
+  // A tensor whose every element the caller assigns before reading any (an
+  // op's output written by a kernel or by a product with beta = 0): skips
+  // the zero fill.
+  static Tensor uninitialized(Shape shape) {
+    Tensor t;
+    t.data_ = B::template allocate_uninitialized<T>(numel_of(shape));
+    t.shape_ = std::move(shape);
+    return t;
+  }
+
   static Tensor from_host(Shape shape, std::span<const T> values) {
     Tensor t(std::move(shape));
     if (static_cast<index_t>(values.size()) != t.numel())

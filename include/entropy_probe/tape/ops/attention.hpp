@@ -105,7 +105,7 @@ Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std:
   // ---- forward ----
   auto saved = std::make_shared<detail::AttentionSaved<T, B>>();
   saved->mask = Tensor<std::uint8_t, B>::from_host({n_rows, n_tok}, key_mask);
-  saved->probs = Tensor<T, B>({n_rows, hq, n_tok, n_tok});
+  saved->probs = Tensor<T, B>::uninitialized({n_rows, hq, n_tok, n_tok});  // S by gemm, then every entry by softmax
   const T* qv = tape.value(q).data();
   const T* kv = tape.value(k).data();
   const T* vv = tape.value(v).data();
@@ -142,7 +142,7 @@ Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std:
         for (index_t s = 0; s <= t; ++s) row[s] = static_cast<T>(static_cast<acc_t>(row[s]) / sum);
     });
   }
-  Tensor<T, B> out(qs);
+  auto out = Tensor<T, B>::uninitialized(qs);     // every head's columns written with beta = 0
   for (index_t r0 = 0; r0 < n_rows; r0 += chunk)  // O = P V
     for (index_t h = 0; h < hq; ++h)
       B::gemm_strided_batched(false, false, n_tok, dh, n_tok, T(1), probs + p_off(r0, h), n_tok, sp, vv + kv_off(r0, h),

@@ -29,25 +29,16 @@ void elementwise_same_shape(const Tape<T, B>& tape, Var a, Var b, const char* op
 template <class F, class T, class B>
 Var unary_elementwise(Tape<T, B>& tape, Var x, const char* name) {
   const index_t n = tape.value(x).numel();
-  Tensor<T, B> y(tape.shape(x));
-  {
-    const T* xp = tape.value(x).data();
-    T* yp = y.data();
-    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { yp[i] = F::f(xp[i]); });
-  }
+  auto y = Tensor<T, B>::uninitialized(tape.shape(x));
+  B::template unary_map<F>(n, tape.value(x).data(), y.data());
   auto backward = [&tape, x, n](Var self) {  // dX += dy * f'(x)
     if (!tape.requires_grad(x)) return;
-    const T* gy = tape.grad_data(self);
-    const T* xp = tape.value(x).data();
-    T* gx = tape.grad_accum(x);
-    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { gx[i] += gy[i] * F::df(xp[i]); });
+    B::template unary_vjp<F>(n, tape.value(x).data(), tape.grad_data(self), tape.grad_accum(x));
   };
   auto jvp = [&tape, x, n](Var self) {  // ty = f'(x) * tx (only called with tx present)
     const T* tx = tape.tangent_data(x);
     if (!tx) return;
-    const T* xp = tape.value(x).data();
-    T* ty = tape.tangent_out(self);
-    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] = F::df(xp[i]) * tx[i]; });
+    B::template unary_jvp<F>(n, tape.value(x).data(), tx, tape.tangent_out(self));
   };
   return tape.record(name, std::move(y), {x}, backward, jvp);
 }

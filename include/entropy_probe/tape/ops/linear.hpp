@@ -48,7 +48,7 @@ Var linear(Tape<T, B>& tape, Var x, Var w, std::optional<Var> bias = std::nullop
   if (bias) detail::check_shape(tape, *bias, {out}, "linear", "bias");
 
   // forward
-  Tensor<T, B> y(detail::with_last_dim(tape, x, out));
+  auto y = Tensor<T, B>::uninitialized(detail::with_last_dim(tape, x, out));  // beta = 0 writes all of it
   mm_nt<B>(n, out, in, T(1), tape.value(x).data(), tape.value(w).data(), T(0), y.data());
   if (bias) blas::add_row_vector<B>(n, out, tape.value(*bias).data(), y.data());
 
@@ -93,9 +93,9 @@ Var lora_linear(Tape<T, B>& tape, Var x, Var w, std::optional<Var> bias, Var lor
 
   // forward
   const T* xp = tape.value(x).data();
-  Tensor<T, B> u({n, r});
+  auto u = Tensor<T, B>::uninitialized({n, r});  // products with beta = 0 write all of u and y
   mm_nt<B>(n, r, in, T(1), xp, tape.value(lora_a).data(), T(0), u.data());
-  Tensor<T, B> y(detail::with_last_dim(tape, x, out));
+  auto y = Tensor<T, B>::uninitialized(detail::with_last_dim(tape, x, out));
   mm_nt<B>(n, out, in, T(1), xp, tape.value(w).data(), T(0), y.data());
   mm_nt<B>(n, out, r, scale, u.data(), tape.value(lora_b).data(), T(1), y.data());
   if (bias) blas::add_row_vector<B>(n, out, tape.value(*bias).data(), y.data());
@@ -106,7 +106,7 @@ Var lora_linear(Tape<T, B>& tape, Var x, Var w, std::optional<Var> bias, Var lor
     const bool need_gu = tape.requires_grad(x) || tape.requires_grad(lora_a);
     Tensor<T, B> gu;
     if (need_gu) {  // gu = scale * dy B
-      gu = Tensor<T, B>({n, r});
+      gu = Tensor<T, B>::uninitialized({n, r});
       mm_nn<B>(n, r, out, scale, gy, tape.value(lora_b).data(), T(0), gu.data());
     }
     if (tape.requires_grad(x)) {  // dx += dy W + gu A

@@ -46,9 +46,9 @@ struct LogSoftmaxGatherSaved {
 // out[i] = log_softmax(logits[i, :] / temperature)[targets[i]]; targets[i] < 0
 // means "not scored": out[i] = 0 with no gradient or tangent.
 //
-// Every kernel runs over the scored rows only, as row reductions (max, sum)
-// and element-parallel passes over [m, V], so a device runs a long vocabulary
-// row with many threads and the host runs the same loops as before.
+// Every pass runs over the scored rows only, through the backend's softmax
+// primitives (softmax_lse / softmax_vjp / softmax_dot): SIMD exp per row on
+// the host, one thread per element on a device.
 template <class T, class B>
 Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_t> targets, double temperature = 1.0) {
   const Shape& zs = tape.shape(logits);
@@ -74,11 +74,11 @@ Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_
   const index_t m = static_cast<index_t>(rows.size());
   const acc_t inv_tau = 1.0 / temperature;
 
-  // ---- forward: max and logsumexp per scored row, in double ----
+  // ---- forward: logsumexp per scored row, in double ----
   auto saved = std::make_shared<detail::LogSoftmaxGatherSaved<B>>();
   saved->rows = Tensor<std::int32_t, B>::from_host({m}, rows);
   saved->targets = Tensor<std::int32_t, B>::from_host({m}, row_targets);
-  saved->lse = Tensor<acc_t, B>({m});
+  saved->lse = Tensor<acc_t, B>::uninitialized({m});
   Tensor<T, B> out({n});
   {
     const T* z = tape.value(logits).data();
@@ -86,19 +86,8 @@ Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_
     const std::int32_t* tg = saved->targets.data();
     acc_t* lse = saved->lse.data();
     T* o = out.data();
-    Tensor<acc_t, B> sum({m});
-    acc_t* sp = sum.data();
-    B::row_max(  // lse holds the row max until the last step
-        m, vocab,
-        [=] EP_HOST_DEVICE(index_t k, index_t j) { return static_cast<acc_t>(z[rw[k] * vocab + j]) * inv_tau; }, lse);
-    B::row_sum(
-        m, vocab,
-        [=] EP_HOST_DEVICE(index_t k, index_t j) {
-          return std::exp(static_cast<acc_t>(z[rw[k] * vocab + j]) * inv_tau - lse[k]);
-        },
-        sp);
+    B::softmax_lse(m, vocab, z, rw, inv_tau, lse);
     B::parallel_for(m, [=] EP_HOST_DEVICE(index_t k) {
-      lse[k] += std::log(sp[k]);
       o[rw[k]] = static_cast<T>(static_cast<acc_t>(z[rw[k] * vocab + tg[k]]) * inv_tau - lse[k]);
     });
   }
@@ -106,37 +95,19 @@ Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_
   // dz[i, :] += (g_i / tau) (onehot(target_i) - p_i)
   auto backward = [&tape, logits, saved, m, vocab, inv_tau](Var self) {
     if (!tape.requires_grad(logits)) return;
-    const T* g = tape.grad_data(self);
-    const T* z = tape.value(logits).data();
-    T* gz = tape.grad_accum(logits);
-    const std::int32_t* rw = saved->rows.data();
-    const std::int32_t* tg = saved->targets.data();
-    const acc_t* lse = saved->lse.data();
-    B::parallel_for_2d(m, vocab, [=] EP_HOST_DEVICE(index_t k, index_t j) {
-      const index_t at = rw[k] * vocab + j;
-      const acc_t c = static_cast<acc_t>(g[rw[k]]) * inv_tau;
-      const acc_t p = std::exp(static_cast<acc_t>(z[at]) * inv_tau - lse[k]);
-      gz[at] += static_cast<T>(c * ((j == tg[k] ? 1.0 : 0.0) - p));
-    });
+    B::softmax_vjp(m, vocab, tape.value(logits).data(), saved->rows.data(), saved->targets.data(), saved->lse.data(),
+                   tape.grad_data(self), inv_tau, tape.grad_accum(logits));
   };
   // tout_i = (tz[i, target_i] - sum_j p_ij tz[i, j]) / tau
   auto jvp = [&tape, logits, saved, m, vocab, inv_tau](Var self) {
     const T* tz = tape.tangent_data(logits);
     T* to = tape.tangent_out(self);
     if (!tz) return;
-    const T* z = tape.value(logits).data();
     const std::int32_t* rw = saved->rows.data();
     const std::int32_t* tg = saved->targets.data();
-    const acc_t* lse = saved->lse.data();
-    Tensor<acc_t, B> mean({m});
+    auto mean = Tensor<acc_t, B>::uninitialized({m});
     acc_t* mp = mean.data();
-    B::row_sum(
-        m, vocab,
-        [=] EP_HOST_DEVICE(index_t k, index_t j) {
-          const index_t at = rw[k] * vocab + j;
-          return std::exp(static_cast<acc_t>(z[at]) * inv_tau - lse[k]) * static_cast<acc_t>(tz[at]);
-        },
-        mp);
+    B::softmax_dot(m, vocab, tape.value(logits).data(), rw, saved->lse.data(), inv_tau, tz, mp);
     B::parallel_for(m, [=] EP_HOST_DEVICE(index_t k) {
       to[rw[k]] = static_cast<T>((static_cast<acc_t>(tz[rw[k] * vocab + tg[k]]) - mp[k]) * inv_tau);
     });

@@ -25,33 +25,27 @@ Var slice_last(Tape<T, B>& tape, Var x, index_t offset, index_t width) {
   ys.back() = width;
 
   // forward
-  Tensor<T, B> y(ys);
+  auto y = Tensor<T, B>::uninitialized(ys);
   {
     const T* xp = tape.value(x).data();
     T* yp = y.data();
-    B::parallel_for(rows * width, [=] EP_HOST_DEVICE(index_t k) {
-      const index_t r = k / width;
-      yp[k] = xp[r * w + offset + (k - r * width)];
-    });
+    B::parallel_for_2d(rows, width,
+                       [=] EP_HOST_DEVICE(index_t r, index_t j) { yp[r * width + j] = xp[r * w + offset + j]; });
   }
 
   auto backward = [&tape, x, rows, w, offset, width](Var self) {  // scatter dy into the slice of dx
     if (!tape.requires_grad(x)) return;
     const T* gy = tape.grad_data(self);
     T* gx = tape.grad_accum(x);
-    B::parallel_for(rows * width, [=] EP_HOST_DEVICE(index_t k) {
-      const index_t r = k / width;
-      gx[r * w + offset + (k - r * width)] += gy[k];
-    });
+    B::parallel_for_2d(rows, width,
+                       [=] EP_HOST_DEVICE(index_t r, index_t j) { gx[r * w + offset + j] += gy[r * width + j]; });
   };
   auto jvp = [&tape, x, rows, w, offset, width](Var self) {  // ty = the slice of tx
     const T* tx = tape.tangent_data(x);
     if (!tx) return;
     T* ty = tape.tangent_out(self);
-    B::parallel_for(rows * width, [=] EP_HOST_DEVICE(index_t k) {
-      const index_t r = k / width;
-      ty[k] = tx[r * w + offset + (k - r * width)];
-    });
+    B::parallel_for_2d(rows, width,
+                       [=] EP_HOST_DEVICE(index_t r, index_t j) { ty[r * width + j] = tx[r * w + offset + j]; });
   };
   return tape.record("slice_last", std::move(y), {x}, backward, jvp);
 }
