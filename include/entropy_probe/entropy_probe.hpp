@@ -28,6 +28,7 @@
 #include "entropy_probe/tape/ops/attention.hpp"
 #include "entropy_probe/tape/ops/elementwise.hpp"
 #include "entropy_probe/tape/ops/embedding.hpp"
+#include "entropy_probe/tape/ops/gather.hpp"
 #include "entropy_probe/tape/ops/linear.hpp"
 #include "entropy_probe/tape/ops/logprob.hpp"
 #include "entropy_probe/tape/ops/norm.hpp"

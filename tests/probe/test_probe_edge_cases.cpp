@@ -636,3 +636,64 @@ TEST_CASE("edge: non-finite rewards, bad clip_c and an out-of-range end token ar
   sc.end_token = 11;
   REQUIRE_THROWS_WITH(sample_responses(model, {{1, 2}}, sc), Catch::Contains("end_token 11"));
 }
+
+namespace {
+// A model that ignores SequenceInput::logit_positions (as a user's own model
+// may), or that returns `drop` logit rows too few.
+struct FullLogitsModel {
+  using scalar_type = double;
+  using backend_type = CpuBackend;
+  Model& inner;
+  index_t drop = 0;
+  void named_parameters(const ParameterVisitor<double>& v) { inner.named_parameters(v); }
+  index_t vocab_size() const { return inner.vocab_size(); }
+  Var forward(Tape<double>& tape, const SequenceInput& in) {
+    SequenceInput plain = in;
+    plain.logit_positions.reset();
+    Var z = inner.forward(tape, plain);
+    if (drop == 0) return z;
+    std::vector<std::int32_t> keep;
+    for (index_t i = 0; i + drop < in.rows * in.length; ++i) keep.push_back(static_cast<std::int32_t>(i));
+    return gather_rows(tape, z, keep);
+  }
+};
+}  // namespace
+
+TEST_CASE("sequence log-probs: scored positions only, or all logits from a model that ignores the hint",
+          "[probe][logit_positions]") {
+  Model model = tiny_gpt2<double>(3);
+  const TokenBatch batch = random_batch(3, 2, 9, model.vocab_size(), 17);
+  FullLogitsModel full{model};
+  const std::vector<double> s_scored = sequence_logprobs(model, batch, 1.3, 0);
+  const std::vector<double> s_full = sequence_logprobs(full, batch, 1.3, 0);
+  REQUIRE(s_scored.size() == s_full.size());
+  for (std::size_t i = 0; i < s_full.size(); ++i) CHECK(rel(s_scored[i], s_full[i]) < 1e-13);
+
+  // The gradients through either path agree too.
+  auto grads = [&](auto& m) {
+    Tape<double> tape;
+    Var S = record_sequence_logprobs(tape, m, batch, 1.3);
+    const Registry<double> reg = Registry<double>::build(model);
+    for (auto& e : reg.entries()) e.param->grad.reset();
+    tape.backward(S, Tensor<double>::full({batch.rows()}, 1.0));
+    std::vector<double> g;
+    for (auto& e : reg.entries())
+      if (e.param->grad)
+        for (double v : e.param->grad->to_host()) g.push_back(v);
+    for (auto& e : reg.entries()) e.param->grad.reset();
+    return g;
+  };
+  const std::vector<double> g_scored = grads(model), g_full = grads(full);
+  REQUIRE(g_scored.size() == g_full.size());
+  REQUIRE(!g_full.empty());
+  double worst = 0, scale = 0;
+  for (std::size_t i = 0; i < g_full.size(); ++i) {
+    worst = std::max(worst, std::abs(g_scored[i] - g_full[i]));
+    scale = std::max(scale, std::abs(g_full[i]));
+  }
+  CHECK(worst <= 1e-13 * scale);
+
+  FullLogitsModel broken{model, 1};
+  REQUIRE_THROWS_WITH(sequence_logprobs(broken, batch, 1.0, 0),
+                      Contains("the model returned logits of shape [53, 11], expected [R, T, V] = [6, 9, V]"));
+}

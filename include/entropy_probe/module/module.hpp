@@ -10,6 +10,7 @@
 
 #include <concepts>
 #include <functional>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -60,15 +61,24 @@ void visit_child(const ParameterVisitor<T, B>& visit, const std::string& prefix,
 // What a causal LM sees of a batch: R rows of T tokens, row-major [R, T].
 // `key_mask` (1 = real token) decides which keys attention may use;
 // `positions` are the position ids (default 0..T-1 per row).
+//
+// `logit_positions`, when set, lists the flattened positions r*T + t
+// (strictly increasing) whose logits the caller will read. A model may then
+// return logits [m, V] for exactly those positions, in that order, and skip
+// lm_head (and any per-position work after the last attention) elsewhere; a
+// model that ignores the hint returns [R, T, V] as always. In an RL batch
+// only the response positions score a token, often under half of R*T.
 struct SequenceInput {
   index_t rows = 0;
   index_t length = 0;
   std::vector<std::int32_t> tokens;
   std::vector<std::uint8_t> key_mask;
   std::vector<std::int32_t> positions;
+  std::optional<std::vector<std::int32_t>> logit_positions;
 };
 
-// A Module whose forward records logits [R, T, V] on a tape.
+// A Module whose forward records logits on a tape: [R, T, V], or [m, V] for
+// the requested SequenceInput::logit_positions.
 template <class M>
 concept CausalLM = Module<M> &&
     requires(M& m, Tape<typename M::scalar_type, typename M::backend_type>& tape, const SequenceInput& in) {

@@ -13,6 +13,7 @@
 #include "entropy_probe/nn/lora_config.hpp"
 #include "entropy_probe/tape/ops/attention.hpp"
 #include "entropy_probe/tape/ops/elementwise.hpp"
+#include "entropy_probe/tape/ops/gather.hpp"
 #include "entropy_probe/tape/ops/slice.hpp"
 #include "entropy_probe/tape/ops/view.hpp"
 
@@ -115,7 +116,9 @@ class Gpt2LMHeadModel {
     if (lm_head_) v(p + "lm_head.weight", *lm_head_);
   }
 
-  // Logits [R, T, V] for the rows of `in`.
+  // Logits [R, T, V] for the rows of `in`, or [m, V] for in.logit_positions
+  // (the last block's c_proj and MLP, ln_f and lm_head then run on those m
+  // positions only).
   Var forward(Tape<T, B>& tape, const SequenceInput& in) {
     const index_t r = in.rows, t = in.length, d = config_.n_embd;
     check_input(in);
@@ -128,6 +131,11 @@ class Gpt2LMHeadModel {
       Var qkv = b.c_attn.forward(tape, a);
       Var att = causal_attention(tape, slice_last(tape, qkv, 0, d), slice_last(tape, qkv, d, d),
                                  slice_last(tape, qkv, 2 * d, d), mask, config_.n_head, config_.n_head);
+      if (&b == &blocks_.back() && in.logit_positions) {  // per-position work from here on: kept positions only
+        const std::span<const std::int32_t> keep(*in.logit_positions);
+        att = gather_rows(tape, att, keep);
+        h = gather_rows(tape, h, keep);
+      }
       h = add(tape, h, b.attn_c_proj.forward(tape, att));
       Var m = b.ln_2.forward(tape, h);
       h = add(tape, h, b.mlp_c_proj.forward(tape, gelu_tanh(tape, b.c_fc.forward(tape, m))));

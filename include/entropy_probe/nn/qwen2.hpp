@@ -9,6 +9,7 @@
 #include "entropy_probe/nn/lora_config.hpp"
 #include "entropy_probe/tape/ops/attention.hpp"
 #include "entropy_probe/tape/ops/elementwise.hpp"
+#include "entropy_probe/tape/ops/gather.hpp"
 #include "entropy_probe/tape/ops/rotary.hpp"
 #include "entropy_probe/tape/ops/view.hpp"
 
@@ -131,7 +132,9 @@ class Qwen2ForCausalLM {
     if (lm_head_) v(p + "lm_head.weight", *lm_head_);
   }
 
-  // Logits [R, T, V].
+  // Logits [R, T, V], or [m, V] for in.logit_positions: then the last
+  // layer's o_proj and MLP, the final norm and lm_head run on those m
+  // positions only (everything after the last attention is per position).
   Var forward(Tape<T, B>& tape, const SequenceInput& in) {
     const index_t r = in.rows, t = in.length, d = config_.hidden_size;
     const auto n = static_cast<std::size_t>(r * t);
@@ -148,6 +151,11 @@ class Qwen2ForCausalLM {
       Var q = rotary(tape, l.q_proj.forward(tape, a), table, hq);
       Var k = rotary(tape, l.k_proj.forward(tape, a), table, hkv);
       Var att = causal_attention(tape, q, k, l.v_proj.forward(tape, a), mask, hq, hkv);
+      if (&l == &layers_.back() && in.logit_positions) {
+        const std::span<const std::int32_t> keep(*in.logit_positions);
+        att = gather_rows(tape, att, keep);
+        h = gather_rows(tape, h, keep);
+      }
       h = add(tape, h, l.o_proj.forward(tape, att));
       Var m = l.post_attention_layernorm.forward(tape, h);
       Var gated = mul(tape, silu(tape, l.gate_proj.forward(tape, m)), l.up_proj.forward(tape, m));

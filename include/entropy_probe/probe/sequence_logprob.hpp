@@ -7,6 +7,7 @@
 
 #include "entropy_probe/module/module.hpp"
 #include "entropy_probe/probe/batch.hpp"
+#include "entropy_probe/tape/ops/gather.hpp"
 #include "entropy_probe/tape/ops/logprob.hpp"
 
 #include <span>
@@ -55,12 +56,41 @@ inline ScoredTargets scored_targets(const TokenBatch& batch) {
 }
 
 // Records S for every row of `batch` on `tape`; returns a Var of shape [B*G].
+//
+// The model is asked for the logits of the scored positions only
+// (SequenceInput::logit_positions); their log-probabilities are scattered
+// back to [R*T] for the masked sum. A model that returns all R*T positions
+// is scored the same way through the full target list.
 template <CausalLM M, class T = typename M::scalar_type, class B = typename M::backend_type>
 Var record_sequence_logprobs(Tape<T, B>& tape, M& model, const TokenBatch& batch, double temperature) {
-  const SequenceInput in = sequence_input(batch);
+  SequenceInput in = sequence_input(batch);
   const ScoredTargets st = scored_targets(batch);
+  std::vector<std::int32_t> scored, scored_targets_only;
+  for (std::size_t i = 0; i < st.targets.size(); ++i)
+    if (st.targets[i] >= 0) {
+      scored.push_back(static_cast<std::int32_t>(i));
+      scored_targets_only.push_back(st.targets[i]);
+    }
+  if (!scored.empty()) in.logit_positions = scored;  // none scored: the plain forward (S = 0)
+  const index_t n = batch.rows() * batch.T;
+  const auto m = static_cast<index_t>(scored.size());
+
   Var logits = model.forward(tape, in);
-  Var tok = log_softmax_gather(tape, logits, std::span<const std::int32_t>(st.targets), temperature);
+  const Shape& zs = tape.shape(logits);
+  const index_t vocab = zs.empty() ? 0 : zs.back();
+  const index_t logit_rows = vocab > 0 ? tape.value(logits).numel() / vocab : -1;
+  Var tok;
+  if (logit_rows == n) {
+    tok = log_softmax_gather(tape, logits, std::span<const std::int32_t>(st.targets), temperature);
+  } else if (logit_rows == m && in.logit_positions) {
+    Var lp = log_softmax_gather(tape, logits, std::span<const std::int32_t>(scored_targets_only), temperature);
+    tok = scatter_rows(tape, lp, std::span<const std::int32_t>(scored), n);
+  } else {
+    fail<UsageError>(
+        "record_sequence_logprobs: the model returned logits of shape {}, expected [R, T, V] = [{}, {}, V] or, for "
+        "the {} requested logit_positions, [{}, V]",
+        shape_str(zs), batch.rows(), batch.T, m, m);
+  }
   return masked_seq_sum(tape, tok, std::span<const double>(st.weights), batch.rows());
 }
 
