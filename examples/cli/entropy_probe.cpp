@@ -3,27 +3,22 @@
 //   entropy-probe demo [--seed N] [--out DIR] [--quick]
 //   entropy-probe run CHECKPOINT_DIR --e-batch E --u-batch U [OPTIONS]   (run_command.hpp)
 //
-// Subcommands are entries of one table (name, synopsis, options, handler);
-// each parses its own arguments with the shared parser below, so a new
-// subcommand (`run CHECKPOINT_DIR ...`) is one more entry.
+// Subcommands are entries of one table (spec, entry point); each parses its
+// arguments with the parser they share (args.hpp), so a new subcommand is one
+// more spec and one more entry.
 //
 // Exit status: 0 success, 1 an error while running, 2 a usage error
-// (`run`: 3 a bad input file).
+// (`run`: 3 a bad input file, 4 --device cuda found no CUDA device).
 #include "../demo.hpp"
+#include "args.hpp"
 #include "run_command.hpp"
 
 #include <entropy_probe/entropy_probe.hpp>
 
 #include <fmt/format.h>
 
-#include <algorithm>
-#include <charconv>
 #include <cstdio>
 #include <exception>
-#include <functional>
-#include <map>
-#include <optional>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -35,164 +30,65 @@ namespace {
 
 namespace ep = entropy_probe;
 
-constexpr int kExitOk = 0;
-constexpr int kExitError = 1;
-constexpr int kExitUsage = 2;
-
-// A mistake on the command line: reported with a pointer to --help, exit 2.
-class UsageFailure : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-struct OptionSpec {
-  std::string name;        // "--seed"
-  std::string value_name;  // "N"; empty for a flag
-  std::string help;
-};
-
-struct PositionalSpec {
-  std::string name;  // "CHECKPOINT_DIR"
-  std::string help;
-  bool required = true;
-};
-
-struct Subcommand {
-  std::string name, summary;
-  std::vector<PositionalSpec> positionals;
-  std::vector<OptionSpec> options;
-  std::string details;  // free text after the option list
-};
-
-struct ParsedArgs {
-  std::map<std::string, std::string> values;  // options with a value, by name
-  std::vector<std::string> flags;             // flags given
-  std::vector<std::string> positionals;
-  bool help = false;
-
-  bool has_flag(const std::string& f) const { return std::find(flags.begin(), flags.end(), f) != flags.end(); }
-  std::optional<std::string> value(const std::string& name) const {
-    auto it = values.find(name);
-    return it == values.end() ? std::nullopt : std::optional<std::string>(it->second);
-  }
-};
-
-const char* const kProgram = "entropy-probe";
-
-// --name VALUE, --name=VALUE, flags, positionals, and "--" to end options.
-ParsedArgs parse_args(const Subcommand& cmd, const std::vector<std::string>& args) {
-  ParsedArgs out;
-  auto spec_of = [&](const std::string& name) -> const OptionSpec* {
-    for (const auto& o : cmd.options)
-      if (o.name == name) return &o;
-    return nullptr;
-  };
-  bool options_done = false;
-  for (std::size_t i = 0; i < args.size(); ++i) {
-    const std::string& a = args[i];
-    if (!options_done && (a == "-h" || a == "--help")) {
-      out.help = true;
-      continue;
-    }
-    if (!options_done && a == "--") {
-      options_done = true;
-      continue;
-    }
-    if (!options_done && a.size() > 1 && a[0] == '-') {
-      const auto eq = a.find('=');
-      const std::string name = a.substr(0, eq);
-      const OptionSpec* spec = spec_of(name);
-      if (!spec) throw UsageFailure(fmt::format("{} {}: unknown option '{}'", kProgram, cmd.name, name));
-      if (spec->value_name.empty()) {
-        if (eq != std::string::npos)
-          throw UsageFailure(fmt::format("{} {}: option '{}' takes no value", kProgram, cmd.name, name));
-        out.flags.push_back(name);
-      } else if (eq != std::string::npos) {
-        out.values[name] = a.substr(eq + 1);
-      } else if (i + 1 < args.size()) {
-        out.values[name] = args[++i];
-      } else {
-        throw UsageFailure(
-            fmt::format("{} {}: option '{}' needs a value ({})", kProgram, cmd.name, name, spec->value_name));
-      }
-      continue;
-    }
-    out.positionals.push_back(a);
-  }
-  if (out.help) return out;
-  std::size_t required = 0;
-  for (const auto& p : cmd.positionals) required += p.required;
-  if (out.positionals.size() > cmd.positionals.size())
-    throw UsageFailure(
-        fmt::format("{} {}: unexpected argument '{}'", kProgram, cmd.name, out.positionals[cmd.positionals.size()]));
-  if (out.positionals.size() < required)
-    throw UsageFailure(
-        fmt::format("{} {}: missing {}", kProgram, cmd.name, cmd.positionals[out.positionals.size()].name));
-  return out;
-}
-
-std::uint64_t parse_u64(const std::string& cmd, const std::string& option, const std::string& text) {
-  std::uint64_t v = 0;
-  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
-  if (text.empty() || ec != std::errc() || end != text.data() + text.size())
-    throw UsageFailure(fmt::format("{} {}: {} expects a non-negative integer, got '{}'", kProgram, cmd, option, text));
-  return v;
-}
+using ep_cli::CommandSpec;
+using ep_cli::kExitError;
+using ep_cli::kExitOk;
+using ep_cli::kExitUsage;
+using ep_cli::kProgram;
+using ep_cli::ParsedArgs;
+using ep_cli::UsageFailure;
 
 // ---- the subcommands ------------------------------------------------------------------
 
-const Subcommand kDemo{
-    "demo",
-    "train a small LoRA policy on a synthetic task, probe it, check the prediction against the real step",
-    {},
-    {{"--seed", "N", "seed for everything random (default 1)"},
-     {"--out", "DIR", "where results.json and calibration.svg go (default: the current directory)"},
-     {"--quick", "", "smaller sizes, a few seconds (the test suite's run)"},
-     {"--verbose", "", "the library's debug log on stderr ([REGISTRY], [X], [Y] invariants)"}},
-    "Builds a GPT-2-shaped model in double with LoRA adapters, trains it for a few GRPO steps with AdamW,\n"
-    "then runs the offline entropy probe (full variance, Adam ground truth) and a learning-rate sweep\n"
-    "comparing the first-order prediction deltaH1 with the measured per-token entropy change for both\n"
-    "step kinds (adam, precond_sgd). Seeded; nothing is downloaded. Well under a minute on 2 cores."};
+const CommandSpec kDemo{
+    .name = "demo",
+    .summary = "train a small LoRA policy on a synthetic task, probe it, check the prediction against the real step",
+    .options = {{"--seed", "N", "seed for everything random (default 1)"},
+                {"--out", "DIR", "where results.json and calibration.svg go (default: the current directory)"},
+                {"--quick", "", "smaller sizes, a few seconds (the test suite's run)"},
+                {"--verbose", "", "the library's debug log on stderr ([REGISTRY], [X], [Y] invariants)"}},
+    .details =
+        "Builds a GPT-2-shaped model in double with LoRA adapters, trains it for a few GRPO steps with AdamW,\n"
+        "then runs the offline entropy probe (full variance, Adam ground truth) and a learning-rate sweep\n"
+        "comparing the first-order prediction deltaH1 with the measured per-token entropy change for both\n"
+        "step kinds (adam, precond_sgd). Seeded; nothing is downloaded. Well under a minute on 2 cores."};
 
 int run_demo(const ParsedArgs& a) {
   ep_demo::DemoOptions opt;
-  if (auto v = a.value("--seed")) opt.seed = parse_u64("demo", "--seed", *v);
-  if (auto v = a.value("--out")) {
-    if (v->empty()) throw UsageFailure(fmt::format("{} demo: --out needs a directory", kProgram));
-    opt.out_dir = *v;
-  }
+  if (auto n = a.integer("--seed")) opt.seed = *n;
+  if (auto d = a.path("--out", "a directory")) opt.out_dir = *d;
   opt.quick = a.has_flag("--quick");
   ep::log_to_stderr(a.has_flag("--verbose") ? ep::LogLevel::debug : ep::LogLevel::warning);
   return ep_demo::run_demo(opt);
 }
 
+// `demo ARGS...`: parse, --help, run; a usage error points at demo's own help.
+int demo_main(const std::vector<std::string>& args) {
+  try {
+    const ParsedArgs parsed = ep_cli::parse_args(kDemo, args);
+    if (parsed.help) {
+      std::fputs(ep_cli::command_help(kDemo).c_str(), stdout);
+      return kExitOk;
+    }
+    return run_demo(parsed);
+  } catch (const UsageFailure& u) {
+    fmt::print(stderr, "{}\nsee '{} {} --help'\n", u.what(), kProgram, kDemo.name);
+    return kExitUsage;
+  }
+}
+
+// `run` parses with the same parser but keeps its own error handling (exit 3
+// for a bad file, MPI), all in run_command.hpp.
+int run_main(const std::vector<std::string>& args) { return ep_run::run_command(args); }
+
 struct Entry {
-  const Subcommand* cmd;
-  std::function<int(const ParsedArgs&)> run;
+  const CommandSpec* spec;
+  int (*run)(const std::vector<std::string>& args);  // the arguments after the command's name
 };
 
 const std::vector<Entry>& subcommands() {
-  static const std::vector<Entry> table{{&kDemo, run_demo}};
+  static const std::vector<Entry> table{{&kDemo, demo_main}, {&ep_run::run_spec(), run_main}};
   return table;
-}
-
-std::string command_help(const Subcommand& c) {
-  std::string s = fmt::format("usage: {} {}", kProgram, c.name);
-  for (const auto& p : c.positionals) s += p.required ? " " + p.name : " [" + p.name + "]";
-  if (!c.options.empty()) s += " [OPTIONS]";
-  s += fmt::format("\n\n{}\n", c.summary);
-  if (!c.positionals.empty()) {
-    s += "\narguments:\n";
-    for (const auto& p : c.positionals) s += fmt::format("  {:<18} {}\n", p.name, p.help);
-  }
-  s += "\noptions:\n";
-  for (const auto& o : c.options) {
-    const std::string left = o.value_name.empty() ? o.name : o.name + " " + o.value_name;
-    s += fmt::format("  {:<18} {}\n", left, o.help);
-  }
-  s += fmt::format("  {:<18} {}\n", "-h, --help", "show this help");
-  if (!c.details.empty()) s += "\n" + c.details + "\n";
-  return s;
 }
 
 std::string program_help() {
@@ -201,13 +97,12 @@ std::string program_help() {
       "Predicts how one optimizer step changes a LoRA policy's entropy (entropy_probe {}).\n\n"
       "commands:\n",
       kProgram, ENTROPY_PROBE_VERSION);
-  for (const auto& e : subcommands()) s += fmt::format("  {:<10} {}\n", e.cmd->name, e.cmd->summary);
-  s += fmt::format("  {:<10} {}\n", "run",
-                   "probe a Hugging Face checkpoint (GPT-2/Qwen2 + PEFT LoRA + Adam state) on two batches");
+  for (const auto& e : subcommands()) s += fmt::format("  {:<10} {}\n", e.spec->name, e.spec->summary);
   s += fmt::format(
       "\noptions:\n  -h, --help   show this help\n  --version    print the version\n\n"
       "'{} COMMAND --help' describes a command's arguments and options.\n"
-      "Exit status: 0 success, 1 an error while running, 2 a usage error, 3 a bad input file (run).\n",
+      "Exit status: 0 success, 1 an error while running, 2 a usage error, 3 a bad input file (run),\n"
+      "4 no CUDA device found (run --device cuda).\n",
       kProgram);
   return s;
 }
@@ -226,43 +121,20 @@ int dispatch(const std::vector<std::string>& argv) {
     fmt::print("{} {}\n", kProgram, ENTROPY_PROBE_VERSION);
     return kExitOk;
   }
-  if (first == "run") {  // everything of `run` is in run_command.hpp
-    std::vector<std::string> rest(argv.begin() + 1, argv.end());
-    std::vector<char*> rest_argv;
-    for (auto& a : rest) rest_argv.push_back(a.data());
-    return run_command(static_cast<int>(rest_argv.size()), rest_argv.data());
-  }
   if (first == "help") {  // "help COMMAND" = "COMMAND --help"
     if (argv.size() == 1) {
       std::fputs(program_help().c_str(), stdout);
       return kExitOk;
     }
-    if (argv[1] == "run") {
-      std::fputs(ep_run::run_help().c_str(), stdout);
-      return kExitOk;
-    }
     for (const auto& e : subcommands())
-      if (e.cmd->name == argv[1]) {
-        std::fputs(command_help(*e.cmd).c_str(), stdout);
+      if (e.spec->name == argv[1]) {
+        std::fputs(ep_cli::command_help(*e.spec).c_str(), stdout);
         return kExitOk;
       }
     throw UsageFailure(fmt::format("{} help: unknown command '{}'", kProgram, argv[1]));
   }
-  for (const auto& e : subcommands()) {
-    if (e.cmd->name != first) continue;
-    const std::vector<std::string> rest(argv.begin() + 1, argv.end());
-    try {
-      const ParsedArgs parsed = parse_args(*e.cmd, rest);
-      if (parsed.help) {
-        std::fputs(command_help(*e.cmd).c_str(), stdout);
-        return kExitOk;
-      }
-      return e.run(parsed);
-    } catch (const UsageFailure& u) {  // point at the command's own help
-      fmt::print(stderr, "{}\nsee '{} {} --help'\n", u.what(), kProgram, e.cmd->name);
-      return kExitUsage;
-    }
-  }
+  for (const auto& e : subcommands())
+    if (e.spec->name == first) return e.run(std::vector<std::string>(argv.begin() + 1, argv.end()));
   if (first.size() > 1 && first[0] == '-') throw UsageFailure(fmt::format("{}: unknown option '{}'", kProgram, first));
   throw UsageFailure(fmt::format("{}: unknown command '{}'", kProgram, first));
 }

@@ -1,9 +1,12 @@
 // `entropy-probe run` (examples/cli/run_command.hpp), called in-process on
 // checkpoint directories and batch files written here from C++: exit codes
 // 0 (success), 2 (usage error, with a pointer to --help), 3 (bad input file,
-// naming the file and key), the JSON keys of DESIGN.md section 5, and the
-// numbers against the library called directly.
+// naming the file and key), the JSON keys of DESIGN.md section 5, the
+// numbers against the library called directly, and `--device` (this test
+// program is built without CUDA: `--device cuda` is a usage error here; the
+// device path of run_typed runs on the emulated device backend).
 #include "../../examples/cli/run_command.hpp"
+#include "../cuda/emulated_backend.hpp"
 #include "../support/tiny_models.hpp"
 
 #include <catch2/catch.hpp>
@@ -285,6 +288,9 @@ TEST_CASE("cli run: usage errors exit 2 with a pointer to --help", "[cli][errors
       {with({"--json", s.dir.file("no/such/dir/r.json")}), "does not exist"},
       {with({"--lr", "1", "--lr", "2"}), "'--lr' given twice"},
       {with({"--lr"}), "option '--lr' needs a value"},
+      {with({"--device", "gpu"}), "--device must be one of cpu, cuda, got 'gpu'"},
+      {with({"--device"}), "option '--device' needs a value (DEV)"},
+      {with({"--device", "cpu", "--device", "cpu"}), "option '--device' given twice"},
       {{s.ckpt, "--e-batch", "", "--u-batch", s.U}, "--e-batch needs a file name"},
   };
   for (const Case& c : cases) {
@@ -296,7 +302,7 @@ TEST_CASE("cli run: usage errors exit 2 with a pointer to --help", "[cli][errors
   const Outcome help = run({"--help"});
   CHECK(help.rc == 0);
   CHECK_THAT(help.out, Contains("usage: entropy-probe run CHECKPOINT_DIR") && Contains("--ground-truth") &&
-                           Contains("Exit status"));
+                           Contains("--device DEV") && Contains("Exit status"));
   CHECK(run(with({"-h"})).rc == 0);
 }
 
@@ -371,4 +377,74 @@ TEST_CASE("cli run: bad input files exit 3 naming the file and key", "[cli][erro
     CHECK(w.rc == 3);
     CHECK_THAT(w.err, Contains("model.safetensors"));
   }
+}
+
+TEST_CASE("cli run: --device cpu is the default and --device cuda needs a build with CUDA", "[cli][device]") {
+  Gpt2Setup s;
+  const std::string out = s.dir.file("cpu.json");
+  const Outcome cpu = run({s.ckpt, "--e-batch", s.E, "--u-batch", s.U, "--device", "cpu", "--variance", "none",
+                           "--json", out, "--log-level", "warning"});
+  INFO(cpu.err);
+  REQUIRE(cpu.rc == 0);
+  CHECK_THAT(cpu.out, Contains("(f32)"));  // the device is printed only when it is not the default
+  CHECK(read_json(out)["config"]["device"] == "cpu");
+
+  STATIC_REQUIRE_FALSE(ep_run::kHaveCuda);  // test_cli is a plain C++ program
+  const Outcome cuda = run({s.ckpt, "--e-batch", s.E, "--u-batch", s.U, "--device", "cuda"});
+  CHECK(cuda.rc == 2);
+  CHECK_THAT(cuda.err, Contains("--device cuda: this build of entropy-probe has no CUDA support") &&
+                           Contains("-DENTROPY_PROBE_CUDA=ON") && Contains("entropy-probe run --help"));
+  CHECK(cuda.out.empty());
+}
+
+namespace {
+
+// run_typed<T, B> on parsed arguments, stdout and stderr captured.
+template <class T, class B>
+Outcome run_typed_on(const std::vector<std::string>& args) {
+  TempDir tmp;
+  const ep_run::RunOptions o = ep_run::parse_run_args(args);
+  log_to_stderr(LogLevel::warning);
+  Outcome r;
+  Capture out(1, tmp.file("stdout")), err(2, tmp.file("stderr"));
+  SingleProcess single;
+  r.rc = ep_run::guarded([&] { return ep_run::detail::run_typed<T, B>(o, single); }, "entropy-probe run");
+  r.err = err.finish();
+  r.out = out.finish();
+  set_log_sink({});
+  return r;
+}
+
+}  // namespace
+
+// The device path without a GPU: EmulatedDeviceBackend has no host element
+// access (as CudaBackend), so this builds only if loading, the probe and the
+// report touch the model's tensors through the backend alone; and the
+// scalars it reports must be the CPU backend's up to summation order.
+TEST_CASE("cli run: run_typed on a device-style backend reports the CPU backend's numbers", "[cli][device]") {
+  Gpt2Setup s;
+  const std::string on_cpu = s.dir.file("cpu.json"), on_device = s.dir.file("device.json");
+  auto args = [&](const std::string& json_out) {
+    return std::vector<std::string>{s.ckpt,   "--e-batch", s.E, "--u-batch",      s.U,   "--dtype", "f64", "--json",
+                                    json_out, "--mb-size", "2", "--ground-truth", "adam"};
+  };
+  static_assert(!ep_parity::EmulatedDeviceBackend::host_memory);
+  const Outcome c = run_typed_on<double, CpuBackend>(args(on_cpu));
+  const Outcome d = run_typed_on<double, ep_parity::EmulatedDeviceBackend>(args(on_device));
+  INFO(c.err << d.err);
+  REQUIRE(c.rc == 0);
+  REQUIRE(d.rc == 0);
+  CHECK_THAT(d.out, Contains("deltaH1") && Contains("wrote " + on_device));
+  const json jc = read_json(on_cpu), jd = read_json(on_device);
+  for (const char* k : {"bars_dot", "deltaH1", "mu_X_norm", "mu_Y_norm", "SE_conditional", "V_X", "V_Y", "SE_deltaH1",
+                        "H_orig_tok", "H_upd_tok", "deltaH_true_tok", "ESS"}) {
+    INFO(k);
+    REQUIRE(jd.contains(k));
+    CHECK(jd[k].get<double>() == Approx(jc[k].get<double>()).epsilon(1e-10));
+  }
+  REQUIRE(jd["s_values"].size() == jc["s_values"].size());
+  for (std::size_t i = 0; i < jc["s_values"].size(); ++i)
+    CHECK(jd["s_values"][i].get<double>() == Approx(jc["s_values"][i].get<double>()).epsilon(1e-10).margin(1e-12));
+  CHECK(jd["registry"] == jc["registry"]);
+  CHECK(jd["preconditioner_missing"] == jc["preconditioner_missing"]);
 }

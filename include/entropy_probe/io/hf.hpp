@@ -579,18 +579,18 @@ void load_weights(Model& model, const std::string& dir, const std::optional<nn::
     auto it = from_adapter.find(view.name);
     if (it == from_adapter.end()) {
       std::string why;
-      std::string module = view.name;
+      std::string module_name = view.name;  // not `module`: nvcc reads that as the C++20 keyword and warns
       for (const char* suffix : {".lora_A.weight", ".lora_B.weight", ".weight"})
-        if (ends_with(module, suffix)) {
-          module.resize(module.size() - std::strlen(suffix));
+        if (ends_with(module_name, suffix)) {
+          module_name.resize(module_name.size() - std::strlen(suffix));
           break;
         }
       const bool exists = std::any_of(params.begin(), params.end(),
-                                      [&](const auto& np) { return starts_with(np.first, module + "."); });
+                                      [&](const auto& np) { return starts_with(np.first, module_name + "."); });
       if (!exists)
-        why = fmt::format("the model has no module '{}'", module);
+        why = fmt::format("the model has no module '{}'", module_name);
       else if (is_lora_tensor_name(view.name))
-        why = fmt::format("module '{}' has no adapter (target_modules [{}])", module,
+        why = fmt::format("module '{}' has no adapter (target_modules [{}])", module_name,
                           fmt::join(lora->target_modules, ", "));
       else
         why = "it is not a LoRA parameter or a modules_to_save copy of the model";
@@ -1024,7 +1024,8 @@ AdamState<T, B> load_adam_state(const std::string& path, const Registry<T, B>& r
     static constexpr std::pair<const char*, const safetensors::TensorView * Parts::*> kinds[] = {
         {".exp_avg_sq", &Parts::sq}, {".exp_avg", &Parts::avg}, {".step", &Parts::step}};
     std::string name;
-    const safetensors::TensorView* Parts::*member = nullptr;
+    using Slot = const safetensors::TensorView* Parts::*;  // named: nvcc's output of the plain declarator warns
+    Slot member = nullptr;
     for (const auto& [suffix, m] : kinds)
       if (detail::ends_with(t.name, suffix) && t.name.size() > std::strlen(suffix)) {
         name = t.name.substr(0, t.name.size() - std::strlen(suffix));
@@ -1042,15 +1043,20 @@ AdamState<T, B> load_adam_state(const std::string& path, const Registry<T, B>& r
     parts[name].*member = &t;
   }
   AdamState<T, B> state(registry.info(), h);
-  for (const auto& entry : parts) {  // no structured binding here: nvcc 13.0 rejects the braced lists below in one
+  // Named arrays, not braced lists, in this loop: nvcc 13.0 mistranslates a
+  // range-for over a braced list nested in another loop (docs/cuda.md).
+  for (const auto& entry : parts) {
     const std::string& name = entry.first;
     const auto& p = entry.second;
     const index_t i = index_of.at(name);
     const Shape& shape = registry.entry(i).param->value.shape();
-    for (auto [part, v] : {std::pair{"exp_avg", p.avg}, std::pair{"exp_avg_sq", p.sq}, std::pair{"step", p.step}})
+    const std::pair<const char*, const safetensors::TensorView*> expected[] = {
+        {"exp_avg", p.avg}, {"exp_avg_sq", p.sq}, {"step", p.step}};
+    for (const auto& [part, v] : expected)
       if (!v)
         fail<InputError>("{}: missing tensor '{}.{}' (the file has other state for '{}')", path, name, part, name);
-    for (const auto* v : {p.avg, p.sq}) {
+    const safetensors::TensorView* const moments[] = {p.avg, p.sq};
+    for (const auto* v : moments) {
       if (v->shape != shape)
         fail<InputError>("{}: tensor '{}' has shape {}, expected {} (the parameter's shape)", path, v->name,
                          shape_str(v->shape), shape_str(shape));

@@ -1,0 +1,222 @@
+// The argument parser every subcommand of entropy-probe shares (`demo` in
+// entropy_probe.cpp, `run` in run_command.hpp): a subcommand is a table of
+// its positionals and options (CommandSpec); parse_args turns its arguments
+// into ParsedArgs, whose typed readers name the option in every error;
+// command_help prints the table as the subcommand's --help.
+//
+// Accepted: --name VALUE, --name=VALUE, flags (no value), positionals, "--"
+// to end the options, -h / --help anywhere before "--" (help wins over
+// everything after it). A mistake is a UsageFailure: exit 2, with a pointer
+// to the subcommand's --help.
+#pragma once
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+namespace ep_cli {
+
+inline constexpr const char* kProgram = "entropy-probe";
+
+// Exit status of the program and of every subcommand.
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitError = 1;     // an error while running
+inline constexpr int kExitUsage = 2;     // a mistake on the command line
+inline constexpr int kExitInput = 3;     // a bad input file (`run`)
+inline constexpr int kExitNoDevice = 4;  // `run --device cuda` found no CUDA device
+
+// A mistake on the command line: reported with a pointer to --help, exit 2.
+class UsageFailure : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct OptionSpec {
+  std::string name;        // "--seed"
+  std::string value_name;  // "N"; empty for a flag
+  std::string help;
+};
+
+struct PositionalSpec {
+  std::string name;  // "CHECKPOINT_DIR"
+  std::string help;  // may span lines: continuation lines are indented to the help column
+  bool required = true;
+};
+
+// Written with designated initializers; every member has a default (so
+// -Wmissing-field-initializers accepts leaving one out).
+struct CommandSpec {
+  std::string name{};         // "run"
+  std::string summary{};      // one line, in the program's list of commands
+  std::string description{};  // the paragraph under the usage line; the summary when empty
+  std::string synopsis{};     // the usage line after the name; "POSITIONALS [OPTIONS]" when empty
+  std::vector<PositionalSpec> positionals{};
+  std::vector<OptionSpec> options{};
+  std::string details{};  // free text after the option list
+  int help_column = 18;   // width of the names column of --help
+
+  const OptionSpec* option(std::string_view n) const {
+    for (const auto& o : options)
+      if (o.name == n) return &o;
+    return nullptr;
+  }
+};
+
+// A subcommand's arguments, parsed; the readers throw a UsageFailure that
+// names the subcommand and the option.
+class ParsedArgs {
+ public:
+  std::string command;                        // "demo"
+  std::map<std::string, std::string> values;  // options with a value, by name
+  std::vector<std::string> flags;             // flags given
+  std::vector<std::string> positionals;
+  bool help = false;
+
+  // "entropy-probe CMD: what", to throw.
+  UsageFailure failure(std::string_view what) const {
+    return UsageFailure(fmt::format("{} {}: {}", kProgram, command, what));
+  }
+
+  bool has_flag(std::string_view f) const { return std::find(flags.begin(), flags.end(), f) != flags.end(); }
+  std::optional<std::string> value(const std::string& name) const {
+    auto it = values.find(name);
+    return it == values.end() ? std::nullopt : std::optional<std::string>(it->second);
+  }
+
+  // A non-empty value (a file or directory name); `what` says what it names.
+  std::optional<std::string> path(const std::string& name, std::string_view what) const {
+    auto v = value(name);
+    if (v && v->empty()) throw failure(fmt::format("{} needs {}", name, what));
+    return v;
+  }
+  std::optional<std::uint64_t> integer(const std::string& name,
+                                       std::uint64_t max = std::numeric_limits<std::uint64_t>::max()) const {
+    auto v = value(name);
+    if (!v) return std::nullopt;
+    std::uint64_t n = 0;
+    const auto [end, ec] = std::from_chars(v->data(), v->data() + v->size(), n);
+    if (v->empty() || ec != std::errc() || end != v->data() + v->size() || n > max)
+      throw failure(fmt::format("{} expects a non-negative integer, got '{}'", name, *v));
+    return n;
+  }
+  std::optional<double> number(const std::string& name) const {
+    auto v = value(name);
+    if (!v) return std::nullopt;
+    double x = 0;
+    const auto [end, ec] = std::from_chars(v->data(), v->data() + v->size(), x);
+    if (v->empty() || ec != std::errc() || end != v->data() + v->size() || !std::isfinite(x))
+      throw failure(fmt::format("{} expects a number, got '{}'", name, *v));
+    return x;
+  }
+  std::optional<double> positive(const std::string& name) const {
+    auto x = number(name);
+    if (x && !(*x > 0)) throw failure(fmt::format("{} must be positive, got '{}'", name, *value(name)));
+    return x;
+  }
+  // One of the named values of `choices`, listed in that order in the error.
+  template <class E>
+  std::optional<E> choice(const std::string& name, const std::vector<std::pair<std::string, E>>& choices) const {
+    auto v = value(name);
+    if (!v) return std::nullopt;
+    std::string names;
+    for (const auto& [n, e] : choices) {
+      if (n == *v) return e;
+      names += names.empty() ? n : ", " + n;
+    }
+    throw failure(fmt::format("{} must be one of {}, got '{}'", name, names, *v));
+  }
+};
+
+// The arguments after the subcommand's name. Throws UsageFailure; with
+// -h / --help it returns at once with `help` set and nothing checked.
+inline ParsedArgs parse_args(const CommandSpec& cmd, const std::vector<std::string>& args) {
+  ParsedArgs out;
+  out.command = cmd.name;
+  bool options_done = false;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (!options_done && (a == "-h" || a == "--help")) {
+      out.help = true;
+      return out;
+    }
+    if (!options_done && a == "--") {
+      options_done = true;
+      continue;
+    }
+    if (!options_done && a.size() > 1 && a[0] == '-') {
+      const auto eq = a.find('=');
+      const std::string name = a.substr(0, eq);
+      const OptionSpec* spec = cmd.option(name);
+      if (!spec) throw out.failure(fmt::format("unknown option '{}'", name));
+      // A repeated option is a mistake, never a silent choice of one of them.
+      if (out.has_flag(name) || out.values.count(name)) throw out.failure(fmt::format("option '{}' given twice", name));
+      if (spec->value_name.empty()) {
+        if (eq != std::string::npos) throw out.failure(fmt::format("option '{}' takes no value", name));
+        out.flags.push_back(name);
+      } else if (eq != std::string::npos) {
+        out.values[name] = a.substr(eq + 1);
+      } else if (i + 1 < args.size()) {
+        out.values[name] = args[++i];
+      } else {
+        throw out.failure(fmt::format("option '{}' needs a value ({})", name, spec->value_name));
+      }
+      continue;
+    }
+    out.positionals.push_back(a);
+  }
+  std::size_t required = 0;
+  for (const auto& p : cmd.positionals) required += p.required;
+  if (out.positionals.size() > cmd.positionals.size())
+    throw out.failure(fmt::format("unexpected argument '{}'", out.positionals[cmd.positionals.size()]));
+  if (out.positionals.size() < required)
+    throw out.failure(fmt::format("missing {}", cmd.positionals[out.positionals.size()].name));
+  return out;
+}
+
+// The subcommand's --help.
+inline std::string command_help(const CommandSpec& c) {
+  const int w = c.help_column;
+  // Continuation lines of a help text start under its first line.
+  // (Appended in place: GCC 12 misreports `"\n" + std::string(...)` here under -Wrestrict.)
+  auto indented = [&](const std::string& help) {
+    std::string s;
+    for (char ch : help) {
+      s += ch;
+      if (ch == '\n') s.append(static_cast<std::size_t>(w + 3), ' ');
+    }
+    return s;
+  };
+  std::string s = fmt::format("usage: {} {}", kProgram, c.name);
+  if (!c.synopsis.empty()) {
+    s += " " + c.synopsis;
+  } else {
+    for (const auto& p : c.positionals) s += p.required ? " " + p.name : " [" + p.name + "]";
+    if (!c.options.empty()) s += " [OPTIONS]";
+  }
+  s += fmt::format("\n\n{}\n", c.description.empty() ? c.summary : c.description);
+  if (!c.positionals.empty()) {
+    s += "\narguments:\n";
+    for (const auto& p : c.positionals) s += fmt::format("  {:<{}} {}\n", p.name, w, indented(p.help));
+  }
+  s += "\noptions:\n";
+  for (const auto& o : c.options) {
+    const std::string left = o.value_name.empty() ? o.name : o.name + " " + o.value_name;
+    s += fmt::format("  {:<{}} {}\n", left, w, indented(o.help));
+  }
+  s += fmt::format("  {:<{}} {}\n", "-h, --help", w, "show this help");
+  if (!c.details.empty()) s += "\n" + c.details + "\n";
+  return s;
+}
+
+}  // namespace ep_cli

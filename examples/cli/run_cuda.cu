@@ -1,0 +1,33 @@
+// `entropy-probe run --device cuda`: run_typed on CudaBackend. Compiled by
+// nvcc (--extended-lambda, through entropy_probe::cuda) and only in a build
+// with CUDA, where examples/CMakeLists.txt defines ENTROPY_PROBE_CLI_CUDA so
+// run_command.hpp calls this instead of refusing the option.
+#include "run_typed.hpp"
+
+#include <entropy_probe/tensor/cuda_backend.hpp>
+
+#include <cuda_runtime.h>
+
+#include <string>
+
+namespace ep_run::detail {
+
+int run_on_cuda(const RunOptions& o, ep::Communicator& comm, int local_rank) {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess || count == 0)
+    throw DeviceUnavailable(fmt::format(
+        "--device cuda: no CUDA device found ({}); run on a machine with an NVIDIA GPU, or use --device cpu",
+        e != cudaSuccess ? std::string(cudaGetErrorString(e)) : std::string("cudaGetDeviceCount found 0 devices")));
+  // One device per process (docs/cuda.md): ranks sharing a node take turns over its GPUs.
+  const int device = local_rank % count;
+  if (const cudaError_t s = cudaSetDevice(device); s != cudaSuccess)
+    ep::fail<ep::Error>("cudaSetDevice({}) failed: {}", device, cudaGetErrorString(s));
+  cudaDeviceProp p{};
+  if (cudaGetDeviceProperties(&p, device) == cudaSuccess)
+    ep::log_info("[device] CUDA device {} of {}: {}, compute capability {}.{}, {:.1f} GiB", device, count, p.name,
+                 p.major, p.minor, static_cast<double>(p.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0));
+  return o.dtype == "f64" ? run_typed<double, ep::CudaBackend>(o, comm) : run_typed<float, ep::CudaBackend>(o, comm);
+}
+
+}  // namespace ep_run::detail
