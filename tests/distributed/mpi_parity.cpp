@@ -1,7 +1,11 @@
 // Run under mpirun -np 2: every result field of the distributed probe equals
 // the single-process result to 1e-12 relative in double, on every rank, for
-// uneven shards and for a rank that owns no prompts.
+// uneven shards and for a rank that owns no prompts, and on a stand-in for a
+// device backend, whose parameter buffers take the device route of the
+// communicator seam (staged through the host by MpiCommunicator).
 #define CATCH_CONFIG_RUNNER
+#include "../cuda/backend_parity.hpp"
+#include "../cuda/emulated_backend.hpp"
 #include "../support/tiny_models.hpp"
 
 #include "../../examples/cli/run_command.hpp"
@@ -38,6 +42,9 @@ void require_close(const nlohmann::json& a, const nlohmann::json& b, const std::
       double sc = 0;
       if (it.key() == "deltaH_true") sc = std::abs(b.value("H_orig", 0.0));
       if (it.key() == "deltaH_true_tok") sc = std::abs(b.value("H_orig_tok", 0.0));
+      // V_Y of a single U prompt is zero but for rounding: V_X, V_Y at the
+      // scale of their sum, which the standard error is made of.
+      if (it.key() == "V_X" || it.key() == "V_Y") sc = std::abs(b.value("V_X", 0.0)) + std::abs(b.value("V_Y", 0.0));
       require_close(a[it.key()], it.value(), path + "." + it.key(), sc);
     }
     CHECK(a.size() == b.size());
@@ -84,6 +91,30 @@ TEST_CASE("mpi: uneven shards (B_E = 5, B_U = 3) match one process", "[mpi]") {
 
 TEST_CASE("mpi: a rank with no U prompts and no E prompts beyond the first", "[mpi]") {
   compare(3, 1, StepKind::adam, AlphaRoute::jvp);
+}
+
+TEST_CASE("mpi: a device backend's parameter buffers (staged through the host) match one process", "[mpi]") {
+  using Emulated = ep_parity::EmulatedDeviceBackend;
+  MpiCommunicator comm;
+  REQUIRE(comm.world() == 2);
+  nn::Gpt2LMHeadModel<double, Emulated> model(tiny_gpt2_config(), tiny_lora(true), 11);
+  const TokenBatch E = random_batch(5, 3, 8, 11, 105);
+  const TokenBatch U = random_batch(3, 2, 8, 11, 203);
+  ProbeConfig cfg;
+  cfg.mb_size = 2;
+  cfg.ground_truth = StepKind::adam;
+  auto cpu_model = tiny_gpt2<double>(11, true);
+  const auto cpu_state = random_adam_state(Registry<double>::build(cpu_model), 5);
+  OfflineEntropyProbe dist(model, cfg, &comm);
+  auto st = ep_parity::adam_state_on(cpu_state, dist.registry());
+  const std::size_t bytes_before = comm.bytes_reduced();
+  const auto rd = to_json(dist.run(E, U, st));
+  // Sum X and sum Y: each one message of every buffer back to back.
+  CHECK(comm.bytes_reduced() - bytes_before >= 2 * sizeof(double) * static_cast<std::size_t>(dist.registry().numel()));
+  SingleProcess one;
+  OfflineEntropyProbe single(model, cfg, &one);
+  auto st1 = ep_parity::adam_state_on(cpu_state, single.registry());
+  require_close(rd, to_json(single.run(E, U, st1)), "emulated device");
 }
 
 TEST_CASE("mpi: broadcast of sampled prompt indices from rank 0", "[mpi]") {

@@ -31,6 +31,41 @@ bool has_nonzero(const std::optional<Tensor<T, B>>& g) {
 }
 }  // namespace detail
 
+// Sums a parameter buffer across ranks as one contiguous message: its present
+// entries are packed back to back in the backend's memory, reduced, unpacked.
+// On a device backend the packed buffer stays on the device, so a device-aware
+// communicator (NCCL) reduces it in place and any other stages it through the
+// host in one copy each way. Every rank must hold the same entries.
+template <class B>
+void allreduce_param_buffer(Communicator& comm, ParamBuffer<double, B>& buf) {
+  index_t n = 0;
+  for (index_t i = 0; i < buf.size(); ++i)
+    if (const auto* t = buf.entry(i)) n += t->numel();
+  if (n == 0) return;
+  Tensor<double, B> flat(Shape{n});
+  double* f = flat.data();
+  index_t at = 0;
+  for (index_t i = 0; i < buf.size(); ++i)
+    if (const auto* t = buf.entry(i)) {
+      B::copy(f + at, t->data(), t->numel());
+      at += t->numel();
+    }
+  if constexpr (B::host_memory) {
+    comm.allreduce_sum(std::span<double>(f, static_cast<std::size_t>(n)));
+  } else {
+    comm.allreduce_sum_device(DeviceDoubles{
+        f, static_cast<std::size_t>(n), B::name,
+        [](double* host, const double* dev, std::size_t k) { B::download(host, dev, static_cast<index_t>(k)); },
+        [](double* dev, const double* host, std::size_t k) { B::upload(dev, host, static_cast<index_t>(k)); }});
+  }
+  at = 0;
+  for (index_t i = 0; i < buf.size(); ++i)
+    if (auto* t = buf.entry(i)) {
+      B::copy(t->data(), f + at, t->numel());
+      at += t->numel();
+    }
+}
+
 enum class Weighting { dr_grpo, per_token_avg };
 
 inline const char* to_string(Weighting w) { return w == Weighting::dr_grpo ? "dr_grpo" : "per_token_avg"; }
@@ -191,19 +226,7 @@ class ProbeComponents {
   // Sums each parameter buffer across ranks as one contiguous message.
   void allreduce(Buffer& buf) const {
     if (comm_->world() == 1) return;
-    std::vector<double> flat;
-    for (index_t i = 0; i < buf.size(); ++i)
-      if (auto* t = buf.entry(i)) {
-        auto h = t->to_host();
-        flat.insert(flat.end(), h.begin(), h.end());
-      }
-    comm_->allreduce_sum(std::span<double>(flat));
-    std::size_t at = 0;
-    for (index_t i = 0; i < buf.size(); ++i)
-      if (auto* t = buf.entry(i)) {
-        B::upload(t->data(), flat.data() + at, t->numel());
-        at += static_cast<std::size_t>(t->numel());
-      }
+    allreduce_param_buffer(*comm_, buf);
   }
 
   void report(const char* phase, index_t done, index_t total) const {

@@ -1,0 +1,129 @@
+// The communicator seam for parameter buffers (probe/comm.hpp,
+// allreduce_param_buffer in probe/components.hpp): a buffer leaves as one
+// contiguous message; a host backend's through allreduce_sum, a device
+// backend's through allreduce_sum_device, whose default stages it through
+// the host (one copy each way) and which a device-aware communicator (NCCL)
+// overrides. EmulatedDeviceBackend stands in for a device backend.
+#include "../cuda/emulated_backend.hpp"
+#include "../support/tiny_models.hpp"
+
+#include <entropy_probe/probe/components.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <string>
+#include <vector>
+
+using namespace entropy_probe;
+using Emulated = ep_parity::EmulatedDeviceBackend;
+
+namespace {
+
+// Two pretend ranks holding the same values, so a sum doubles every value.
+// Records the size of every host message.
+class Doubling : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int world() const override { return 2; }
+  void allreduce_sum(std::span<double> v) override {
+    host_messages.push_back(v.size());
+    for (double& x : v) x *= 2;
+  }
+  using Communicator::allreduce_sum;
+  void broadcast(std::span<std::int64_t>, int) override {}
+  std::vector<std::size_t> host_messages;
+};
+
+// As Doubling, and sums device memory where it lies, as NcclCommunicator
+// does (the emulated device's memory is host memory, so it can here).
+class DeviceDoubling final : public Doubling {
+ public:
+  void allreduce_sum_device(const DeviceDoubles& v) override {
+    device_messages.push_back(v.size);
+    backends.emplace_back(v.backend);
+    for (std::size_t i = 0; i < v.size; ++i) v.data[i] *= 2;
+  }
+  std::vector<std::size_t> device_messages;
+  std::vector<std::string> backends;
+};
+
+template <class B>
+std::vector<double> flatten(const ParamBuffer<double, B>& buf) {
+  std::vector<double> out;
+  for (index_t i = 0; i < buf.size(); ++i)
+    if (const auto* t = buf.entry(i)) {
+      const auto h = t->to_host();
+      out.insert(out.end(), h.begin(), h.end());
+    }
+  return out;
+}
+
+std::vector<double> doubled(std::vector<double> v) {
+  for (double& x : v) x *= 2;
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("comm: a host backend's parameter buffer is all-reduced as one host message", "[comm]") {
+  auto model = ep_test::tiny_gpt2<double>(3, true);
+  auto reg = Registry<double>::build(model);
+  auto buf = params_to_buffer<double>(reg);
+  const std::vector<double> before = flatten(buf);
+  DeviceDoubling comm;
+  allreduce_param_buffer(comm, buf);
+  CHECK(comm.host_messages == std::vector<std::size_t>{static_cast<std::size_t>(reg.numel())});
+  CHECK(comm.device_messages.empty());
+  CHECK(flatten(buf) == doubled(before));  // every entry back in its place
+}
+
+TEST_CASE("comm: a device backend's parameter buffer goes through allreduce_sum_device as one message", "[comm]") {
+  nn::Gpt2LMHeadModel<double, Emulated> model(ep_test::tiny_gpt2_config(), ep_test::tiny_lora(true), 3);
+  auto reg = Registry<double, Emulated>::build(model);
+  const auto n = static_cast<std::size_t>(reg.numel());
+
+  SECTION("a device-aware communicator reduces it in place") {
+    auto buf = params_to_buffer<double>(reg);
+    const std::vector<double> before = flatten(buf);
+    DeviceDoubling comm;
+    allreduce_param_buffer(comm, buf);
+    CHECK(comm.device_messages == std::vector<std::size_t>{n});
+    CHECK(comm.backends == std::vector<std::string>{"emulated"});
+    CHECK(comm.host_messages.empty());
+    CHECK(flatten(buf) == doubled(before));
+  }
+  SECTION("the default stages it through the host: one host message") {
+    auto buf = params_to_buffer<double>(reg);
+    const std::vector<double> before = flatten(buf);
+    Doubling comm;
+    allreduce_param_buffer(comm, buf);
+    CHECK(comm.host_messages == std::vector<std::size_t>{n});
+    CHECK(flatten(buf) == doubled(before));
+  }
+  SECTION("absent entries neither travel nor appear") {
+    auto buf = params_to_buffer<double>(reg);
+    const ParamId gone = reg.entry(1).id;
+    const auto gone_numel = static_cast<std::size_t>(reg.entry(1).param->value.numel());
+    buf.erase(gone);
+    const std::vector<double> before = flatten(buf);
+    DeviceDoubling comm;
+    allreduce_param_buffer(comm, buf);
+    CHECK(comm.device_messages == std::vector<std::size_t>{n - gone_numel});
+    CHECK(buf.find(gone) == nullptr);
+    CHECK(flatten(buf) == doubled(before));
+  }
+}
+
+TEST_CASE("comm: the sums of both phases on a device backend reach the device hook", "[comm]") {
+  nn::Gpt2LMHeadModel<double, Emulated> model(ep_test::tiny_gpt2_config(), ep_test::tiny_lora(true), 3);
+  auto reg = Registry<double, Emulated>::build(model);
+  const TokenBatch E = ep_test::random_batch(4, 2, 8, 11, 5);
+  DeviceDoubling comm;
+  ProbeComponents<decltype(model)> c(model, reg, ProbeSettings{}, comm);
+  (void)c.accumulate_sum_X(E);
+  (void)c.accumulate_sum_Y(E);
+  // One device message per phase holding every buffer; the nonzero-gradient
+  // flags (one per tensor) stay host messages.
+  CHECK(comm.device_messages == std::vector<std::size_t>(2, static_cast<std::size_t>(reg.numel())));
+  CHECK(comm.host_messages == std::vector<std::size_t>(2, static_cast<std::size_t>(reg.size())));
+}
