@@ -662,7 +662,12 @@ struct FullLogitsModel {
 TEST_CASE("sequence log-probs: scored positions only, or all logits from a model that ignores the hint",
           "[probe][logit_positions]") {
   Model model = tiny_gpt2<double>(3);
-  const TokenBatch batch = random_batch(3, 2, 9, model.vocab_size(), 17);
+  TokenBatch batch = random_batch(3, 2, 9, model.vocab_size(), 17);
+  // A read position that is itself padding: the last prompt token of one row
+  // masked out (its logits still score the first response token).
+  const auto hole = static_cast<std::size_t>(batch.at(1, 1, batch.prompt_lens[1] - 1));
+  REQUIRE(batch.attention_mask[hole] == 1);
+  batch.attention_mask[hole] = 0;
   FullLogitsModel full{model};
   const std::vector<double> s_scored = sequence_logprobs(model, batch, 1.3, 0);
   const std::vector<double> s_full = sequence_logprobs(full, batch, 1.3, 0);

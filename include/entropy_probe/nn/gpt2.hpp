@@ -11,6 +11,7 @@
 
 #include "entropy_probe/nn/layers.hpp"
 #include "entropy_probe/nn/lora_config.hpp"
+#include "entropy_probe/nn/packing.hpp"
 #include "entropy_probe/tape/ops/attention.hpp"
 #include "entropy_probe/tape/ops/elementwise.hpp"
 #include "entropy_probe/tape/ops/gather.hpp"
@@ -116,30 +117,42 @@ class Gpt2LMHeadModel {
     if (lm_head_) v(p + "lm_head.weight", *lm_head_);
   }
 
-  // Logits [R, T, V] for the rows of `in`, or [m, V] for in.logit_positions
-  // (the last block's c_proj and MLP, ln_f and lm_head then run on those m
-  // positions only).
+  // Logits [R, T, V] for the rows of `in`, or [m, V] for in.logit_positions.
+  // Then only the needed positions are computed (nn/packing.hpp: real tokens
+  // and the read positions; attention on the [R, T] grid), and after the last
+  // attention, where all work is per position, only the m read positions.
   Var forward(Tape<T, B>& tape, const SequenceInput& in) {
     const index_t r = in.rows, t = in.length, d = config_.n_embd;
     check_input(in);
-    Var h = add(tape, embedding(tape, use(tape, wte_), std::span<const std::int32_t>(in.tokens)),
-                embedding(tape, use(tape, wpe_), std::span<const std::int32_t>(in.positions)));
-    h = reshape(tape, h, {r, t, d});
+    const std::optional<PackedPositions> pack = pack_positions(in);
+    const std::vector<std::int32_t> tokens = pack ? pack->select(in.tokens) : in.tokens;
+    const std::vector<std::int32_t> positions = pack ? pack->select(in.positions) : in.positions;
+    Var h = add(tape, embedding(tape, use(tape, wte_), std::span<const std::int32_t>(tokens)),
+                embedding(tape, use(tape, wpe_), std::span<const std::int32_t>(positions)));
+    if (!pack) h = reshape(tape, h, {r, t, d});
     const std::span<const std::uint8_t> mask(in.key_mask);
+    // The rows of h whose logits are read, once past the last attention.
+    bool selected = !in.logit_positions;
+    auto select_read = [&](Var x) {
+      return gather_rows(tape, x, std::span<const std::int32_t>(pack ? pack->logits : *in.logit_positions));
+    };
     for (Block& b : blocks_) {
       Var a = b.ln_1.forward(tape, h);
       Var qkv = b.c_attn.forward(tape, a);
+      if (pack) qkv = pack->to_grid(tape, qkv);
       Var att = causal_attention(tape, slice_last(tape, qkv, 0, d), slice_last(tape, qkv, d, d),
                                  slice_last(tape, qkv, 2 * d, d), mask, config_.n_head, config_.n_head);
-      if (&b == &blocks_.back() && in.logit_positions) {  // per-position work from here on: kept positions only
-        const std::span<const std::int32_t> keep(*in.logit_positions);
-        att = gather_rows(tape, att, keep);
-        h = gather_rows(tape, h, keep);
+      if (pack) att = pack->from_grid(tape, att);
+      if (&b == &blocks_.back() && !selected) {
+        att = select_read(att);
+        h = select_read(h);
+        selected = true;
       }
       h = add(tape, h, b.attn_c_proj.forward(tape, att));
       Var m = b.ln_2.forward(tape, h);
       h = add(tape, h, b.mlp_c_proj.forward(tape, gelu_tanh(tape, b.c_fc.forward(tape, m))));
     }
+    if (!selected) h = select_read(h);
     h = ln_f_.forward(tape, h);
     return linear(tape, h, use(tape, lm_head_ ? *lm_head_ : wte_));
   }

@@ -7,6 +7,7 @@
 
 #include "entropy_probe/nn/layers.hpp"
 #include "entropy_probe/nn/lora_config.hpp"
+#include "entropy_probe/nn/packing.hpp"
 #include "entropy_probe/tape/ops/attention.hpp"
 #include "entropy_probe/tape/ops/elementwise.hpp"
 #include "entropy_probe/tape/ops/gather.hpp"
@@ -132,35 +133,47 @@ class Qwen2ForCausalLM {
     if (lm_head_) v(p + "lm_head.weight", *lm_head_);
   }
 
-  // Logits [R, T, V], or [m, V] for in.logit_positions: then the last
-  // layer's o_proj and MLP, the final norm and lm_head run on those m
-  // positions only (everything after the last attention is per position).
+  // Logits [R, T, V], or [m, V] for in.logit_positions. Then only the
+  // needed positions are computed (nn/packing.hpp: real tokens and the read
+  // positions; attention on the [R, T] grid), and after the last attention,
+  // where all work is per position, only the m read positions.
   Var forward(Tape<T, B>& tape, const SequenceInput& in) {
     const index_t r = in.rows, t = in.length, d = config_.hidden_size;
     const auto n = static_cast<std::size_t>(r * t);
     if (in.tokens.size() != n || in.key_mask.size() != n || in.positions.size() != n)
       fail<UsageError>("qwen2 forward: input arrays must hold rows*length = {} entries", n);
+    const std::optional<PackedPositions> pack = pack_positions(in);
+    const std::vector<std::int32_t> tokens = pack ? pack->select(in.tokens) : in.tokens;
+    const std::vector<std::int32_t> positions = pack ? pack->select(in.positions) : in.positions;
     const auto table =
-        make_rotary_table<T, B>(std::span<const std::int32_t>(in.positions), config_.head_dim(), config_.rope_theta);
+        make_rotary_table<T, B>(std::span<const std::int32_t>(positions), config_.head_dim(), config_.rope_theta);
     const index_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads;
     const std::span<const std::uint8_t> mask(in.key_mask);
-    Var h =
-        reshape(tape, embedding(tape, use(tape, embed_tokens_), std::span<const std::int32_t>(in.tokens)), {r, t, d});
+    Var h = embedding(tape, use(tape, embed_tokens_), std::span<const std::int32_t>(tokens));
+    if (!pack) h = reshape(tape, h, {r, t, d});
+    auto grid = [&](Var x) { return pack ? pack->to_grid(tape, x) : x; };
+    // The rows of h whose logits are read, once past the last attention.
+    bool selected = !in.logit_positions;
+    auto select_read = [&](Var x) {
+      return gather_rows(tape, x, std::span<const std::int32_t>(pack ? pack->logits : *in.logit_positions));
+    };
     for (Layer& l : layers_) {
       Var a = l.input_layernorm.forward(tape, h);
       Var q = rotary(tape, l.q_proj.forward(tape, a), table, hq);
       Var k = rotary(tape, l.k_proj.forward(tape, a), table, hkv);
-      Var att = causal_attention(tape, q, k, l.v_proj.forward(tape, a), mask, hq, hkv);
-      if (&l == &layers_.back() && in.logit_positions) {
-        const std::span<const std::int32_t> keep(*in.logit_positions);
-        att = gather_rows(tape, att, keep);
-        h = gather_rows(tape, h, keep);
+      Var att = causal_attention(tape, grid(q), grid(k), grid(l.v_proj.forward(tape, a)), mask, hq, hkv);
+      if (pack) att = pack->from_grid(tape, att);
+      if (&l == &layers_.back() && !selected) {
+        att = select_read(att);
+        h = select_read(h);
+        selected = true;
       }
       h = add(tape, h, l.o_proj.forward(tape, att));
       Var m = l.post_attention_layernorm.forward(tape, h);
       Var gated = mul(tape, silu(tape, l.gate_proj.forward(tape, m)), l.up_proj.forward(tape, m));
       h = add(tape, h, l.down_proj.forward(tape, gated));
     }
+    if (!selected) h = select_read(h);
     h = norm_.forward(tape, h);
     return linear(tape, h, use(tape, lm_head_ ? *lm_head_ : embed_tokens_));
   }
