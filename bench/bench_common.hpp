@@ -3,6 +3,8 @@
 // in the run's header, and the main() that runs them and prints a ratio table.
 #pragma once
 
+#include <entropy_probe/tensor/cpu_backend.hpp>
+
 #include <benchmark/benchmark.h>
 #include <fmt/format.h>
 
@@ -71,8 +73,10 @@ inline void add_threading_context() {
 #if defined(_OPENMP)
   benchmark::AddCustomContext("openmp", "ON: check OMP_WAIT_POLICY=PASSIVE (DESIGN.md 7)");
 #else
-  benchmark::AddCustomContext("openmp", "off (Eigen single-threaded)");
+  benchmark::AddCustomContext("openmp", "off");
 #endif
+  benchmark::AddCustomContext("cpu_backend_threads", fmt::format("{} (Eigen thread pool; ENTROPY_PROBE_NUM_THREADS)",
+                                                                 entropy_probe::CpuBackend::num_threads()));
 }
 
 // Registers the benchmarks, runs the selected ones, prints the ratio table.
