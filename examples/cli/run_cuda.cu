@@ -5,6 +5,9 @@
 #include "run_typed.hpp"
 
 #include <entropy_probe/tensor/cuda_backend.hpp>
+#if defined(ENTROPY_PROBE_HAVE_NCCL)
+#include <entropy_probe/dist/nccl.hpp>
+#endif
 
 #include <cuda_runtime.h>
 
@@ -27,7 +30,23 @@ int run_on_cuda(const RunOptions& o, ep::Communicator& comm, int local_rank) {
   if (cudaGetDeviceProperties(&p, device) == cudaSuccess)
     ep::log_info("[device] CUDA device {} of {}: {}, compute capability {}.{}, {:.1f} GiB", device, count, p.name,
                  p.major, p.minor, static_cast<double>(p.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0));
-  return o.dtype == "f64" ? run_typed<double, ep::CudaBackend>(o, comm) : run_typed<float, ep::CudaBackend>(o, comm);
+  auto run = [&](ep::Communicator& c) {
+    return o.dtype == "f64" ? run_typed<double, ep::CudaBackend>(o, c) : run_typed<float, ep::CudaBackend>(o, c);
+  };
+#if defined(ENTROPY_PROBE_HAVE_NCCL)
+  // Parameter buffers reduce in device memory through NCCL, which needs a GPU
+  // of its own per rank: used only when no rank on any node shares one
+  // (decided by all ranks together, so they all take the same road).
+  if (comm.world() > 1) {
+    if (comm.allreduce_sum(local_rank >= count ? 1.0 : 0.0) == 0.0) {
+      ep::NcclCommunicator nccl(comm);
+      ep::log_info("[device] parameter buffers reduce through NCCL {}", ep::nccl_detail::version_str());
+      return run(nccl);
+    }
+    ep::log_info("[device] ranks share a GPU: parameter buffers reduce through the host communicator");
+  }
+#endif
+  return run(comm);
 }
 
 }  // namespace ep_run::detail
