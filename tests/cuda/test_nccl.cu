@@ -8,6 +8,8 @@
 #include "emulated_backend.hpp"
 #include "nccl_test.hpp"
 
+#include "../support/result_compare.hpp"
+
 #include <entropy_probe/dist/nccl.hpp>
 #include <entropy_probe/tensor/cuda_backend.hpp>
 
@@ -134,15 +136,7 @@ TEST_CASE("nccl: the probe on CudaBackend over NCCL equals one CPU process", "[n
     else
       CHECK(comm.device_allreduce_calls() == 0);
 
-    // Identical on every rank: rank 0's deltaH1 and SE broadcast as bits.
-    double mine[2] = {got.deltaH1, got.full ? got.full->se_deltaH1 : 0.0};
-    std::int64_t bits[2];
-    std::memcpy(bits, mine, sizeof bits);
-    comm.broadcast(std::span<std::int64_t>(bits, 2), 0);
-    double root[2];
-    std::memcpy(root, bits, sizeof root);
-    CHECK(root[0] == mine[0]);
-    CHECK(root[1] == mine[1]);
+    ep_test::check_same_on_every_rank(comm, got.deltaH1, got.full ? got.full->se_deltaH1 : 0.0);
   }
 }
 

@@ -6,6 +6,7 @@
 #define CATCH_CONFIG_RUNNER
 #include "../cuda/backend_parity.hpp"
 #include "../cuda/emulated_backend.hpp"
+#include "../support/result_compare.hpp"
 #include "../support/tiny_models.hpp"
 
 #include "../../examples/cli/run_command.hpp"
@@ -20,38 +21,6 @@ using namespace entropy_probe;
 using namespace ep_test;
 
 namespace {
-
-// Relative 1e-12. The ranks sum gradients in another order than one process
-// (shard sums, then the all-reduce), so the stepped parameters differ in the
-// last bits; a difference of two entropies (deltaH_true, deltaH_true_tok) then
-// carries that rounding relative to the entropies, not to the difference,
-// and is compared at the scale of the entropy it is taken from.
-void require_close(const nlohmann::json& a, const nlohmann::json& b, const std::string& path, double scale = 0) {
-  if (a.is_number() && b.is_number()) {
-    const double x = a.get<double>(), y = b.get<double>();
-    INFO(path << ": distributed " << x << " single " << y << " (scale " << scale << ")");
-    CHECK(std::abs(x - y) <= 1e-12 * std::max({std::abs(x), std::abs(y), scale, 1e-300}));
-  } else if (a.is_array() && b.is_array()) {
-    REQUIRE(a.size() == b.size());
-    for (std::size_t i = 0; i < a.size(); ++i) require_close(a[i], b[i], path + "[" + std::to_string(i) + "]");
-  } else if (a.is_object() && b.is_object()) {
-    for (auto it = b.begin(); it != b.end(); ++it) {
-      if (it.key() == "timing") continue;  // seconds differ, the keys must not
-      INFO(path << "." << it.key());
-      REQUIRE(a.contains(it.key()));
-      double sc = 0;
-      if (it.key() == "deltaH_true") sc = std::abs(b.value("H_orig", 0.0));
-      if (it.key() == "deltaH_true_tok") sc = std::abs(b.value("H_orig_tok", 0.0));
-      // V_Y of a single U prompt is zero but for rounding: V_X, V_Y at the
-      // scale of their sum, which the standard error is made of.
-      if (it.key() == "V_X" || it.key() == "V_Y") sc = std::abs(b.value("V_X", 0.0)) + std::abs(b.value("V_Y", 0.0));
-      require_close(a[it.key()], it.value(), path + "." + it.key(), sc);
-    }
-    CHECK(a.size() == b.size());
-  } else {
-    CHECK(a == b);
-  }
-}
 
 void compare(index_t B_E, index_t B_U, StepKind kind, AlphaRoute route) {
   MpiCommunicator comm;
@@ -70,16 +39,8 @@ void compare(index_t B_E, index_t B_U, StepKind kind, AlphaRoute route) {
   OfflineEntropyProbe single(model, cfg, &one);
   auto st1 = random_adam_state(single.registry(), 5);
   const auto rs = to_json(single.run(E, U, st1));
-  require_close(rd, rs, "result");
-  // Identical on every rank: rank 0's deltaH1 and SE broadcast as bits.
-  double mine[2] = {rd["deltaH1"].get<double>(), rd["SE_deltaH1"].get<double>()};
-  std::int64_t bits[2];
-  std::memcpy(bits, mine, sizeof bits);
-  comm.broadcast(std::span<std::int64_t>(bits, 2), 0);
-  double root[2];
-  std::memcpy(root, bits, sizeof root);
-  CHECK(root[0] == mine[0]);
-  CHECK(root[1] == mine[1]);
+  ep_test::require_results_close(rd, rs, "result");
+  check_same_on_every_rank(comm, rd["deltaH1"].get<double>(), rd["SE_deltaH1"].get<double>());
 }
 
 }  // namespace
@@ -114,7 +75,7 @@ TEST_CASE("mpi: a device backend's parameter buffers (staged through the host) m
   SingleProcess one;
   OfflineEntropyProbe single(model, cfg, &one);
   auto st1 = ep_parity::adam_state_on(cpu_state, single.registry());
-  require_close(rd, to_json(single.run(E, U, st1)), "emulated device");
+  ep_test::require_results_close(rd, to_json(single.run(E, U, st1)), "emulated device");
 }
 
 TEST_CASE("mpi: broadcast of sampled prompt indices from rank 0", "[mpi]") {
@@ -163,7 +124,7 @@ TEST_CASE("mpi: entropy-probe run under mpirun equals the single-process library
   REQUIRE(in.good());
   nlohmann::json rd = nlohmann::json::parse(in);
   rd["config"] = rs["config"];  // the CLI records its own options there
-  require_close(rd, rs, "cli");
+  ep_test::require_results_close(rd, rs, "cli");
 }
 
 int main(int argc, char** argv) {
