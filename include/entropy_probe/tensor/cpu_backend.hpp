@@ -11,6 +11,7 @@
 #include "entropy_probe/core/config.hpp"
 #include "entropy_probe/core/error.hpp"
 #include "entropy_probe/tensor/block_cache.hpp"
+#include "entropy_probe/tensor/owned_buffer.hpp"
 
 #include <Eigen/Core>
 #include <unsupported/Eigen/CXX11/ThreadPool>
@@ -117,55 +118,21 @@ class HostAllocator {
   std::size_t limit_ = kDefaultLimit;
 };
 
-// Host storage of n elements: RAII over HostAllocator, a deep copy on copy,
-// size() / data() / operator[] like std::vector (and like CudaBackend's
-// DeviceBuffer, so Tensor holds either).
-template <class T>
-class HostBuffer {
-  static_assert(std::is_trivially_copyable_v<T>, "HostBuffer holds trivially copyable elements");
-
- public:
-  HostBuffer() = default;
-  // n uninitialised elements.
-  explicit HostBuffer(std::size_t n) : size_(n) {
-    if (n == 0) return;
-    if (n > SIZE_MAX / sizeof(T)) fail<Error>("host allocation of {} elements of {} bytes overflows", n, sizeof(T));
-    data_ = static_cast<T*>(HostAllocator::instance().allocate(n * sizeof(T)));
-  }
-  HostBuffer(const HostBuffer& o) : HostBuffer(o.size_) {
-    if (size_ > 0) std::memcpy(data_, o.data_, size_ * sizeof(T));
-  }
-  HostBuffer(HostBuffer&& o) noexcept { swap(o); }
-  HostBuffer& operator=(const HostBuffer& o) {
-    if (this != &o) {
-      HostBuffer copy(o);
-      swap(copy);
-    }
-    return *this;
-  }
-  HostBuffer& operator=(HostBuffer&& o) noexcept {
-    HostBuffer moved(std::move(o));
-    swap(moved);
-    return *this;
-  }
-  ~HostBuffer() { HostAllocator::instance().release(data_, size_ * sizeof(T)); }
-
-  void swap(HostBuffer& o) noexcept {
-    std::swap(data_, o.data_);
-    std::swap(size_, o.size_);
-  }
-
-  T* data() { return data_; }
-  const T* data() const { return data_; }
-  std::size_t size() const { return size_; }
-  bool empty() const { return size_ == 0; }
-  T& operator[](std::size_t i) { return data_[i]; }
-  const T& operator[](std::size_t i) const { return data_[i]; }
-
- private:
-  T* data_ = nullptr;
-  std::size_t size_ = 0;
+// Host memory for HostBuffer (tensor/owned_buffer.hpp): the caching
+// allocator above; no context to hold.
+struct HostMemory {
+  struct Handle {};
+  static constexpr const char* what = "host allocation";
+  static Handle acquire() { return {}; }
+  static void* allocate(Handle, std::size_t bytes) { return HostAllocator::instance().allocate(bytes); }
+  static void release(Handle, void* p, std::size_t bytes) noexcept { HostAllocator::instance().release(p, bytes); }
+  static void copy(Handle, void* dst, const void* src, std::size_t bytes) { std::memcpy(dst, src, bytes); }
 };
+
+// Host storage of n elements (like CudaBackend's DeviceBuffer, so Tensor
+// holds either).
+template <class T>
+using HostBuffer = detail::OwnedBuffer<T, HostMemory>;
 
 // The threads that share the backend's element and row loops (every op's
 // non-GEMM work) with the calling thread, on Eigen's thread pool. Without

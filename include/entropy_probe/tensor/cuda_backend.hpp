@@ -28,6 +28,7 @@
 #include "entropy_probe/core/config.hpp"
 #include "entropy_probe/core/error.hpp"
 #include "entropy_probe/tensor/block_cache.hpp"
+#include "entropy_probe/tensor/owned_buffer.hpp"
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -209,61 +210,24 @@ class CudaContext {
   std::mutex sum_mutex_;
 };
 
-// Device storage of n elements: RAII over CudaContext::allocate, a deep copy
-// on copy, size() / data() like std::vector. Plain device memory (no managed
-// memory): the host never dereferences data().
-template <class T>
-class DeviceBuffer {
-  static_assert(std::is_trivially_copyable_v<T>, "DeviceBuffer holds trivially copyable elements");
-
- public:
-  DeviceBuffer() = default;
-  // n uninitialised elements on the current device.
-  explicit DeviceBuffer(std::size_t n) : size_(n) {
-    if (n == 0) return;
-    if (n > SIZE_MAX / sizeof(T))
-      fail<Error>("cudaMalloc({} elements of {} bytes) failed: the size overflows", n, sizeof(T));
-    ctx_ = &CudaContext::current();
-    data_ = static_cast<T*>(ctx_->allocate(n * sizeof(T)));
+// Device memory for DeviceBuffer (tensor/owned_buffer.hpp): the current
+// device's CudaContext and its caching allocator; copies queue on its stream.
+struct DeviceMemory {
+  using Handle = CudaContext*;
+  static constexpr const char* what = "cudaMalloc";
+  static Handle acquire() { return &CudaContext::current(); }
+  static void* allocate(Handle ctx, std::size_t bytes) { return ctx->allocate(bytes); }
+  static void release(Handle ctx, void* p, std::size_t bytes) noexcept { ctx->release(p, bytes); }
+  static void copy(Handle ctx, void* dst, const void* src, std::size_t bytes) {
+    cuda_detail::check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, ctx->stream()),
+                       "cudaMemcpyAsync(device to device, {})", cuda_detail::bytes_str(bytes));
   }
-  DeviceBuffer(const DeviceBuffer& o) : DeviceBuffer(o.size_) {
-    if (size_ > 0)
-      cuda_detail::check(cudaMemcpyAsync(data_, o.data_, size_ * sizeof(T), cudaMemcpyDeviceToDevice, ctx_->stream()),
-                         "cudaMemcpyAsync(device to device, {})", cuda_detail::bytes_str(size_ * sizeof(T)));
-  }
-  DeviceBuffer(DeviceBuffer&& o) noexcept { swap(o); }
-  DeviceBuffer& operator=(const DeviceBuffer& o) {
-    if (this != &o) {
-      DeviceBuffer copy(o);
-      swap(copy);
-    }
-    return *this;
-  }
-  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
-    DeviceBuffer moved(std::move(o));
-    swap(moved);
-    return *this;
-  }
-  ~DeviceBuffer() {
-    if (ctx_) ctx_->release(data_, size_ * sizeof(T));
-  }
-
-  void swap(DeviceBuffer& o) noexcept {
-    std::swap(data_, o.data_);
-    std::swap(size_, o.size_);
-    std::swap(ctx_, o.ctx_);
-  }
-
-  T* data() { return data_; }
-  const T* data() const { return data_; }
-  std::size_t size() const { return size_; }
-  bool empty() const { return size_ == 0; }
-
- private:
-  T* data_ = nullptr;
-  std::size_t size_ = 0;
-  CudaContext* ctx_ = nullptr;
 };
+
+// Device storage of n elements: plain device memory (no managed memory), so
+// the host never dereferences data().
+template <class T>
+using DeviceBuffer = detail::OwnedBuffer<T, DeviceMemory>;
 
 namespace cuda_detail {
 
