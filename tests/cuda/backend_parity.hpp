@@ -375,17 +375,6 @@ void storage_primitives() {
 
 // ---- buffers and the optimizer ----------------------------------------------------------
 
-inline nn::Qwen2Config tiny_qwen2_config() {
-  nn::Qwen2Config c;
-  c.vocab_size = 13;
-  c.hidden_size = 8;
-  c.intermediate_size = 12;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 2;
-  c.num_key_value_heads = 1;
-  c.rope_theta = 10000.0;
-  return c;
-}
 inline nn::LoraConfig tiny_qwen2_lora() {
   nn::LoraConfig l;
   l.r = 2;
@@ -562,8 +551,8 @@ void probe_qwen2() {
   ProbeConfig cfg;
   cfg.mb_size = 3;
   cfg.ground_truth = StepKind::adam;
-  nn::Qwen2ForCausalLM<T> mc(tiny_qwen2_config(), tiny_qwen2_lora(), 41);
-  nn::Qwen2ForCausalLM<T, DevB> md(tiny_qwen2_config(), tiny_qwen2_lora(), 41);
+  nn::Qwen2ForCausalLM<T> mc(ep_test::tiny_qwen2_config(/*tie=*/true), tiny_qwen2_lora(), 41);
+  nn::Qwen2ForCausalLM<T, DevB> md(ep_test::tiny_qwen2_config(/*tie=*/true), tiny_qwen2_lora(), 41);
   probe_parity<T, DevB>("qwen2, adam ground truth", mc, md, 13, cfg);
 }
 

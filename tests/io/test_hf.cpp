@@ -176,21 +176,6 @@ void write_gpt2_dir(nn::Gpt2LMHeadModel<T>& m, const TempDir& dir, bool transfor
   }
 }
 
-nn::Qwen2Config tiny_qwen2_config(bool tie) {
-  nn::Qwen2Config c;
-  c.vocab_size = 13;
-  c.hidden_size = 8;
-  c.intermediate_size = 12;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 2;
-  c.num_key_value_heads = 1;
-  c.max_position_embeddings = 64;
-  c.rms_norm_eps = 1e-6;
-  c.rope_theta = 10000.0;
-  c.tie_word_embeddings = tie;
-  return c;
-}
-
 nn::LoraConfig qwen2_lora(bool lm_head, bool rslora) {
   nn::LoraConfig l;
   l.r = 2;

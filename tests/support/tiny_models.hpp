@@ -2,6 +2,7 @@
 #pragma once
 
 #include <entropy_probe/nn/gpt2.hpp>
+#include <entropy_probe/nn/qwen2.hpp>
 #include <entropy_probe/probe/adam.hpp>
 #include <entropy_probe/probe/batch.hpp>
 
@@ -18,6 +19,24 @@ inline nn::Gpt2Config tiny_gpt2_config() {
   c.n_embd = 8;
   c.n_layer = 2;
   c.n_head = 2;
+  return c;
+}
+
+// A tiny Qwen2 (GQA: 2 query heads, 1 KV head), tied or untied lm_head.
+// max_position_embeddings only travels through config.json (the model never
+// reads it); 64 keeps the checkpoint tests' files small and explicit.
+inline nn::Qwen2Config tiny_qwen2_config(bool tie) {
+  nn::Qwen2Config c;
+  c.vocab_size = 13;
+  c.hidden_size = 8;
+  c.intermediate_size = 12;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 2;
+  c.num_key_value_heads = 1;
+  c.max_position_embeddings = 64;
+  c.rms_norm_eps = 1e-6;
+  c.rope_theta = 10000.0;
+  c.tie_word_embeddings = tie;
   return c;
 }
 
