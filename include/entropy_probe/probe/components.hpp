@@ -10,6 +10,7 @@
 #include "entropy_probe/module/bind.hpp"
 #include "entropy_probe/probe/comm.hpp"
 #include "entropy_probe/probe/sequence_logprob.hpp"
+#include "entropy_probe/tensor/blas.hpp"
 
 #include <cmath>
 #include <functional>
@@ -21,13 +22,18 @@
 namespace entropy_probe {
 
 namespace detail {
-// Whether a gradient exists and has a nonzero element. A free function: nvcc
-// does not allow a device lambda inside a private member.
-template <class T, class B>
-bool has_nonzero(const std::optional<Tensor<T, B>>& g) {
-  if (!g) return false;
-  const T* p = g->data();
-  return B::sum(g->numel(), [=] EP_HOST_DEVICE(index_t k) { return p[k] != T(0) ? 1.0 : 0.0; }) > 0;
+// out[0] = the number of nonzero elements of t (0 when t is absent), written
+// on the backend without a synchronising read. A free function: nvcc does not
+// allow a device lambda inside a private member.
+template <class U, class B>
+void count_nonzero_into(const Tensor<U, B>* t, acc_t* out) {
+  if (!t || t->numel() == 0) {
+    B::fill(out, 1, acc_t(0));
+    return;
+  }
+  const U* p = t->data();
+  B::row_sum(
+      1, t->numel(), [=] EP_HOST_DEVICE(index_t, index_t k) { return p[k] != U(0) ? 1.0 : 0.0; }, out);
 }
 }  // namespace detail
 
@@ -241,7 +247,6 @@ class ProbeComponents {
                  const LossWeightsFn& weights) const {
     Sum out{zeros_like_params(), batch.B};
     const std::vector<index_t> mine = comm_->shard(batch.B);
-    std::vector<double> nonzero(static_cast<std::size_t>(registry_->size()), 0.0);
     index_t done = 0;
     for (auto [b0, b1] : iter_microbatches(static_cast<index_t>(mine.size()))) {
       const TokenBatch mb = batch.select(std::vector<index_t>(mine.begin() + b0, mine.begin() + b1));
@@ -251,21 +256,23 @@ class ProbeComponents {
       require_leaves_in_registry(tape, *registry_->info(), phase);
       const std::vector<double> W = weights(mb, to_double(tape.value(S)));
       tape.backward(S, from_double(W));
-      for (index_t i = 0; i < registry_->size(); ++i)
-        if (detail::has_nonzero(registry_->entry(i).param->grad)) nonzero[static_cast<std::size_t>(i)] = 1;
       add_into_param_buffer(out.sum, 1.0);
       report(phase, done += mb.B, static_cast<index_t>(mine.size()));
     }
     registry_->zero_grad();
     allreduce(out.sum);
-    comm_->allreduce_sum(std::span<double>(nonzero));
+    // Parameters whose summed gradient over the phase (all ranks) has a
+    // nonzero entry: counted on the backend, read back once.
+    Tensor<acc_t, B> nonzero({registry_->size()});
+    for (index_t i = 0; i < registry_->size(); ++i) detail::count_nonzero_into(out.sum.entry(i), nonzero.data() + i);
     index_t k = 0;
-    for (double v : nonzero) k += v > 0;
+    for (double v : nonzero.to_host()) k += v > 0;
     log_debug("{} = {}/{}", nonzero_label, k, registry_->size());
-    log_debug("[{}] ||sum_{}|| = {:.6e} over {} prompts", phase, phase, norm_param_buffer(out.sum), out.count);
+    if (log_enabled(LogLevel::debug))  // the norm reads every entry back: only when it is shown
+      log_debug("[{}] ||sum_{}|| = {:.6e} over {} prompts", phase, phase, norm_param_buffer(out.sum), out.count);
     if (k == 0)
       fail<Error>(
-          "{} = 0/{}: every trainable parameter's gradient is zero over the whole {} phase "
+          "{} = 0/{}: every trainable parameter's gradient sums to zero over the whole {} phase "
           "(all advantages zero, no generated tokens, or a LoRA B initialised to zero with nothing else "
           "trainable); refusing to report a silent zero",
           nonzero_label, registry_->size(), phase);
