@@ -288,20 +288,97 @@ void gemm_primitives() {
         check_close("gemm ta=" + std::to_string(ta) + " tb=" + std::to_string(tb) + " beta=" + std::to_string(beta),
                     host_doubles(cd), host_doubles(cc), tol);
       }
-  // batched, and k = 0 (C = beta C)
-  const index_t m = 8, n = 5, k = 6, batch = 4;
+  // batched: a strided batch, then a three-level grid whose B is shared
+  // along the last level (attention's KV heads), against one gemm per item;
+  // and k = 0 (C = beta C)
+  const index_t m = 8, n = 5, k = 6, batch = 12;
   const auto a = random_host({batch, m, k}, rng), b = random_host({batch, n, k}, rng),
              c = random_host({batch, m, n}, rng);
   auto ac = on_backend<T, Cpu>(a), bc = on_backend<T, Cpu>(b), cc = on_backend<T, Cpu>(c);
   auto ad = on_backend<T, DevB>(a), bd = on_backend<T, DevB>(b), cd = on_backend<T, DevB>(c);
-  Cpu::gemm_strided_batched(false, true, m, n, k, T(1), ac.data(), k, m * k, bc.data(), k, n * k, T(1), cc.data(), n,
-                            m * n, batch);
-  DevB::gemm_strided_batched(false, true, m, n, k, T(1), ad.data(), k, m * k, bd.data(), k, n * k, T(1), cd.data(), n,
-                             m * n, batch);
-  check_close("gemm_strided_batched", host_doubles(cd), host_doubles(cc), tol);
+  const BatchGrid strided = BatchGrid::strided(batch, m * k, n * k, m * n);
+  Cpu::gemm_batched(false, true, m, n, k, T(1), ac.data(), k, bc.data(), k, T(1), cc.data(), n, strided);
+  DevB::gemm_batched(false, true, m, n, k, T(1), ad.data(), k, bd.data(), k, T(1), cd.data(), n, strided);
+  check_close("gemm_batched, strided", host_doubles(cd), host_doubles(cc), tol);
+  BatchGrid grid;
+  grid.n[0] = 2, grid.n[1] = 2, grid.n[2] = 3;
+  grid.sa[0] = 6 * m * k, grid.sa[1] = 3 * m * k, grid.sa[2] = m * k;
+  grid.sb[0] = 2 * n * k, grid.sb[1] = n * k, grid.sb[2] = 0;
+  grid.sc[0] = 6 * m * n, grid.sc[1] = 3 * m * n, grid.sc[2] = m * n;
+  auto ref = to_backend<Cpu>(cc);
+  for (index_t i0 = 0; i0 < 2; ++i0)
+    for (index_t i1 = 0; i1 < 2; ++i1)
+      for (index_t i2 = 0; i2 < 3; ++i2)
+        Cpu::gemm(false, true, m, n, k, T(0.5), ac.data() + (6 * i0 + 3 * i1 + i2) * m * k, k,
+                  bc.data() + (2 * i0 + i1) * n * k, k, T(-1), ref.data() + (6 * i0 + 3 * i1 + i2) * m * n, n);
+  Cpu::gemm_batched(false, true, m, n, k, T(0.5), ac.data(), k, bc.data(), k, T(-1), cc.data(), n, grid);
+  DevB::gemm_batched(false, true, m, n, k, T(0.5), ad.data(), k, bd.data(), k, T(-1), cd.data(), n, grid);
+  CHECK(host_doubles(cc) == host_doubles(ref));  // the CPU backend runs exactly these products
+  check_close("gemm_batched, three-level grid with a shared B", host_doubles(cd), host_doubles(cc), tol);
+  Cpu::gemm_batched(false, true, m, n, 0, T(1), ac.data(), 1, bc.data(), 1, T(0.5), cc.data(), n, grid);
+  DevB::gemm_batched(false, true, m, n, 0, T(1), ad.data(), 1, bd.data(), 1, T(0.5), cd.data(), n, grid);
+  check_close("gemm_batched with k = 0", host_doubles(cd), host_doubles(cc), tol);
   Cpu::gemm(false, false, m, n, 0, T(1), ac.data(), 1, bc.data(), n, T(0.5), cc.data(), n);
   DevB::gemm(false, false, m, n, 0, T(1), ad.data(), 1, bd.data(), n, T(0.5), cd.data(), n);
   check_close("gemm with k = 0", host_doubles(cd), host_doubles(cc), tol);
+}
+
+// The fused row passes on backend Bk against plain loops: a reduction over
+// the first len(r) entries (0 and all included), its statistic, then a pass
+// over the whole row that reads what an earlier pass wrote.
+template <class Bk>
+void fused_row_primitives(const std::string& name) {
+  std::mt19937_64 rng(12);
+  for (index_t cols : {1, 33, 700, 5000}) {
+    const index_t rows = 301;
+    const auto x = random_host({rows, cols}, rng, 4.0);
+    const auto xd = on_backend<double, Bk>(x);
+    const double* p = xd.data();
+    auto len = [=] EP_HOST_DEVICE(index_t r) { return (r * 7) % (cols + 1); };
+    Tensor<double, Bk> y({rows, cols}), e({rows, cols}), stat({rows});
+    double* yp = y.data();
+    double* ep = e.data();
+    double* sp = stat.data();
+    Bk::row_sum_apply(
+        rows, cols, len, [=] EP_HOST_DEVICE(index_t r, index_t j) { return p[r * cols + j] * p[r * cols + j]; },
+        [=] EP_HOST_DEVICE(index_t r, acc_t s) { return sp[r] = s + double(r); },
+        [=] EP_HOST_DEVICE(index_t r, index_t j, acc_t a) { yp[r * cols + j] = p[r * cols + j] * a; });
+    std::vector<double> ys(static_cast<std::size_t>(rows * cols)), ss(static_cast<std::size_t>(rows));
+    std::vector<double> es(ys.size()), ms(ss.size());
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t n = (r * 7) % (cols + 1);
+      double s = 0, m = -INFINITY;
+      for (index_t j = 0; j < n; ++j) {
+        s += x[r * cols + j] * x[r * cols + j];
+        m = std::max(m, x[r * cols + j]);
+      }
+      ss[static_cast<std::size_t>(r)] = s + double(r);
+      double z = 0;
+      for (index_t j = 0; j < n; ++j) z += std::exp(x[r * cols + j] - m);
+      ms[static_cast<std::size_t>(r)] = n > 0 ? m + std::log(z) : -1.0;
+      for (index_t j = 0; j < cols; ++j) {
+        const auto k = static_cast<std::size_t>(r * cols + j);
+        ys[k] = x[r * cols + j] * ss[static_cast<std::size_t>(r)];
+        es[k] = j < n ? std::exp(x[r * cols + j] - m) / z : -2.0;
+      }
+    }
+    const std::string c = ", cols = " + std::to_string(cols);
+    check_close(name + " row_sum_apply statistic" + c, stat.to_host(), ss, 1e-12);
+    check_close(name + " row_sum_apply rows" + c, y.to_host(), ys, 1e-12);
+    // softmax over the first len(r) entries: the exponentials written by the
+    // sum pass are read back by the last pass; -2 past len(r)
+    Tensor<double, Bk> lse({rows});
+    double* lp = lse.data();
+    Bk::row_max_sum_apply(
+        rows, cols, len, [=] EP_HOST_DEVICE(index_t r, index_t j) { return p[r * cols + j]; },
+        [=] EP_HOST_DEVICE(index_t r, index_t j, acc_t m) { return ep[r * cols + j] = std::exp(p[r * cols + j] - m); },
+        [=] EP_HOST_DEVICE(index_t r, index_t j, acc_t m, acc_t z) {
+          if (j == 0) lp[r] = z > 0 ? m + std::log(z) : -1.0;
+          ep[r * cols + j] = j < (r * 7) % (cols + 1) ? ep[r * cols + j] / z : -2.0;
+        });
+    check_close(name + " row_max_sum_apply log-sum-exp" + c, lse.to_host(), ms, 1e-12);
+    check_close(name + " row_max_sum_apply rows" + c, e.to_host(), es, 1e-12);
+  }
 }
 
 template <class DevB>
@@ -346,6 +423,8 @@ void reduction_primitives() {
         ok = ok && yh[static_cast<std::size_t>(r * cols + j)] == double(r * 100000 + j);
     CHECK(ok);
   }
+  fused_row_primitives<Cpu>("cpu");
+  fused_row_primitives<DevB>(DevB::name);
 }
 
 template <class DevB>

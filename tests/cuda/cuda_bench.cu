@@ -48,9 +48,10 @@ using cuda_detail::check;
 
 struct GemmCall {
   bool ta, tb;
-  index_t m, n, k, lda, ldb, ldc, sa, sb, sc, batch;
+  index_t m, n, k, lda, ldb, ldc;
+  BatchGrid grid;
   cudaEvent_t start, stop;
-  double flops() const { return 2.0 * double(m) * double(n) * double(k) * double(batch); }
+  double flops() const { return 2.0 * double(m) * double(n) * double(k) * double(grid.count()); }
 };
 
 struct GemmLog {
@@ -194,6 +195,18 @@ struct TimedCudaBackend : CudaBackend {
     Timed t(true, site<F>("row_max"));
     CudaBackend::row_max(rows, cols, std::forward<F>(f), out);
   }
+  template <class L, class F, class Fin, class G>
+  static void row_sum_apply(index_t rows, index_t cols, L&& len, F&& f, Fin&& fin, G&& g) {
+    Timed t(true, site<G>("row_sum_apply"));
+    CudaBackend::row_sum_apply(rows, cols, std::forward<L>(len), std::forward<F>(f), std::forward<Fin>(fin),
+                               std::forward<G>(g));
+  }
+  template <class L, class FM, class FS, class G>
+  static void row_max_sum_apply(index_t rows, index_t cols, L&& len, FM&& fm, FS&& fs, G&& g) {
+    Timed t(true, site<G>("row_max_sum_apply"));
+    CudaBackend::row_max_sum_apply(rows, cols, std::forward<L>(len), std::forward<FM>(fm), std::forward<FS>(fs),
+                                   std::forward<G>(g));
+  }
   template <class F>
   static acc_t sum(index_t n, F&& f) {
     Timed t(true, site<F>("sum (with its copy back)"));
@@ -223,21 +236,20 @@ struct TimedCudaBackend : CudaBackend {
   template <class T>
   static void gemm(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda, const T* b,
                    index_t ldb, T beta, T* c, index_t ldc) {
-    gemm_strided_batched(ta, tb, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, 1);
+    gemm_batched(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, BatchGrid{});
   }
   template <class T>
-  static void gemm_strided_batched(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda,
-                                   index_t sa, const T* b, index_t ldb, index_t sb, T beta, T* c, index_t ldc,
-                                   index_t sc, index_t batch) {
+  static void gemm_batched(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda,
+                           const T* b, index_t ldb, T beta, T* c, index_t ldc, const BatchGrid& grid) {
     GemmLog& log = gemm_log();
-    if (!log.on || m == 0 || n == 0 || k == 0 || batch == 0) {
-      CudaBackend::gemm_strided_batched(ta, tb, m, n, k, alpha, a, lda, sa, b, ldb, sb, beta, c, ldc, sc, batch);
+    if (!log.on || m == 0 || n == 0 || k == 0 || grid.count() == 0) {
+      CudaBackend::gemm_batched(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, grid);
       return;
     }
-    GemmCall call{ta, tb, m, n, k, lda, ldb, ldc, sa, sb, sc, batch, event_pool().get(), event_pool().get()};
+    GemmCall call{ta, tb, m, n, k, lda, ldb, ldc, grid, event_pool().get(), event_pool().get()};
     cudaStream_t s = context().stream();
     check(cudaEventRecord(call.start, s), "cudaEventRecord");
-    CudaBackend::gemm_strided_batched(ta, tb, m, n, k, alpha, a, lda, sa, b, ldb, sb, beta, c, ldc, sc, batch);
+    CudaBackend::gemm_batched(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, grid);
     check(cudaEventRecord(call.stop, s), "cudaEventRecord");
     log.calls.push_back(call);
   }
@@ -335,8 +347,9 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 std::string shape_key(const GemmCall& c) {
-  return fmt::format("{}{} m={} n={} k={}{}", c.ta ? 'T' : 'N', c.tb ? 'T' : 'N', c.m, c.n, c.k,
-                     c.batch > 1 ? fmt::format(" x{}", c.batch) : "");
+  const index_t batch = c.grid.count();
+  return fmt::format("{}{} m={} n={} k={}{}{}", c.ta ? 'T' : 'N', c.tb ? 'T' : 'N', c.m, c.n, c.k,
+                     batch > 1 ? fmt::format(" x{}", batch) : "", c.grid.single_level() < 0 ? " (grid)" : "");
 }
 
 struct GemmStats {
@@ -359,9 +372,11 @@ GemmStats gemm_rates(std::vector<GemmCall>& calls) {
     st.flops += c.flops();
     auto& [count, sec, fl] = by_shape[shape_key(c)];
     ++count, sec += ms * 1e-3, fl += c.flops();
-    ea = std::max(ea, (c.batch - 1) * c.sa + (c.ta ? c.k : c.m) * c.lda);
-    eb = std::max(eb, (c.batch - 1) * c.sb + (c.tb ? c.n : c.k) * c.ldb);
-    ec = std::max(ec, (c.batch - 1) * c.sc + c.m * c.ldc);
+    index_t oa, ob, oc;  // the last item lies furthest out (strides are non-negative)
+    c.grid.offsets(c.grid.count() - 1, oa, ob, oc);
+    ea = std::max(ea, oa + (c.ta ? c.k : c.m) * c.lda);
+    eb = std::max(eb, ob + (c.tb ? c.n : c.k) * c.ldb);
+    ec = std::max(ec, oc + c.m * c.ldc);
   }
   std::vector<std::pair<std::string, std::tuple<int, double, double>>> rows(by_shape.begin(), by_shape.end());
   std::sort(rows.begin(), rows.end(),
@@ -381,8 +396,8 @@ GemmStats gemm_rates(std::vector<GemmCall>& calls) {
   for (int rep = 0; rep < 3; ++rep) {
     check(cudaEventRecord(t0, s), "cudaEventRecord");
     for (const GemmCall& c : calls)
-      CudaBackend::gemm_strided_batched(c.ta, c.tb, c.m, c.n, c.k, 1.0f, A.data(), c.lda, c.sa, B.data(), c.ldb, c.sb,
-                                        0.0f, C.data(), c.ldc, c.sc, c.batch);
+      CudaBackend::gemm_batched(c.ta, c.tb, c.m, c.n, c.k, 1.0f, A.data(), c.lda, B.data(), c.ldb, 0.0f, C.data(),
+                                c.ldc, c.grid);
     check(cudaEventRecord(t1, s), "cudaEventRecord");
     check(cudaEventSynchronize(t1), "cudaEventSynchronize");
     float ms = 0;

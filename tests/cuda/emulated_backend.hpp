@@ -41,6 +41,25 @@ struct EmulatedDeviceBackend : entropy_probe::CpuBackend {
     for (index_t r = 0; r < rows; ++r) out[r] = sum(cols, [&](index_t j) { return f(r, j); });
   }
 
+  // The fused row passes with their reductions in the blocked order above.
+  template <class L, class F, class Fin, class G>
+  static void row_sum_apply(index_t rows, index_t cols, L&& len, F&& f, Fin&& fin, G&& g) {
+    for (index_t r = 0; r < rows; ++r) {
+      const acc_t a = fin(r, sum(len(r), [&](index_t j) { return f(r, j); }));
+      for (index_t j = 0; j < cols; ++j) g(r, j, a);
+    }
+  }
+  template <class L, class FM, class FS, class G>
+  static void row_max_sum_apply(index_t rows, index_t cols, L&& len, FM&& fm, FS&& fs, G&& g) {
+    for (index_t r = 0; r < rows; ++r) {
+      const index_t n = len(r);
+      acc_t m = -std::numeric_limits<acc_t>::infinity();
+      for (index_t j = n; j-- > 0;) m = std::fmax(m, static_cast<acc_t>(fm(r, j)));
+      const acc_t s = sum(n, [&](index_t j) { return fs(r, j, m); });
+      for (index_t j = 0; j < cols; ++j) g(r, j, m, s);
+    }
+  }
+
   template <class T>
   static void gemm(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda,
                    const T* b, index_t ldb, T beta, T* c, index_t ldc) {
@@ -53,11 +72,14 @@ struct EmulatedDeviceBackend : entropy_probe::CpuBackend {
     eigen_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
   template <class T>
-  static void gemm_strided_batched(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T alpha, const T* a,
-                                   index_t lda, index_t stride_a, const T* b, index_t ldb, index_t stride_b, T beta,
-                                   T* c, index_t ldc, index_t stride_c, index_t batch) {
-    for (index_t i = 0; i < batch; ++i)
-      gemm(trans_a, trans_b, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b, ldb, beta, c + i * stride_c, ldc);
+  static void gemm_batched(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T alpha, const T* a,
+                           index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc,
+                           const entropy_probe::BatchGrid& grid) {
+    for (index_t i = grid.count(); i-- > 0;) {  // last item first: no op may depend on the order
+      index_t oa, ob, oc;
+      grid.offsets(i, oa, ob, oc);
+      gemm(trans_a, trans_b, m, n, k, alpha, a + oa, lda, b + ob, ldb, beta, c + oc, ldc);
+    }
   }
 };
 

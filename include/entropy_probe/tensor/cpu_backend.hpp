@@ -2,7 +2,7 @@
 // for the large matrix products when ENTROPY_PROBE_USE_CBLAS is defined.
 //
 // A backend is a type with static primitives; ops are written once against
-// them (gemm and its strided-batched form, parallel_for / parallel_for_2d
+// them (gemm and its batched form, parallel_for / parallel_for_2d
 // over a host/device functor, double-accumulated sums and row reductions),
 // so a second backend (CUDA, tensor/cuda_backend.hpp) only has to supply the
 // same primitives.
@@ -10,6 +10,7 @@
 
 #include "entropy_probe/core/config.hpp"
 #include "entropy_probe/core/error.hpp"
+#include "entropy_probe/tensor/batch_grid.hpp"
 #include "entropy_probe/tensor/block_cache.hpp"
 #include "entropy_probe/tensor/owned_buffer.hpp"
 
@@ -390,6 +391,40 @@ struct CpuBackend {
     });
   }
 
+  // Fused row passes, for the ops that normalise a row by a statistic of it
+  // (norms, attention's softmax and its VJP / JVP). For each row r:
+  //   row_sum_apply:      a = fin(r, sum_{j < len(r)} f(r, j)),  then g(r, j, a) for j < cols
+  //   row_max_sum_apply:  m = max_{j < len(r)} fm(r, j),
+  //                       s = sum_{j < len(r)} fs(r, j, m),        then g(r, j, m, s) for j < cols
+  // all in double. Each pass ends before the next begins, so a pass may write
+  // the element (r, j) it is given and a later pass reads it. Here a row at
+  // a time, so it stays in cache between passes; on a device a block per row.
+  template <class L, class F, class Fin, class G>
+  static void row_sum_apply(index_t rows, index_t cols, L&& len, F&& f, Fin&& fin, G&& g) {
+    threads().run(rows, row_grain(cols), [&](index_t lo, index_t hi) {
+      for (index_t r = lo; r < hi; ++r) {
+        const index_t n = len(r);
+        acc_t s = 0;
+        for (index_t j = 0; j < n; ++j) s += static_cast<acc_t>(f(r, j));
+        const acc_t a = fin(r, s);
+        for (index_t j = 0; j < cols; ++j) g(r, j, a);
+      }
+    });
+  }
+  template <class L, class FM, class FS, class G>
+  static void row_max_sum_apply(index_t rows, index_t cols, L&& len, FM&& fm, FS&& fs, G&& g) {
+    threads().run(rows, row_grain(cols), [&](index_t lo, index_t hi) {
+      for (index_t r = lo; r < hi; ++r) {
+        const index_t n = len(r);
+        acc_t m = -std::numeric_limits<acc_t>::infinity();
+        for (index_t j = 0; j < n; ++j) m = std::fmax(m, static_cast<acc_t>(fm(r, j)));
+        acc_t s = 0;
+        for (index_t j = 0; j < n; ++j) s += static_cast<acc_t>(fs(r, j, m));
+        for (index_t j = 0; j < cols; ++j) g(r, j, m, s);
+      }
+    });
+  }
+
   // Row-major C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C.
   // op(A) = A (A is [m,k], leading dim lda) or A^T (A is [k,m]).
   template <class T>
@@ -415,14 +450,17 @@ struct CpuBackend {
     eigen_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
 
-  // `batch` independent products C_i = alpha op(A_i) op(B_i) + beta C_i with
-  // X_i = x + i * stride_x (leading dimensions as in gemm).
+  // Independent products C_i = alpha op(A_i) op(B_i) + beta C_i over the
+  // items of a BatchGrid (tensor/batch_grid.hpp; leading dimensions as in
+  // gemm), here one after another in item order.
   template <class T>
-  static void gemm_strided_batched(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T alpha, const T* a,
-                                   index_t lda, index_t stride_a, const T* b, index_t ldb, index_t stride_b, T beta,
-                                   T* c, index_t ldc, index_t stride_c, index_t batch) {
-    for (index_t i = 0; i < batch; ++i)
-      gemm(trans_a, trans_b, m, n, k, alpha, a + i * stride_a, lda, b + i * stride_b, ldb, beta, c + i * stride_c, ldc);
+  static void gemm_batched(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T alpha, const T* a,
+                           index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc, const BatchGrid& grid) {
+    for (index_t i = 0, items = grid.count(); i < items; ++i) {
+      index_t oa, ob, oc;
+      grid.offsets(i, oa, ob, oc);
+      gemm(trans_a, trans_b, m, n, k, alpha, a + oa, lda, b + ob, ldb, beta, c + oc, ldc);
+    }
   }
 
   // Eigen's own product, used when no BLAS is configured (and by the

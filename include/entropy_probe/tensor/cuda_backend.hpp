@@ -27,6 +27,7 @@
 
 #include "entropy_probe/core/config.hpp"
 #include "entropy_probe/core/error.hpp"
+#include "entropy_probe/tensor/batch_grid.hpp"
 #include "entropy_probe/tensor/block_cache.hpp"
 #include "entropy_probe/tensor/owned_buffer.hpp"
 
@@ -282,6 +283,48 @@ __global__ void row_reduce_kernel(index_t rows, index_t cols, F f, Op op, acc_t*
   }
 }
 
+// The fused row passes of CudaBackend::row_sum_apply / row_max_sum_apply:
+// one block per row (grid-stride over rows), the block's threads across it;
+// a block reduction (with its barrier) separates the passes.
+template <class L, class F, class Fin, class G>
+__global__ void row_sum_apply_kernel(index_t rows, index_t cols, L len, F f, Fin fin, G g) {
+  __shared__ acc_t warp_part[32];
+  __shared__ acc_t stat;
+  for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const index_t n = len(r);
+    acc_t a = 0;
+    for (index_t j = threadIdx.x; j < n; j += blockDim.x) a += static_cast<acc_t>(f(r, j));
+    a = block_reduce(a, SumOp{}, warp_part);
+    if (threadIdx.x == 0) stat = fin(r, a);
+    __syncthreads();
+    const acc_t s = stat;
+    for (index_t j = threadIdx.x; j < cols; j += blockDim.x) g(r, j, s);
+    __syncthreads();  // every thread has read stat before the next row's
+  }
+}
+template <class L, class FM, class FS, class G>
+__global__ void row_max_sum_apply_kernel(index_t rows, index_t cols, L len, FM fm, FS fs, G g) {
+  __shared__ acc_t warp_part[32];
+  __shared__ acc_t stat[2];
+  for (index_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const index_t n = len(r);
+    acc_t a = MaxOp::identity();
+    for (index_t j = threadIdx.x; j < n; j += blockDim.x) a = fmax(a, static_cast<acc_t>(fm(r, j)));
+    a = block_reduce(a, MaxOp{}, warp_part);
+    if (threadIdx.x == 0) stat[0] = a;
+    __syncthreads();
+    const acc_t m = stat[0];
+    a = 0;
+    for (index_t j = threadIdx.x; j < n; j += blockDim.x) a += static_cast<acc_t>(fs(r, j, m));
+    a = block_reduce(a, SumOp{}, warp_part);
+    if (threadIdx.x == 0) stat[1] = a;
+    __syncthreads();
+    const acc_t s = stat[1];
+    for (index_t j = threadIdx.x; j < cols; j += blockDim.x) g(r, j, m, s);
+    __syncthreads();
+  }
+}
+
 // Per-block partial sums of f over [0, n); then one block adds the partials.
 template <class F>
 __global__ void sum_kernel(index_t n, F f, acc_t* partial) {
@@ -446,6 +489,27 @@ struct CudaBackend {
     row_reduce(rows, cols, std::forward<F>(f), cuda_detail::MaxOp{}, out, "row_max");
   }
 
+  // The fused row passes of CpuBackend (same contract): one block per row,
+  // sized to the row (a quarter of its length in threads, 32 to block_size).
+  template <class L, class F, class Fin, class G>
+  static void row_sum_apply(index_t rows, index_t cols, L&& len, F&& f, Fin&& fin, G&& g) {
+    if (rows <= 0) return;
+    const int block = row_block(cols);
+    const auto grid = static_cast<unsigned>(std::min<index_t>(rows, index_t(1) << 30));
+    cuda_detail::row_sum_apply_kernel<<<grid, block, 0, context().stream()>>>(
+        rows, cols, std::forward<L>(len), std::forward<F>(f), std::forward<Fin>(fin), std::forward<G>(g));
+    after_launch("row_sum_apply", grid, block);
+  }
+  template <class L, class FM, class FS, class G>
+  static void row_max_sum_apply(index_t rows, index_t cols, L&& len, FM&& fm, FS&& fs, G&& g) {
+    if (rows <= 0) return;
+    const int block = row_block(cols);
+    const auto grid = static_cast<unsigned>(std::min<index_t>(rows, index_t(1) << 30));
+    cuda_detail::row_max_sum_apply_kernel<<<grid, block, 0, context().stream()>>>(
+        rows, cols, std::forward<L>(len), std::forward<FM>(fm), std::forward<FS>(fs), std::forward<G>(g));
+    after_launch("row_max_sum_apply", grid, block);
+  }
+
   // The log-softmax passes of CpuBackend (same contract), as row reductions
   // and element-parallel passes: one block per row for the sums, one thread
   // per element for the gradient.
@@ -492,14 +556,81 @@ struct CudaBackend {
   template <class T>
   static void gemm(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T alpha, const T* a, index_t lda,
                    const T* b, index_t ldb, T beta, T* c, index_t ldc) {
-    gemm_strided_batched(trans_a, trans_b, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, 1);
+    gemm_strided(trans_a, trans_b, m, n, k, alpha, a, lda, 0, b, ldb, 0, beta, c, ldc, 0, 1);
   }
 
-  // `batch` products C_i = alpha op(A_i) op(B_i) + beta C_i, X_i = x + i * stride_x.
+  // The products of a BatchGrid (tensor/batch_grid.hpp): one cuBLAS call.
+  // A grid of one level is a strided batch (cublas<t>gemmStridedBatched);
+  // otherwise a kernel writes the items' operand pointers into device
+  // memory for cublas<t>gemmBatched.
   template <class T>
-  static void gemm_strided_batched(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T alpha, const T* a,
-                                   index_t lda, index_t stride_a, const T* b, index_t ldb, index_t stride_b, T beta,
-                                   T* c, index_t ldc, index_t stride_c, index_t batch) {
+  static void gemm_batched(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T alpha, const T* a,
+                           index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc, const BatchGrid& grid) {
+    const index_t items = grid.count();
+    if (m == 0 || n == 0 || items == 0) return;
+    if (const int l = grid.single_level(); l >= 0 || k == 0) {
+      if (l >= 0) {
+        gemm_strided(trans_a, trans_b, m, n, k, alpha, a, lda, grid.sa[l], b, ldb, grid.sb[l], beta, c, ldc, grid.sc[l],
+                     grid.n[l]);
+        return;
+      }
+      for (index_t i = 0; i < items; ++i) {  // k = 0: C = beta C per item
+        index_t oa, ob, oc;
+        grid.offsets(i, oa, ob, oc);
+        scale_matrix(m, n, beta, c + oc, ldc);
+      }
+      return;
+    }
+    static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "CudaBackend::gemm: float or double");
+    const char* fn = std::is_same_v<T, float> ? "cublasSgemmBatched" : "cublasDgemmBatched";
+    check_sizes(fn, m, n, k, lda, ldb, ldc, items);
+    Storage<T*> ptrs = allocate_uninitialized<T*>(3 * items);  // A, B, C pointers of every item
+    T** p = ptrs.data();
+    T* ma = const_cast<T*>(a);
+    T* mb = const_cast<T*>(b);
+    parallel_for(items, [=] EP_HOST_DEVICE(index_t i) {
+      index_t oa, ob, oc;
+      grid.offsets(i, oa, ob, oc);
+      p[i] = ma + oa;
+      p[items + i] = mb + ob;
+      p[2 * items + i] = c + oc;
+    });
+    cublasHandle_t h = set_math_mode<T>();
+    const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+    const int ia = static_cast<int>(lda), ib = static_cast<int>(ldb), ic = static_cast<int>(ldc);
+    const int count = static_cast<int>(items);
+    cublasStatus_t st;  // C^T = op(B)^T op(A)^T, as in gemm_strided
+    if constexpr (std::is_same_v<T, float>) {
+      st = cublasSgemmBatched(h, op_b, op_a, in, im, ik, &alpha, p + items, ib, p, ia, &beta, p + 2 * items, ic, count);
+    } else {
+      st = cublasDgemmBatched(h, op_b, op_a, in, im, ik, &alpha, p + items, ib, p, ia, &beta, p + 2 * items, ic, count);
+    }
+    cuda_detail::check_cublas(st, "{}(m={}, n={}, k={}, trans_a={}, trans_b={}, lda={}, ldb={}, ldc={}, batch={})", fn,
+                              m, n, k, trans_a, trans_b, lda, ldb, ldc, items);
+    after_launch(fn);
+  }
+
+  // C = beta C for a [m, n] block with leading dimension ldc (beta = 0 writes zeros).
+  template <class T>
+  static void scale_matrix(index_t m, index_t n, T beta, T* c, index_t ldc) {
+    parallel_for_2d(m, n, [=] EP_HOST_DEVICE(index_t i, index_t j) {
+      c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    });
+  }
+
+ private:
+  static int block_size() {
+    const int b = settings().block_size;
+    if (b < 32 || b % 32 != 0) fail<UsageError>("CudaSettings::block_size = {} must be a positive multiple of 32", b);
+    return b;
+  }
+  // `batch` products C_i = alpha op(A_i) op(B_i) + beta C_i, X_i = x + i * stride_x,
+  // in one cuBLAS call (a plain gemm when batch = 1).
+  template <class T>
+  static void gemm_strided(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T alpha, const T* a,
+                           index_t lda, index_t stride_a, const T* b, index_t ldb, index_t stride_b, T beta, T* c,
+                           index_t ldc, index_t stride_c, index_t batch) {
     static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "CudaBackend::gemm: float or double");
     if (m == 0 || n == 0 || batch == 0) return;
     if (k == 0) {  // C = beta C (cuBLAS rejects the leading dimensions of empty operands)
@@ -508,14 +639,8 @@ struct CudaBackend {
     }
     const char* fn = std::is_same_v<T, float> ? (batch == 1 ? "cublasSgemm" : "cublasSgemmStridedBatched")
                                               : (batch == 1 ? "cublasDgemm" : "cublasDgemmStridedBatched");
-    for (index_t v : {m, n, k, lda, ldb, ldc, batch})
-      if (v < 0 || v > INT_MAX)
-        fail<UsageError>("{}(m={}, n={}, k={}, lda={}, ldb={}, ldc={}, batch={}): a size is outside [0, INT_MAX]", fn,
-                         m, n, k, lda, ldb, ldc, batch);
-    cublasHandle_t h = context().cublas();
-    const cublasMath_t math =
-        std::is_same_v<T, float> && settings().allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH;
-    cuda_detail::check_cublas(cublasSetMathMode(h, math), "cublasSetMathMode");
+    check_sizes(fn, m, n, k, lda, ldb, ldc, batch);
+    cublasHandle_t h = set_math_mode<T>();
     const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
     const int ia = static_cast<int>(lda), ib = static_cast<int>(ldb), ic = static_cast<int>(ldc);
@@ -534,19 +659,27 @@ struct CudaBackend {
     after_launch(fn);
   }
 
-  // C = beta C for a [m, n] block with leading dimension ldc (beta = 0 writes zeros).
+  static void check_sizes(const char* fn, index_t m, index_t n, index_t k, index_t lda, index_t ldb, index_t ldc,
+                          index_t batch) {
+    for (index_t v : {m, n, k, lda, ldb, ldc, batch})
+      if (v < 0 || v > INT_MAX)
+        fail<UsageError>("{}(m={}, n={}, k={}, lda={}, ldb={}, ldc={}, batch={}): a size is outside [0, INT_MAX]", fn,
+                         m, n, k, lda, ldb, ldc, batch);
+  }
+  // The cuBLAS handle with the math mode of T's products (TF32 only for float, on request).
   template <class T>
-  static void scale_matrix(index_t m, index_t n, T beta, T* c, index_t ldc) {
-    parallel_for_2d(m, n, [=] EP_HOST_DEVICE(index_t i, index_t j) {
-      c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
-    });
+  static cublasHandle_t set_math_mode() {
+    cublasHandle_t h = context().cublas();
+    const cublasMath_t math =
+        std::is_same_v<T, float> && settings().allow_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH;
+    cuda_detail::check_cublas(cublasSetMathMode(h, math), "cublasSetMathMode");
+    return h;
   }
 
- private:
-  static int block_size() {
-    const int b = settings().block_size;
-    if (b < 32 || b % 32 != 0) fail<UsageError>("CudaSettings::block_size = {} must be a positive multiple of 32", b);
-    return b;
+  // Threads for a block that works across one row of `cols` entries: about
+  // four entries each, at least a warp, at most block_size().
+  static int row_block(index_t cols) {
+    return static_cast<int>(std::clamp<index_t>((cols / 4 + 31) / 32 * 32, 32, block_size()));
   }
   // Grid-stride kernels need no more blocks than keep every multiprocessor busy.
   static index_t max_grid() { return static_cast<index_t>(context().properties().multiProcessorCount) * 32; }

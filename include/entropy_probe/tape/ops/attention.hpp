@@ -10,17 +10,20 @@
 // A query with no allowed key (a left-padding position) gets P = 0, hence
 // output 0 and zero gradients and tangents, never NaN.
 //
-// The products run per head on the backend's strided-batched gemm with
-// leading dimensions, so heads are read in place from the projection layout;
-// one call covers a chunk of rows (one row on the CPU backend, all rows that
-// fit the backend's scratch budget on a device). P [R, Hq, T, T] is saved for
-// the backward and JVP rules; the per-(row, head) intermediates there (dP, dS,
-// tS, tP) live in one reused [chunk, T, T] scratch. Grouped heads accumulate
-// into their shared dK / dV in successive calls, and rows of one call write
-// disjoint blocks, so no two products ever race on the same output.
+// The products run on the backend's batched gemm (tensor/batch_grid.hpp)
+// with leading dimensions, so heads are read in place from the projection
+// layout: one call covers every (row, KV group, head-in-group) item of a
+// chunk of rows (one row on the CPU backend, all rows that fit the backend's
+// scratch budget on a device), a KV head shared by its group through a zero
+// stride. P [R, Hq, T, T] is saved for the backward and JVP rules; dP / dS and
+// tS / tP live in one reused [chunk, Hq, T, T] scratch. Heads of one KV group
+// accumulate into their shared dK / dV, so those products go one
+// head-in-group after another (each call then writes disjoint blocks): no two
+// products ever race on the same output.
 #pragma once
 
 #include "entropy_probe/tape/tape.hpp"
+#include "entropy_probe/tensor/batch_grid.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -40,26 +43,58 @@ struct AttentionSaved {
 };
 
 // x[t, s] <- P[t, s] * (x[t, s] - sum_s' P[t, s'] x[t, s']) over allowed keys,
-// 0 elsewhere, for the T rows of each of n_mats (row, head) blocks: block b
-// has its probabilities at probs + b * probs_stride, its key mask at
-// key_mask + b * T and x at x + b * T * T. This is the softmax VJP (x = dP
-// gives dS) and equally the softmax JVP (x = tS gives tP). Masked and future
-// entries of x are never read, so whatever the gemm left there cannot leak in.
+// 0 elsewhere, for the T query rows of each of n_mats (row, head) blocks laid
+// out like P ([rows, heads, T, T] from probs and from x; block b's key mask
+// at key_mask + (b / heads) * T). This is the softmax VJP (x = dP gives dS)
+// and equally the softmax JVP (x = tS gives tP). Masked and future entries of
+// x are never read, so whatever the gemm left there cannot leak in.
 template <class T, class B>
-void attention_softmax_vjp_rows(index_t n_mats, index_t n_tok, const T* probs, index_t probs_stride,
+void attention_softmax_vjp_rows(index_t n_mats, index_t heads, index_t n_tok, const T* probs,
                                 const std::uint8_t* key_mask, T* x) {
-  B::parallel_for(n_mats * n_tok, [=] EP_HOST_DEVICE(index_t i) {
-    const index_t b = i / n_tok, t = i - b * n_tok;
-    const T* p = probs + b * probs_stride + t * n_tok;
-    const std::uint8_t* m = key_mask + b * n_tok;
-    T* row = x + i * n_tok;
-    acc_t dot = 0;
-    for (index_t s = 0; s <= t; ++s)
-      if (m[s]) dot += static_cast<acc_t>(p[s]) * static_cast<acc_t>(row[s]);
-    for (index_t s = 0; s < n_tok; ++s)
-      row[s] = (s <= t && m[s]) ? static_cast<T>(static_cast<acc_t>(p[s]) * (static_cast<acc_t>(row[s]) - dot)) : T(0);
-  });
+  const index_t q_rows = heads * n_tok;  // query rows per sequence
+  B::row_sum_apply(
+      n_mats * n_tok, n_tok, [=] EP_HOST_DEVICE(index_t i) { return i % n_tok + 1; },  // keys s <= t
+      [=] EP_HOST_DEVICE(index_t i, index_t s) -> acc_t {
+        return key_mask[i / q_rows * n_tok + s]
+                   ? static_cast<acc_t>(probs[i * n_tok + s]) * static_cast<acc_t>(x[i * n_tok + s])
+                   : 0.0;
+      },
+      [] EP_HOST_DEVICE(index_t, acc_t dot) { return dot; },
+      [=] EP_HOST_DEVICE(index_t i, index_t s, acc_t dot) {
+        T& v = x[i * n_tok + s];
+        v = (s <= i % n_tok && key_mask[i / q_rows * n_tok + s])
+                ? static_cast<T>(static_cast<acc_t>(probs[i * n_tok + s]) * (static_cast<acc_t>(v) - dot))
+                : T(0);
+      });
 }
+
+// The batch layouts of attention's products over `rows` rows from a chunk's
+// first row: all (row, KV group g, head-in-group k) items, or, for the
+// products that accumulate into a KV head, the (row, g) items of one k.
+struct AttentionGrids {
+  index_t hkv, group, dh, tt, sq, skv, sp;  // KV heads, heads per KV head, head dim, T*T, row strides of q, k/v, P
+
+  // q-layout operand (q, dQ, out), KV operand, P-layout operand (P, dS): the
+  // strides of each over (row, g, k).
+  BatchGrid all(index_t rows, char a, char b, char c) const {
+    BatchGrid g;
+    g.n[0] = rows, g.n[1] = hkv, g.n[2] = group;
+    set(g.sa, a), set(g.sb, b), set(g.sc, c);
+    return g;
+  }
+  BatchGrid per_head_in_group(index_t rows, char a, char b, char c) const {
+    BatchGrid g = all(rows, a, b, c);
+    g.n[2] = 1;
+    return g;
+  }
+
+ private:
+  void set(index_t* s, char layout) const {
+    if (layout == 'q') s[0] = sq, s[1] = group * dh, s[2] = dh;
+    if (layout == 'v') s[0] = skv, s[1] = dh, s[2] = 0;
+    if (layout == 'p') s[0] = sp, s[1] = group * tt, s[2] = tt;
+  }
+};
 
 }  // namespace detail
 
@@ -91,16 +126,16 @@ Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std:
                      n_tok, n_rows * n_tok);
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<acc_t>(dh)));
 
-  // Offsets of head h (query side) and its KV head (key/value side) in row r,
-  // and the row strides of q, k / v and P for the batched products.
+  // Offsets of row r's head h (query side), of its KV head and of its P block.
   auto q_off = [=](index_t r, index_t h) { return r * n_tok * ldq + h * dh; };
   auto kv_off = [=](index_t r, index_t h) { return r * n_tok * ldk + (h / group) * dh; };
   auto p_off = [=](index_t r, index_t h) { return (r * hq + h) * n_tok * n_tok; };
-  const index_t sq = n_tok * ldq, skv = n_tok * ldk, sp = hq * n_tok * n_tok, sts = n_tok * n_tok;
-  // Rows per batched call: what the backend's scratch budget holds of [T, T]
-  // blocks, at least 1 (the CPU backend's budget is 0: one row per call).
+  const index_t tt = n_tok * n_tok;
+  const detail::AttentionGrids grids{hkv, group, dh, tt, n_tok * ldq, n_tok * ldk, hq * tt};
+  // Rows per batched call: what the backend's scratch budget holds of
+  // [Hq, T, T] blocks, at least 1 (the CPU backend's budget is 0: one row per call).
   const index_t chunk =
-      std::clamp<index_t>(B::batch_scratch_elements / std::max<index_t>(sts, 1), 1, std::max<index_t>(n_rows, 1));
+      std::clamp<index_t>(B::batch_scratch_elements / std::max<index_t>(hq * tt, 1), 1, std::max<index_t>(n_rows, 1));
 
   // ---- forward ----
   auto saved = std::make_shared<detail::AttentionSaved<T, B>>();
@@ -111,45 +146,38 @@ Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std:
   const T* vv = tape.value(v).data();
   T* probs = saved->probs.data();
   for (index_t r0 = 0; r0 < n_rows; r0 += chunk)  // S = scale Q K^T, written into the P buffer
-    for (index_t h = 0; h < hq; ++h)
-      B::gemm_strided_batched(false, true, n_tok, n_tok, dh, scale, qv + q_off(r0, h), ldq, sq, kv + kv_off(r0, h), ldk,
-                              skv, T(0), probs + p_off(r0, h), n_tok, sp, std::min(chunk, n_rows - r0));
+    B::gemm_batched(false, true, n_tok, n_tok, dh, scale, qv + q_off(r0, 0), ldq, kv + kv_off(r0, 0), ldk, T(0),
+                    probs + p_off(r0, 0), n_tok, grids.all(std::min(chunk, n_rows - r0), 'q', 'v', 'p'));
   {
-    // Masked softmax in place, one query row at a time; statistics in double.
+    // Masked softmax in place, a query row at a time, statistics in double:
+    // the max and the sum of exponentials over allowed keys (the exponentials
+    // kept in the row), then the division; 0 at masked and future keys, and
+    // a row with no allowed key is all 0.
     const std::uint8_t* mask = saved->mask.data();
-    B::parallel_for(n_rows * hq * n_tok, [=] EP_HOST_DEVICE(index_t i) {
-      const index_t r = i / (hq * n_tok), t = i % n_tok;
-      const std::uint8_t* m = mask + r * n_tok;
-      T* row = probs + i * n_tok;
-      bool any = false;
-      acc_t mx = 0;
-      for (index_t s = 0; s <= t; ++s)
-        if (m[s] && (!any || static_cast<acc_t>(row[s]) > mx)) {
-          mx = static_cast<acc_t>(row[s]);
-          any = true;
-        }
-      acc_t sum = 0;
-      for (index_t s = 0; s < n_tok; ++s) {
-        if (any && s <= t && m[s]) {
-          const acc_t e = std::exp(static_cast<acc_t>(row[s]) - mx);
-          sum += e;
-          row[s] = static_cast<T>(e);
-        } else {
-          row[s] = T(0);
-        }
-      }
-      if (any)
-        for (index_t s = 0; s <= t; ++s) row[s] = static_cast<T>(static_cast<acc_t>(row[s]) / sum);
-    });
+    const index_t q_rows = hq * n_tok;  // query rows per sequence: key mask row i / q_rows
+    B::row_max_sum_apply(
+        n_rows * hq * n_tok, n_tok, [=] EP_HOST_DEVICE(index_t i) { return i % n_tok + 1; },
+        [=] EP_HOST_DEVICE(index_t i, index_t s) -> acc_t {
+          return mask[i / q_rows * n_tok + s] ? static_cast<acc_t>(probs[i * n_tok + s]) : -HUGE_VAL;
+        },
+        [=] EP_HOST_DEVICE(index_t i, index_t s, acc_t mx) -> acc_t {
+          if (!mask[i / q_rows * n_tok + s]) return 0.0;
+          const acc_t e = std::exp(static_cast<acc_t>(probs[i * n_tok + s]) - mx);
+          probs[i * n_tok + s] = static_cast<T>(e);
+          return e;
+        },
+        [=] EP_HOST_DEVICE(index_t i, index_t s, acc_t, acc_t sum) {
+          T& p = probs[i * n_tok + s];
+          p = (s <= i % n_tok && mask[i / q_rows * n_tok + s]) ? static_cast<T>(static_cast<acc_t>(p) / sum) : T(0);
+        });
   }
   auto out = Tensor<T, B>::uninitialized(qs);     // every head's columns written with beta = 0
   for (index_t r0 = 0; r0 < n_rows; r0 += chunk)  // O = P V
-    for (index_t h = 0; h < hq; ++h)
-      B::gemm_strided_batched(false, false, n_tok, dh, n_tok, T(1), probs + p_off(r0, h), n_tok, sp, vv + kv_off(r0, h),
-                              ldk, skv, T(0), out.data() + q_off(r0, h), ldq, sq, std::min(chunk, n_rows - r0));
+    B::gemm_batched(false, false, n_tok, dh, n_tok, T(1), probs + p_off(r0, 0), n_tok, vv + kv_off(r0, 0), ldk, T(0),
+                    out.data() + q_off(r0, 0), ldq, grids.all(std::min(chunk, n_rows - r0), 'p', 'v', 'q'));
 
-  auto backward = [&tape, q, k, v, saved, n_rows, n_tok, hq, dh, ldq, ldk, scale, q_off, kv_off, p_off, sq, skv, sp,
-                   sts, chunk](Var self) {
+  auto backward = [&tape, q, k, v, saved, n_rows, n_tok, hq, dh, group, ldq, ldk, scale, q_off, kv_off, p_off, grids,
+                   chunk](Var self) {
     const T* go = tape.grad_data(self);
     const T* qd = tape.value(q).data();
     const T* kd = tape.value(k).data();
@@ -161,31 +189,29 @@ Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std:
     T* gk = need_k ? tape.grad_accum(k) : nullptr;
     T* gv = need_v ? tape.grad_accum(v) : nullptr;
     Tensor<T, B> ds;
-    if (need_q || need_k) ds = Tensor<T, B>({chunk, n_tok, n_tok});
+    if (need_q || need_k) ds = Tensor<T, B>::uninitialized({chunk, hq, n_tok, n_tok});  // dP by gemm (beta = 0)
     for (index_t r0 = 0; r0 < n_rows; r0 += chunk) {
       const index_t nb = std::min(chunk, n_rows - r0);
-      for (index_t h = 0; h < hq; ++h) {
-        const T* ph = p + p_off(r0, h);
-        const T* goh = go + q_off(r0, h);
-        if (gv)  // dV += P^T dO (query heads of one KV group accumulate, one call after another)
-          B::gemm_strided_batched(true, false, n_tok, dh, n_tok, T(1), ph, n_tok, sp, goh, ldq, sq, T(1),
-                                  gv + kv_off(r0, h), ldk, skv, nb);
-        if (!gq && !gk) continue;
-        // dP = dO V^T, then dS = P o (dP - rowsum(dP o P)) in place
-        B::gemm_strided_batched(false, true, n_tok, n_tok, dh, T(1), goh, ldq, sq, vd + kv_off(r0, h), ldk, skv, T(0),
-                                ds.data(), n_tok, sts, nb);
-        detail::attention_softmax_vjp_rows<T, B>(nb, n_tok, ph, sp, mask + r0 * n_tok, ds.data());
-        if (gq)  // dQ += scale dS K
-          B::gemm_strided_batched(false, false, n_tok, dh, n_tok, scale, ds.data(), n_tok, sts, kd + kv_off(r0, h), ldk,
-                                  skv, T(1), gq + q_off(r0, h), ldq, sq, nb);
-        if (gk)  // dK += scale dS^T Q
-          B::gemm_strided_batched(true, false, n_tok, dh, n_tok, scale, ds.data(), n_tok, sts, qd + q_off(r0, h), ldq,
-                                  sq, T(1), gk + kv_off(r0, h), ldk, skv, nb);
-      }
+      if (gv)  // dV += P^T dO, the heads of a KV group one after another
+        for (index_t h = 0; h < group; ++h)
+          B::gemm_batched(true, false, n_tok, dh, n_tok, T(1), p + p_off(r0, h), n_tok, go + q_off(r0, h), ldq, T(1),
+                          gv + kv_off(r0, 0), ldk, grids.per_head_in_group(nb, 'p', 'q', 'v'));
+      if (!gq && !gk) continue;
+      // dP = dO V^T, then dS = P o (dP - rowsum(dP o P)) in place
+      B::gemm_batched(false, true, n_tok, n_tok, dh, T(1), go + q_off(r0, 0), ldq, vd + kv_off(r0, 0), ldk, T(0),
+                      ds.data(), n_tok, grids.all(nb, 'q', 'v', 'p'));
+      detail::attention_softmax_vjp_rows<T, B>(nb * hq, hq, n_tok, p + p_off(r0, 0), mask + r0 * n_tok, ds.data());
+      if (gq)  // dQ += scale dS K
+        B::gemm_batched(false, false, n_tok, dh, n_tok, scale, ds.data(), n_tok, kd + kv_off(r0, 0), ldk, T(1),
+                        gq + q_off(r0, 0), ldq, grids.all(nb, 'p', 'v', 'q'));
+      if (gk)  // dK += scale dS^T Q, the heads of a KV group one after another
+        for (index_t h = 0; h < group; ++h)
+          B::gemm_batched(true, false, n_tok, dh, n_tok, scale, ds.data() + h * n_tok * n_tok, n_tok, qd + q_off(r0, h),
+                          ldq, T(1), gk + kv_off(r0, 0), ldk, grids.per_head_in_group(nb, 'p', 'q', 'v'));
     }
   };
 
-  auto jvp = [&tape, q, k, v, saved, n_rows, n_tok, hq, dh, ldq, ldk, scale, q_off, kv_off, p_off, sq, skv, sp, sts,
+  auto jvp = [&tape, q, k, v, saved, n_rows, n_tok, hq, dh, ldq, ldk, scale, q_off, kv_off, p_off, grids,
               chunk](Var self) {
     T* to = tape.tangent_out(self);
     const T* tq = tape.tangent_data(q);
@@ -197,31 +223,28 @@ Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std:
     const T* p = saved->probs.data();
     const std::uint8_t* mask = saved->mask.data();
     Tensor<T, B> ts;
-    if (tq || tk) ts = Tensor<T, B>({chunk, n_tok, n_tok});
+    if (tq || tk) ts = Tensor<T, B>::uninitialized({chunk, hq, n_tok, n_tok});  // the first product has beta = 0
     for (index_t r0 = 0; r0 < n_rows; r0 += chunk) {
       const index_t nb = std::min(chunk, n_rows - r0);
-      for (index_t h = 0; h < hq; ++h) {
-        const T* ph = p + p_off(r0, h);
-        T* toh = to + q_off(r0, h);
-        if (tv)  // tO += P tV
-          B::gemm_strided_batched(false, false, n_tok, dh, n_tok, T(1), ph, n_tok, sp, tv + kv_off(r0, h), ldk, skv,
-                                  T(1), toh, ldq, sq, nb);
-        if (!tq && !tk) continue;
-        // tS = scale (tQ K^T + Q tK^T), then tP = P o (tS - rowsum(P o tS)) in place
-        T beta(0);
-        if (tq) {
-          B::gemm_strided_batched(false, true, n_tok, n_tok, dh, scale, tq + q_off(r0, h), ldq, sq, kd + kv_off(r0, h),
-                                  ldk, skv, beta, ts.data(), n_tok, sts, nb);
-          beta = T(1);
-        }
-        if (tk)
-          B::gemm_strided_batched(false, true, n_tok, n_tok, dh, scale, qd + q_off(r0, h), ldq, sq, tk + kv_off(r0, h),
-                                  ldk, skv, beta, ts.data(), n_tok, sts, nb);
-        detail::attention_softmax_vjp_rows<T, B>(nb, n_tok, ph, sp, mask + r0 * n_tok, ts.data());
-        // tO += tP V
-        B::gemm_strided_batched(false, false, n_tok, dh, n_tok, T(1), ts.data(), n_tok, sts, vd + kv_off(r0, h), ldk,
-                                skv, T(1), toh, ldq, sq, nb);
+      T* toh = to + q_off(r0, 0);
+      if (tv)  // tO += P tV
+        B::gemm_batched(false, false, n_tok, dh, n_tok, T(1), p + p_off(r0, 0), n_tok, tv + kv_off(r0, 0), ldk, T(1),
+                        toh, ldq, grids.all(nb, 'p', 'v', 'q'));
+      if (!tq && !tk) continue;
+      // tS = scale (tQ K^T + Q tK^T), then tP = P o (tS - rowsum(P o tS)) in place
+      T beta(0);
+      if (tq) {
+        B::gemm_batched(false, true, n_tok, n_tok, dh, scale, tq + q_off(r0, 0), ldq, kd + kv_off(r0, 0), ldk, beta,
+                        ts.data(), n_tok, grids.all(nb, 'q', 'v', 'p'));
+        beta = T(1);
       }
+      if (tk)
+        B::gemm_batched(false, true, n_tok, n_tok, dh, scale, qd + q_off(r0, 0), ldq, tk + kv_off(r0, 0), ldk, beta,
+                        ts.data(), n_tok, grids.all(nb, 'q', 'v', 'p'));
+      detail::attention_softmax_vjp_rows<T, B>(nb * hq, hq, n_tok, p + p_off(r0, 0), mask + r0 * n_tok, ts.data());
+      // tO += tP V
+      B::gemm_batched(false, false, n_tok, dh, n_tok, T(1), ts.data(), n_tok, vd + kv_off(r0, 0), ldk, T(1), toh, ldq,
+                      grids.all(nb, 'p', 'v', 'q'));
     }
   };
 

@@ -59,8 +59,8 @@ Var layer_norm(Tape<T, B>& tape, Var x, Var gamma, Var beta, double eps) {
   const index_t n = tape.value(x).numel() / d;
 
   // forward: two-pass mean / variance per row in double
-  Tensor<T, B> y(tape.shape(x));
-  Tensor<acc_t, B> mean({n}), rstd({n});
+  auto y = Tensor<T, B>::uninitialized(tape.shape(x));  // all three written in full below
+  auto mean = Tensor<acc_t, B>::uninitialized({n}), rstd = Tensor<acc_t, B>::uninitialized({n});
   {
     const T* xp = tape.value(x).data();
     const T* gp = tape.value(gamma).data();
@@ -174,23 +174,24 @@ Var rms_norm(Tape<T, B>& tape, Var x, Var gamma, double eps) {
   const index_t n = tape.value(x).numel() / d;
 
   // forward
-  Tensor<T, B> y(tape.shape(x));
-  Tensor<acc_t, B> rstd({n});
+  auto y = Tensor<T, B>::uninitialized(tape.shape(x));  // both written in full below
+  auto rstd = Tensor<acc_t, B>::uninitialized({n});
   {
     const T* xp = tape.value(x).data();
     const T* gp = tape.value(gamma).data();
     T* yp = y.data();
     acc_t* rp = rstd.data();
     const acc_t e = eps;
-    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t r) {
-      const T* xr = xp + r * d;
-      acc_t ss = 0;
-      for (index_t j = 0; j < d; ++j) ss += static_cast<acc_t>(xr[j]) * static_cast<acc_t>(xr[j]);
-      const acc_t rs = 1.0 / std::sqrt(ss / static_cast<acc_t>(d) + e);
-      rp[r] = rs;
-      for (index_t j = 0; j < d; ++j)
-        yp[r * d + j] = static_cast<T>(static_cast<acc_t>(xr[j]) * rs * static_cast<acc_t>(gp[j]));
-    });
+    B::row_sum_apply(
+        n, d, [=] EP_HOST_DEVICE(index_t) { return d; },
+        [=] EP_HOST_DEVICE(index_t r, index_t j) {
+          const acc_t v = static_cast<acc_t>(xp[r * d + j]);
+          return v * v;
+        },
+        [=] EP_HOST_DEVICE(index_t r, acc_t ss) { return rp[r] = 1.0 / std::sqrt(ss / static_cast<acc_t>(d) + e); },
+        [=] EP_HOST_DEVICE(index_t r, index_t j, acc_t rs) {
+          yp[r * d + j] = static_cast<T>(static_cast<acc_t>(xp[r * d + j]) * rs * static_cast<acc_t>(gp[j]));
+        });
   }
 
   auto backward = [&tape, x, gamma, n, d, rstd](Var self) {
@@ -200,19 +201,18 @@ Var rms_norm(Tape<T, B>& tape, Var x, Var gamma, double eps) {
     const acc_t* rp = rstd.data();
     if (tape.requires_grad(x)) {  // dx = rstd (g - xhat <g xhat>),  g = dy * gamma
       T* gx = tape.grad_accum(x);
-      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t r) {
-        const T* xr = xp + r * d;
-        const T* gyr = gy + r * d;
-        const acc_t rs = rp[r];
-        acc_t sgx = 0;
-        for (index_t j = 0; j < d; ++j)
-          sgx += static_cast<acc_t>(gyr[j]) * static_cast<acc_t>(gp[j]) * static_cast<acc_t>(xr[j]) * rs;
-        sgx /= static_cast<acc_t>(d);
-        for (index_t j = 0; j < d; ++j) {
-          const acc_t g = static_cast<acc_t>(gyr[j]) * static_cast<acc_t>(gp[j]);
-          gx[r * d + j] += static_cast<T>(rs * (g - static_cast<acc_t>(xr[j]) * rs * sgx));
-        }
-      });
+      B::row_sum_apply(
+          n, d, [=] EP_HOST_DEVICE(index_t) { return d; },
+          [=] EP_HOST_DEVICE(index_t r, index_t j) {
+            const index_t i = r * d + j;
+            return static_cast<acc_t>(gy[i]) * static_cast<acc_t>(gp[j]) * static_cast<acc_t>(xp[i]) * rp[r];
+          },
+          [=] EP_HOST_DEVICE(index_t, acc_t s) { return s / static_cast<acc_t>(d); },
+          [=] EP_HOST_DEVICE(index_t r, index_t j, acc_t sgx) {
+            const index_t i = r * d + j;
+            const acc_t rs = rp[r], g = static_cast<acc_t>(gy[i]) * static_cast<acc_t>(gp[j]);
+            gx[i] += static_cast<T>(rs * (g - static_cast<acc_t>(xp[i]) * rs * sgx));
+          });
     }
     if (tape.requires_grad(gamma)) {  // dgamma_j += sum_r dy[r, j] xhat[r, j]
       T* gg = tape.grad_accum(gamma);
@@ -231,19 +231,19 @@ Var rms_norm(Tape<T, B>& tape, Var x, Var gamma, double eps) {
     const T* gp = tape.value(gamma).data();
     const acc_t* rp = rstd.data();
     if (const T* tx = tape.tangent_data(x)) {  // ty += gamma * rstd (tx - xhat <xhat tx>)
-      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t r) {
-        const T* xr = xp + r * d;
-        const T* txr = tx + r * d;
-        const acc_t rs = rp[r];
-        acc_t sxt = 0;
-        for (index_t j = 0; j < d; ++j) sxt += static_cast<acc_t>(xr[j]) * rs * static_cast<acc_t>(txr[j]);
-        sxt /= static_cast<acc_t>(d);
-        for (index_t j = 0; j < d; ++j) {
-          const acc_t xh = static_cast<acc_t>(xr[j]) * rs;
-          const acc_t txh = rs * (static_cast<acc_t>(txr[j]) - xh * sxt);
-          ty[r * d + j] += static_cast<T>(static_cast<acc_t>(gp[j]) * txh);
-        }
-      });
+      B::row_sum_apply(
+          n, d, [=] EP_HOST_DEVICE(index_t) { return d; },
+          [=] EP_HOST_DEVICE(index_t r, index_t j) {
+            const index_t i = r * d + j;
+            return static_cast<acc_t>(xp[i]) * rp[r] * static_cast<acc_t>(tx[i]);
+          },
+          [=] EP_HOST_DEVICE(index_t, acc_t s) { return s / static_cast<acc_t>(d); },
+          [=] EP_HOST_DEVICE(index_t r, index_t j, acc_t sxt) {
+            const index_t i = r * d + j;
+            const acc_t rs = rp[r], xh = static_cast<acc_t>(xp[i]) * rs;
+            const acc_t txh = rs * (static_cast<acc_t>(tx[i]) - xh * sxt);
+            ty[i] += static_cast<T>(static_cast<acc_t>(gp[j]) * txh);
+          });
     }
     if (const T* tg = tape.tangent_data(gamma)) {  // ty += xhat * tgamma
       B::parallel_for(n * d, [=] EP_HOST_DEVICE(index_t i) {
