@@ -49,7 +49,7 @@ template <class T, class B>
 Var add(Tape<T, B>& tape, Var a, Var b) {
   detail::elementwise_same_shape(tape, a, b, "add");
   const index_t n = tape.value(a).numel();
-  Tensor<T, B> y(tape.shape(a));
+  auto y = Tensor<T, B>::uninitialized(tape.shape(a));  // written in full below
   {
     const T* ap = tape.value(a).data();
     const T* bp = tape.value(b).data();
@@ -78,7 +78,7 @@ template <class T, class B>
 Var mul(Tape<T, B>& tape, Var a, Var b) {
   detail::elementwise_same_shape(tape, a, b, "mul");
   const index_t n = tape.value(a).numel();
-  Tensor<T, B> y(tape.shape(a));
+  auto y = Tensor<T, B>::uninitialized(tape.shape(a));  // written in full below
   {
     const T* ap = tape.value(a).data();
     const T* bp = tape.value(b).data();

@@ -30,7 +30,7 @@ Var embedding(Tape<T, B>& tape, Var table, std::span<const std::int32_t> ids) {
   const Tensor<std::int32_t, B> idt = Tensor<std::int32_t, B>::from_host({n}, ids);
 
   // forward: gather rows
-  Tensor<T, B> y({n, d});
+  auto y = Tensor<T, B>::uninitialized({n, d});  // every row gathered below
   {
     const T* tp = tape.value(table).data();
     const std::int32_t* ip = idt.data();

@@ -125,7 +125,7 @@ Var rotary(Tape<T, B>& tape, Var x, std::shared_ptr<const RotaryTable<T, B>> tab
                      shape_str(tape.shape(x)), width, n_heads, dh, n_heads * dh);
 
   // forward
-  Tensor<T, B> y(tape.shape(x));
+  auto y = Tensor<T, B>::uninitialized(tape.shape(x));  // every pair written (head_dim is even)
   detail::rotary_apply<T, B>(rows, n_heads, dh, table->cos.data(), table->sin.data(), tape.value(x).data(), y.data(),
                              T(1), false);
 
