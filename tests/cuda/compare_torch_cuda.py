@@ -25,6 +25,7 @@ usage: compare_torch_cuda.py [--small] [--prompts B] [--responses G] [--tokens T
 """
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -43,6 +44,7 @@ def parse():
     ap.add_argument("--mb", type=int)
     ap.add_argument("--layers", type=int)
     ap.add_argument("--precisions", default="fp32")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs per phase; the median is reported")
     ap.add_argument("--cpp-json", default="")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
@@ -54,6 +56,9 @@ def parse():
     for k in ("prompts", "responses", "tokens", "prompt_len", "mb", "layers"):
         if getattr(a, k) is not None:
             o[k] = getattr(a, k)
+    if a.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    o["repeats"] = a.repeats
     return a, o
 
 
@@ -193,18 +198,24 @@ def run_precision(model, params, E, U, o, precision):
     # warm-up: one microbatch of each summed phase
     phase_sum(model, params, E, o, "X", n_mb=1)
     phase_sum(model, params, U, o, "Y", n_mb=1)
-    _, t, mem = timed(lambda: phase_sum(model, params, E, o, "X"))
-    res["phases"]["sum_X"], res["peak_gib"]["sum_X"] = t, mem
-    sum_y, t, mem = timed(lambda: phase_sum(model, params, U, o, "Y"))
-    res["phases"]["sum_Y"], res["peak_gib"]["sum_Y"] = t, mem
+    res["samples"] = {}
+
+    def measure(name, fn):  # the median of o["repeats"] timed runs; every sample kept in the JSON
+        runs = [timed(fn) for _ in range(o["repeats"])]
+        res["samples"][name] = [t for _, t, _ in runs]
+        res["phases"][name] = statistics.median(res["samples"][name])
+        res["peak_gib"][name] = max(m for _, _, m in runs)
+        return runs[-1][0]
+
+    measure("sum_X", lambda: phase_sum(model, params, E, o, "X"))
+    sum_y = measure("sum_Y", lambda: phase_sum(model, params, U, o, "Y"))
     bu = U[0].shape[0]
     mu_y = [b / (torch.sqrt(torch.full_like(b, 1e-6) / (1 - 0.999**10)) + 1e-8) / bu for b in sum_y]
     try:
         impl = set_attention(model, "eager")
         res["notes"].append(f"alpha trick with attention '{impl}' (double backward)")
         phase_alpha(model, params, mu_y, E, o, n_mb=1)  # warm-up
-        _, t, mem = timed(lambda: phase_alpha(model, params, mu_y, E, o))
-        res["phases"]["alpha"], res["peak_gib"]["alpha"] = t, mem
+        measure("alpha", lambda: phase_alpha(model, params, mu_y, E, o))
     except Exception as e:  # an out-of-memory or a missing double backward: report, keep the rest
         res["notes"].append(f"alpha trick failed: {type(e).__name__}: {str(e)[:300]}")
         torch.cuda.empty_cache()
@@ -277,6 +288,9 @@ def main():
         print(f"[{precision}] phase times (s): " +
               ", ".join(f"{k} {v:.3f}" for k, v in r["phases"].items()) +
               "; peak GiB: " + ", ".join(f"{k} {v:.1f}" for k, v in r["peak_gib"].items()))
+        if o["repeats"] > 1:
+            print(f"[{precision}] medians of {o['repeats']} runs; samples (s): " +
+                  "; ".join(f"{k} " + " ".join(f"{t:.3f}" for t in v) for k, v in r["samples"].items()))
         for n in r["notes"]:
             print(f"[{precision}] {n}")
     if a.json:
