@@ -18,8 +18,11 @@
 //
 // Row statistics are accumulated and saved in acc_t (double) whatever T is;
 // the forward saves per-row mean and rstd so backward and JVP rebuild xhat
-// without another reduction. Parameter gradients are column sums: one
-// parallel index per feature, rows summed inside (deterministic, no atomics).
+// without another reduction. A row's reduction and the pass that uses it go
+// through the backend's fused row_sum_apply (a block per row on a device, a
+// row at a time on the CPU); layer norm's second statistic is a row_sum
+// before it. Parameter gradients are column sums: one parallel index per
+// feature, rows summed inside (deterministic, no atomics).
 #pragma once
 
 #include "entropy_probe/tape/tape.hpp"
@@ -69,24 +72,24 @@ Var layer_norm(Tape<T, B>& tape, Var x, Var gamma, Var beta, double eps) {
     acc_t* mp = mean.data();
     acc_t* rp = rstd.data();
     const acc_t e = eps;
-    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t r) {
-      const T* xr = xp + r * d;
-      acc_t s = 0;
-      for (index_t j = 0; j < d; ++j) s += xr[j];
-      const acc_t mu = s / static_cast<acc_t>(d);
-      acc_t v = 0;
-      for (index_t j = 0; j < d; ++j) {
-        const acc_t c = static_cast<acc_t>(xr[j]) - mu;
-        v += c * c;
-      }
-      const acc_t rs = 1.0 / std::sqrt(v / static_cast<acc_t>(d) + e);
-      mp[r] = mu;
-      rp[r] = rs;
-      for (index_t j = 0; j < d; ++j) {
-        const acc_t xh = (static_cast<acc_t>(xr[j]) - mu) * rs;
-        yp[r * d + j] = static_cast<T>(xh * static_cast<acc_t>(gp[j]) + static_cast<acc_t>(bp[j]));
-      }
-    });
+    // the row sums into `mean`, then the variance pass, whose statistic step
+    // turns the sum into the mean (before the pass that reads it)
+    B::row_sum(
+        n, d, [=] EP_HOST_DEVICE(index_t r, index_t j) { return static_cast<acc_t>(xp[r * d + j]); }, mp);
+    B::row_sum_apply(
+        n, d, [=] EP_HOST_DEVICE(index_t) { return d; },
+        [=] EP_HOST_DEVICE(index_t r, index_t j) {
+          const acc_t c = static_cast<acc_t>(xp[r * d + j]) - mp[r] / static_cast<acc_t>(d);
+          return c * c;
+        },
+        [=] EP_HOST_DEVICE(index_t r, acc_t v) {
+          mp[r] = mp[r] / static_cast<acc_t>(d);
+          return rp[r] = 1.0 / std::sqrt(v / static_cast<acc_t>(d) + e);
+        },
+        [=] EP_HOST_DEVICE(index_t r, index_t j, acc_t rs) {
+          const acc_t xh = (static_cast<acc_t>(xp[r * d + j]) - mp[r]) * rs;
+          yp[r * d + j] = static_cast<T>(xh * static_cast<acc_t>(gp[j]) + static_cast<acc_t>(bp[j]));
+        });
   }
 
   auto backward = [&tape, x, gamma, beta, n, d, mean, rstd](Var self) {
@@ -97,24 +100,28 @@ Var layer_norm(Tape<T, B>& tape, Var x, Var gamma, Var beta, double eps) {
     const acc_t* rp = rstd.data();
     if (tape.requires_grad(x)) {  // dx = rstd (g - <g> - xhat <g xhat>),  g = dy * gamma
       T* gx = tape.grad_accum(x);
-      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t r) {
-        const T* xr = xp + r * d;
-        const T* gyr = gy + r * d;
-        const acc_t mu = mp[r], rs = rp[r];
-        acc_t sg = 0, sgx = 0;
-        for (index_t j = 0; j < d; ++j) {
-          const acc_t g = static_cast<acc_t>(gyr[j]) * static_cast<acc_t>(gp[j]);
-          sg += g;
-          sgx += g * (static_cast<acc_t>(xr[j]) - mu) * rs;
-        }
-        sg /= static_cast<acc_t>(d);
-        sgx /= static_cast<acc_t>(d);
-        for (index_t j = 0; j < d; ++j) {
-          const acc_t g = static_cast<acc_t>(gyr[j]) * static_cast<acc_t>(gp[j]);
-          const acc_t xh = (static_cast<acc_t>(xr[j]) - mu) * rs;
-          gx[r * d + j] += static_cast<T>(rs * (g - sg - xh * sgx));
-        }
-      });
+      auto sum_g = Tensor<acc_t, B>::uninitialized({n});  // sum_j g, then <g xhat> in the fused pass
+      acc_t* sg = sum_g.data();
+      B::row_sum(
+          n, d,
+          [=] EP_HOST_DEVICE(index_t r, index_t j) {
+            return static_cast<acc_t>(gy[r * d + j]) * static_cast<acc_t>(gp[j]);
+          },
+          sg);
+      B::row_sum_apply(
+          n, d, [=] EP_HOST_DEVICE(index_t) { return d; },
+          [=] EP_HOST_DEVICE(index_t r, index_t j) {
+            const index_t i = r * d + j;
+            const acc_t g = static_cast<acc_t>(gy[i]) * static_cast<acc_t>(gp[j]);
+            return g * (static_cast<acc_t>(xp[i]) - mp[r]) * rp[r];
+          },
+          [=] EP_HOST_DEVICE(index_t, acc_t s) { return s / static_cast<acc_t>(d); },
+          [=] EP_HOST_DEVICE(index_t r, index_t j, acc_t sgx) {
+            const index_t i = r * d + j;
+            const acc_t rs = rp[r], g = static_cast<acc_t>(gy[i]) * static_cast<acc_t>(gp[j]);
+            const acc_t xh = (static_cast<acc_t>(xp[i]) - mp[r]) * rs;
+            gx[i] += static_cast<T>(rs * (g - sg[r] / static_cast<acc_t>(d) - xh * sgx));
+          });
     }
     if (tape.requires_grad(gamma)) {  // dgamma_j += sum_r dy[r, j] xhat[r, j]
       T* gg = tape.grad_accum(gamma);
@@ -134,24 +141,24 @@ Var layer_norm(Tape<T, B>& tape, Var x, Var gamma, Var beta, double eps) {
     const T* gp = tape.value(gamma).data();
     const acc_t* mp = mean.data();
     const acc_t* rp = rstd.data();
-    if (const T* tx = tape.tangent_data(x)) {  // ty += gamma * rstd (tx - <tx> - xhat <xhat tx>)
-      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t r) {
-        const T* xr = xp + r * d;
-        const T* txr = tx + r * d;
-        const acc_t mu = mp[r], rs = rp[r];
-        acc_t st = 0, sxt = 0;
-        for (index_t j = 0; j < d; ++j) {
-          st += static_cast<acc_t>(txr[j]);
-          sxt += (static_cast<acc_t>(xr[j]) - mu) * rs * static_cast<acc_t>(txr[j]);
-        }
-        st /= static_cast<acc_t>(d);
-        sxt /= static_cast<acc_t>(d);
-        for (index_t j = 0; j < d; ++j) {
-          const acc_t xh = (static_cast<acc_t>(xr[j]) - mu) * rs;
-          const acc_t txh = rs * (static_cast<acc_t>(txr[j]) - st - xh * sxt);
-          ty[r * d + j] += static_cast<T>(static_cast<acc_t>(gp[j]) * txh);
-        }
-      });
+    if (const T* tx = tape.tangent_data(x)) {             // ty += gamma * rstd (tx - <tx> - xhat <xhat tx>)
+      auto sum_t = Tensor<acc_t, B>::uninitialized({n});  // sum_j tx, then <xhat tx> in the fused pass
+      acc_t* st = sum_t.data();
+      B::row_sum(
+          n, d, [=] EP_HOST_DEVICE(index_t r, index_t j) { return static_cast<acc_t>(tx[r * d + j]); }, st);
+      B::row_sum_apply(
+          n, d, [=] EP_HOST_DEVICE(index_t) { return d; },
+          [=] EP_HOST_DEVICE(index_t r, index_t j) {
+            const index_t i = r * d + j;
+            return (static_cast<acc_t>(xp[i]) - mp[r]) * rp[r] * static_cast<acc_t>(tx[i]);
+          },
+          [=] EP_HOST_DEVICE(index_t, acc_t s) { return s / static_cast<acc_t>(d); },
+          [=] EP_HOST_DEVICE(index_t r, index_t j, acc_t sxt) {
+            const index_t i = r * d + j;
+            const acc_t rs = rp[r], xh = (static_cast<acc_t>(xp[i]) - mp[r]) * rs;
+            const acc_t txh = rs * (static_cast<acc_t>(tx[i]) - st[r] / static_cast<acc_t>(d) - xh * sxt);
+            ty[i] += static_cast<T>(static_cast<acc_t>(gp[j]) * txh);
+          });
     }
     if (const T* tg = tape.tangent_data(gamma)) {  // ty += xhat * tgamma
       B::parallel_for(n * d, [=] EP_HOST_DEVICE(index_t i) {
