@@ -34,6 +34,20 @@ TEST_CASE("buffers: zeros_like_params is shaped like the registry, in the chosen
   REQUIRE_THROWS_WITH(buf.at(m.frozen.id()), Catch::Contains("is not in that registry"));
 }
 
+TEST_CASE("buffers: cast_param_buffer converts every present entry and keeps the binding", "[buffers]") {
+  Two<float> m;
+  auto reg = Registry<float>::build(m);
+  auto buf = zeros_like_params<double>(reg);
+  buf.set(m.a.id(), Tensor<double>::full({2, 3}, 1.0 / 3.0));
+  buf.erase(m.b.id());
+  const auto f = cast_param_buffer<float>(buf);
+  static_assert(std::is_same_v<decltype(f)::scalar_type, float>);
+  CHECK(f.info() == buf.info());
+  CHECK(f.at(m.a.id()).to_host() == std::vector<float>(6, static_cast<float>(1.0 / 3.0)));
+  CHECK(f.entry(f.index_of(m.b.id())) == nullptr);  // absent stays absent
+  REQUIRE_THROWS_WITH(cast_param_buffer<float>(ParamBuffer<double>{}), Catch::Contains("cast_param_buffer"));
+}
+
 TEST_CASE("buffers: add_into_param_buffer scales, converts and counts missing grads", "[buffers]") {
   Two<float> m;
   auto reg = Registry<float>::build(m);

@@ -239,6 +239,16 @@ double norm_param_buffer(const ParamBuffer<U, B>& a) {
   return std::sqrt(dot_param_buffers(a, a));
 }
 
+// The same entries converted to element type V, bound to the same registry.
+template <class V, class U, class B>
+ParamBuffer<V, B> cast_param_buffer(const ParamBuffer<U, B>& buf) {
+  buf.require_bound("cast_param_buffer");
+  ParamBuffer<V, B> out(buf.info());
+  for (index_t i = 0; i < buf.size(); ++i)
+    if (const auto* t = buf.entry(i)) out.set(buf.id(i), t->template cast<V>());
+  return out;
+}
+
 // A buffer of the registry parameters' current values (or gradients).
 template <class U, class T, class B>
 ParamBuffer<U, B> params_to_buffer(const Registry<T, B>& registry) {
