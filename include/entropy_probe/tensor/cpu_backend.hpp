@@ -234,7 +234,10 @@ struct CpuBackend {
   template <class T>
   static Storage<T> allocate_uninitialized(index_t n) {
     if (n < 0) fail<UsageError>("CpuBackend::allocate: negative size {}", n);
-    return Storage<T>(static_cast<std::size_t>(n));
+    Storage<T> s(static_cast<std::size_t>(n));
+    if constexpr (kPoisonUninitialized && std::is_floating_point_v<T>)
+      std::fill(s.data(), s.data() + s.size(), std::numeric_limits<T>::quiet_NaN());
+    return s;
   }
 
   // The allocator's cache of freed blocks: its size, a cap on it (0 turns

@@ -41,6 +41,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <string>
@@ -382,7 +383,10 @@ struct CudaBackend {
   template <class T>
   static Storage<T> allocate_uninitialized(index_t n) {
     if (n < 0) fail<UsageError>("CudaBackend::allocate: negative size {}", n);
-    return Storage<T>(static_cast<std::size_t>(n));
+    Storage<T> s(static_cast<std::size_t>(n));
+    if constexpr (kPoisonUninitialized && std::is_floating_point_v<T>)
+      fill(s.data(), n, std::numeric_limits<T>::quiet_NaN());
+    return s;
   }
 
   template <class T>
