@@ -1,5 +1,7 @@
 #include <entropy_probe/tape/ops/linear.hpp>
 
+#include <cmath>
+
 #include <catch2/catch.hpp>
 
 using namespace entropy_probe;
@@ -41,4 +43,39 @@ TEST_CASE("tape: a var from another tape is rejected", "[tape]") {
   Var x = a.input(Tensor<double>({1, 1}));
   (void)a.input(Tensor<double>({1, 1}));
   REQUIRE_THROWS_AS(b.value(x), UsageError);
+}
+
+TEST_CASE("tape: grad_into is fresh (unfilled) on first touch only; tangent_into is unfilled", "[tape]") {
+  Tape<double> t;
+  Var x = t.input(Tensor<double>({2, 3}));
+  const OutRef<double> first = t.grad_into(x);
+  CHECK(first.fresh);
+  CHECK(first.beta() == 0.0);
+  // Test builds poison unfilled storage (ENTROPY_PROBE_POISON_UNINITIALIZED),
+  // which is what makes a missed element visible in the op tests.
+  REQUIRE(kPoisonUninitialized);
+  CHECK(std::isnan(first.data[0]));
+  for (index_t i = 0; i < 6; ++i) first.data[i] = 1.0;
+  const OutRef<double> second = t.grad_into(x);
+  CHECK_FALSE(second.fresh);
+  CHECK(second.beta() == 1.0);
+  CHECK(second.data == first.data);
+  CHECK(t.grad_accum(x) == first.data);  // the same buffer, not refilled
+  CHECK(first.data[5] == 1.0);
+  const OutRef<double> tan = t.tangent_into(x);
+  CHECK(tan.fresh);
+  CHECK(std::isnan(tan.data[0]));
+}
+
+TEST_CASE("tape: SumOut assigns with its first product and zero-fills when only adders run", "[tape]") {
+  Tape<double> t;
+  Var x = t.input(Tensor<double>({4}));
+  SumOut<double, CpuBackend> s(t.tangent_into(x), 4);
+  CHECK(s.beta() == 0.0);
+  CHECK(s.beta() == 1.0);  // later terms add
+  Var y = t.input(Tensor<double>({4}));
+  SumOut<double, CpuBackend> z(t.tangent_into(y), 4);
+  double* p = z.zeroed();
+  for (index_t i = 0; i < 4; ++i) CHECK(p[i] == 0.0);
+  CHECK(z.beta() == 1.0);  // after zeroed() every term adds
 }

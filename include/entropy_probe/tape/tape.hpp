@@ -28,6 +28,41 @@ struct Var {
   bool valid() const { return id >= 0; }
 };
 
+// A gradient or tangent buffer handed to an op's rule. When `fresh` it was
+// just allocated and holds no values yet: the rule assigns every element
+// (beta() = 0 for a product); otherwise it adds (beta() = 1).
+template <class T>
+struct OutRef {
+  T* data;
+  bool fresh;
+  T beta() const { return fresh ? T(0) : T(1); }
+};
+
+// Writes a sum of terms into an OutRef of n elements: the first assigning
+// term takes beta() = its beta (0 when fresh), later ones 1; zeroed() first
+// zero-fills a still-fresh buffer, for a term that can only add and for a
+// rule whose terms all vanished.
+template <class T, class B>
+class SumOut {
+ public:
+  SumOut(OutRef<T> out, index_t n) : out_(out), n_(n) {}
+  T* data() const { return out_.data; }
+  T beta() {
+    const T b = out_.beta();
+    out_.fresh = false;
+    return b;
+  }
+  T* zeroed() {
+    if (out_.fresh) B::fill(out_.data, n_, T(0));
+    out_.fresh = false;
+    return out_.data;
+  }
+
+ private:
+  OutRef<T> out_;
+  index_t n_;
+};
+
 using LeafKey = std::uint64_t;
 inline constexpr LeafKey kNoLeafKey = 0;
 
@@ -103,6 +138,16 @@ class Tape {
     if (!s.grad) s.grad.emplace(value(v).shape());
     return s.grad->data();
   }
+  // Same buffer for a writer that can assign instead of add: on first touch
+  // it is left unfilled and `fresh`, and the caller must then assign every
+  // element (a product with beta = 0, or g[i] = ...); later calls add. Saves
+  // the zero fill for the first of an input's consumers, usually its only one.
+  OutRef<T> grad_into(Var v) {
+    Slot& s = slot_mut(v);
+    if (s.grad) return {s.grad->data(), false};
+    s.grad.emplace(TensorT::uninitialized(value(v).shape()));
+    return {s.grad->data(), true};
+  }
 
   const T* tangent_data(Var v) const {
     const Slot& s = slot(v);
@@ -113,6 +158,14 @@ class Tape {
     Slot& s = slot_mut(v);
     if (!s.tangent) s.tangent.emplace(value(v).shape());
     return s.tangent->data();
+  }
+  // Output tangent buffer, unfilled, for a jvp rule that assigns every
+  // element (its first product with beta = 0, or t[i] = ...).
+  OutRef<T> tangent_into(Var v) {
+    Slot& s = slot_mut(v);
+    if (s.tangent) return {s.tangent->data(), false};
+    s.tangent.emplace(TensorT::uninitialized(value(v).shape()));
+    return {s.tangent->data(), true};
   }
 
   // Keys of the keyed (parameter) leaves recorded so far, in order of use.

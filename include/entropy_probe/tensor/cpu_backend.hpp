@@ -290,7 +290,7 @@ struct CpuBackend {
 
   // Elementwise maps of a functor F of tensor/functors.hpp:
   //   unary_map:  y[i]   = F::f(x[i])
-  //   unary_vjp:  gx[i] += gy[i] * F::df(x[i])
+  //   unary_vjp:  gx[i] += gy[i] * F::df(x[i])   (= with `assign`: gx unfilled)
   //   unary_jvp:  ty[i]  = F::df(x[i]) * tx[i]
   // Here F's array forms run on cache-sized chunks, so exp and tanh are SIMD;
   // the CUDA backend runs the scalar forms in a kernel.
@@ -299,8 +299,13 @@ struct CpuBackend {
     for_chunks(n, [=](index_t i, index_t len) { vec(y + i, len) = F::f_array(vec(x + i, len)); });
   }
   template <class F, class T>
-  static void unary_vjp(index_t n, const T* x, const T* gy, T* gx) {
-    for_chunks(n, [=](index_t i, index_t len) { vec(gx + i, len) += vec(gy + i, len) * F::df_array(vec(x + i, len)); });
+  static void unary_vjp(index_t n, const T* x, const T* gy, T* gx, bool assign = false) {
+    for_chunks(n, [=](index_t i, index_t len) {
+      if (assign)
+        vec(gx + i, len) = vec(gy + i, len) * F::df_array(vec(x + i, len));
+      else
+        vec(gx + i, len) += vec(gy + i, len) * F::df_array(vec(x + i, len));
+    });
   }
   template <class F, class T>
   static void unary_jvp(index_t n, const T* x, const T* tx, T* ty) {

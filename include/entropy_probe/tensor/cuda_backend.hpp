@@ -431,8 +431,11 @@ struct CudaBackend {
     parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { y[i] = F::f(x[i]); });
   }
   template <class F, class T>
-  static void unary_vjp(index_t n, const T* x, const T* gy, T* gx) {
-    parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { gx[i] += gy[i] * F::df(x[i]); });
+  static void unary_vjp(index_t n, const T* x, const T* gy, T* gx, bool assign = false) {
+    parallel_for(n, [=] EP_HOST_DEVICE(index_t i) {
+      const T g = gy[i] * F::df(x[i]);
+      gx[i] = assign ? g : gx[i] + g;
+    });
   }
   template <class F, class T>
   static void unary_jvp(index_t n, const T* x, const T* tx, T* ty) {

@@ -33,12 +33,13 @@ Var unary_elementwise(Tape<T, B>& tape, Var x, const char* name) {
   B::template unary_map<F>(n, tape.value(x).data(), y.data());
   auto backward = [&tape, x, n](Var self) {  // dX += dy * f'(x)
     if (!tape.requires_grad(x)) return;
-    B::template unary_vjp<F>(n, tape.value(x).data(), tape.grad_data(self), tape.grad_accum(x));
+    const OutRef<T> gx = tape.grad_into(x);
+    B::template unary_vjp<F>(n, tape.value(x).data(), tape.grad_data(self), gx.data, gx.fresh);
   };
   auto jvp = [&tape, x, n](Var self) {  // ty = f'(x) * tx (only called with tx present)
     const T* tx = tape.tangent_data(x);
     if (!tx) return;
-    B::template unary_jvp<F>(n, tape.value(x).data(), tx, tape.tangent_out(self));
+    B::template unary_jvp<F>(n, tape.value(x).data(), tx, tape.tangent_into(self).data);  // assigns all of ty
   };
   return tape.record(name, std::move(y), {x}, backward, jvp);
 }
@@ -60,15 +61,22 @@ Var add(Tape<T, B>& tape, Var a, Var b) {
     const T* gy = tape.grad_data(self);
     for (Var v : {a, b}) {
       if (!tape.requires_grad(v)) continue;
-      T* g = tape.grad_accum(v);
-      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { g[i] += gy[i]; });
+      const OutRef<T> g = tape.grad_into(v);
+      T* gp = g.data;  // nvcc: no init-captures in device lambdas
+      if (g.fresh)
+        B::copy(gp, gy, n);
+      else
+        B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { gp[i] += gy[i]; });
     }
   };
-  auto jvp = [&tape, a, b, n](Var self) {  // ty = ta + tb
-    T* ty = tape.tangent_out(self);
-    for (Var v : {a, b}) {
-      if (const T* t = tape.tangent_data(v)) B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] += t[i]; });
-    }
+  auto jvp = [&tape, a, b, n](Var self) {  // ty = ta + tb; a null tangent is zero
+    T* ty = tape.tangent_into(self).data;
+    const T* ta = tape.tangent_data(a);
+    const T* tb = tape.tangent_data(b);
+    if (ta && tb)
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] = ta[i] + tb[i]; });
+    else
+      B::copy(ty, ta ? ta : tb, n);  // jvp runs only with a tangent present
   };
   return tape.record("add", std::move(y), {a, b}, backward, jvp);
 }
@@ -90,22 +98,30 @@ Var mul(Tape<T, B>& tape, Var a, Var b) {
     const T* ap = tape.value(a).data();
     const T* bp = tape.value(b).data();
     if (tape.requires_grad(a)) {
-      T* ga = tape.grad_accum(a);
-      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ga[i] += gy[i] * bp[i]; });
+      const OutRef<T> ga = tape.grad_into(a);
+      T* gp = ga.data;
+      const bool fresh = ga.fresh;
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { gp[i] = fresh ? gy[i] * bp[i] : gp[i] + gy[i] * bp[i]; });
     }
     if (tape.requires_grad(b)) {
-      T* gb = tape.grad_accum(b);
-      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { gb[i] += gy[i] * ap[i]; });
+      const OutRef<T> gb = tape.grad_into(b);
+      T* gp = gb.data;
+      const bool fresh = gb.fresh;
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { gp[i] = fresh ? gy[i] * ap[i] : gp[i] + gy[i] * ap[i]; });
     }
   };
   auto jvp = [&tape, a, b, n](Var self) {  // ty = ta * b + a * tb; a null tangent is zero
-    T* ty = tape.tangent_out(self);
+    T* ty = tape.tangent_into(self).data;  // assigned in full: jvp runs only with a tangent present
     const T* ap = tape.value(a).data();
     const T* bp = tape.value(b).data();
-    if (const T* ta = tape.tangent_data(a))
-      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] += ta[i] * bp[i]; });
-    if (const T* tb = tape.tangent_data(b))
-      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] += ap[i] * tb[i]; });
+    const T* ta = tape.tangent_data(a);
+    const T* tb = tape.tangent_data(b);
+    if (ta && tb)
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] = ta[i] * bp[i] + ap[i] * tb[i]; });
+    else if (ta)
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] = ta[i] * bp[i]; });
+    else
+      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] = ap[i] * tb[i]; });
   };
   return tape.record("mul", std::move(y), {a, b}, backward, jvp);
 }

@@ -54,20 +54,25 @@ Var linear(Tape<T, B>& tape, Var x, Var w, std::optional<Var> bias = std::nullop
 
   auto backward = [&tape, x, w, bias, n, in, out](Var self) {
     const T* gy = tape.grad_data(self);
-    if (tape.requires_grad(x))  // dx += dy W
-      mm_nn<B>(n, in, out, T(1), gy, tape.value(w).data(), T(1), tape.grad_accum(x));
-    if (tape.requires_grad(w))  // dW += dy^T x
-      mm_tn<B>(out, in, n, T(1), gy, tape.value(x).data(), T(1), tape.grad_accum(w));
+    if (tape.requires_grad(x)) {  // dx += dy W
+      const OutRef<T> gx = tape.grad_into(x);
+      mm_nn<B>(n, in, out, T(1), gy, tape.value(w).data(), gx.beta(), gx.data);
+    }
+    if (tape.requires_grad(w)) {  // dW += dy^T x
+      const OutRef<T> gw = tape.grad_into(w);
+      mm_tn<B>(out, in, n, T(1), gy, tape.value(x).data(), gw.beta(), gw.data);
+    }
     if (bias && tape.requires_grad(*bias)) blas::add_column_sums<B>(n, out, T(1), gy, tape.grad_accum(*bias));
   };
   auto jvp = [&tape, x, w, bias, n, in, out](Var self) {
-    T* ty = tape.tangent_out(self);
+    SumOut<T, B> ty(tape.tangent_into(self), n * out);
     if (const T* tx = tape.tangent_data(x))  // tx W^T
-      mm_nt<B>(n, out, in, T(1), tx, tape.value(w).data(), T(1), ty);
+      mm_nt<B>(n, out, in, T(1), tx, tape.value(w).data(), ty.beta(), ty.data());
     if (const T* tw = tape.tangent_data(w))  // x tW^T
-      mm_nt<B>(n, out, in, T(1), tape.value(x).data(), tw, T(1), ty);
+      mm_nt<B>(n, out, in, T(1), tape.value(x).data(), tw, ty.beta(), ty.data());
     if (bias)
-      if (const T* tb = tape.tangent_data(*bias)) blas::add_row_vector<B>(n, out, tb, ty);
+      if (const T* tb = tape.tangent_data(*bias)) blas::add_row_vector<B>(n, out, tb, ty.zeroed());
+    ty.zeroed();  // no term: a zero tangent
   };
   if (bias) return tape.record("linear", std::move(y), {x, w, *bias}, backward, jvp);
   return tape.record("linear", std::move(y), {x, w}, backward, jvp);
@@ -110,34 +115,42 @@ Var lora_linear(Tape<T, B>& tape, Var x, Var w, std::optional<Var> bias, Var lor
       mm_nn<B>(n, r, out, scale, gy, tape.value(lora_b).data(), T(0), gu.data());
     }
     if (tape.requires_grad(x)) {  // dx += dy W + gu A
-      T* gx = tape.grad_accum(x);
-      mm_nn<B>(n, in, out, T(1), gy, tape.value(w).data(), T(1), gx);
-      mm_nn<B>(n, in, r, T(1), gu.data(), tape.value(lora_a).data(), T(1), gx);
+      const OutRef<T> gx = tape.grad_into(x);
+      mm_nn<B>(n, in, out, T(1), gy, tape.value(w).data(), gx.beta(), gx.data);
+      mm_nn<B>(n, in, r, T(1), gu.data(), tape.value(lora_a).data(), T(1), gx.data);
     }
-    if (tape.requires_grad(lora_a))  // dA += gu^T x
-      mm_tn<B>(r, in, n, T(1), gu.data(), xv, T(1), tape.grad_accum(lora_a));
-    if (tape.requires_grad(lora_b))  // dB += scale * dy^T u
-      mm_tn<B>(out, r, n, scale, gy, u.data(), T(1), tape.grad_accum(lora_b));
-    if (tape.requires_grad(w)) mm_tn<B>(out, in, n, T(1), gy, xv, T(1), tape.grad_accum(w));
+    if (tape.requires_grad(lora_a)) {  // dA += gu^T x
+      const OutRef<T> ga = tape.grad_into(lora_a);
+      mm_tn<B>(r, in, n, T(1), gu.data(), xv, ga.beta(), ga.data);
+    }
+    if (tape.requires_grad(lora_b)) {  // dB += scale * dy^T u
+      const OutRef<T> gb = tape.grad_into(lora_b);
+      mm_tn<B>(out, r, n, scale, gy, u.data(), gb.beta(), gb.data);
+    }
+    if (tape.requires_grad(w)) {
+      const OutRef<T> gw = tape.grad_into(w);
+      mm_tn<B>(out, in, n, T(1), gy, xv, gw.beta(), gw.data);
+    }
     if (bias && tape.requires_grad(*bias)) blas::add_column_sums<B>(n, out, T(1), gy, tape.grad_accum(*bias));
   };
   auto jvp = [&tape, x, w, bias, lora_a, lora_b, scale, n, in, out, r, u](Var self) {
-    T* ty = tape.tangent_out(self);
+    SumOut<T, B> ty(tape.tangent_into(self), n * out);
     const T* xv = tape.value(x).data();
     const T* tx = tape.tangent_data(x);
     const T* ta = tape.tangent_data(lora_a);
-    if (tx) mm_nt<B>(n, out, in, T(1), tx, tape.value(w).data(), T(1), ty);
-    if (const T* tw = tape.tangent_data(w)) mm_nt<B>(n, out, in, T(1), xv, tw, T(1), ty);
+    if (tx) mm_nt<B>(n, out, in, T(1), tx, tape.value(w).data(), ty.beta(), ty.data());
+    if (const T* tw = tape.tangent_data(w)) mm_nt<B>(n, out, in, T(1), xv, tw, ty.beta(), ty.data());
     if (bias)
-      if (const T* tb = tape.tangent_data(*bias)) blas::add_row_vector<B>(n, out, tb, ty);
-    if (tx || ta) {  // tu = tx A^T + x tA^T;  ty += scale * tu B^T
-      Tensor<T, B> tu({n, r});
-      if (tx) mm_nt<B>(n, r, in, T(1), tx, tape.value(lora_a).data(), T(1), tu.data());
-      if (ta) mm_nt<B>(n, r, in, T(1), xv, ta, T(1), tu.data());
-      mm_nt<B>(n, out, r, scale, tu.data(), tape.value(lora_b).data(), T(1), ty);
+      if (const T* tb = tape.tangent_data(*bias)) blas::add_row_vector<B>(n, out, tb, ty.zeroed());
+    if (tx || ta) {                                   // tu = tx A^T + x tA^T;  ty += scale * tu B^T
+      auto tu = Tensor<T, B>::uninitialized({n, r});  // the first product has beta = 0
+      if (tx) mm_nt<B>(n, r, in, T(1), tx, tape.value(lora_a).data(), T(0), tu.data());
+      if (ta) mm_nt<B>(n, r, in, T(1), xv, ta, tx ? T(1) : T(0), tu.data());
+      mm_nt<B>(n, out, r, scale, tu.data(), tape.value(lora_b).data(), ty.beta(), ty.data());
     }
     if (const T* tb = tape.tangent_data(lora_b))  // ty += scale * u tB^T
-      mm_nt<B>(n, out, r, scale, u.data(), tb, T(1), ty);
+      mm_nt<B>(n, out, r, scale, u.data(), tb, ty.beta(), ty.data());
+    ty.zeroed();  // no term: a zero tangent
   };
   if (bias) return tape.record("lora_linear", std::move(y), {x, w, *bias, lora_a, lora_b}, backward, jvp);
   return tape.record("lora_linear", std::move(y), {x, w, lora_a, lora_b}, backward, jvp);

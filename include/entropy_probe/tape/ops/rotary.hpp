@@ -131,14 +131,15 @@ Var rotary(Tape<T, B>& tape, Var x, std::shared_ptr<const RotaryTable<T, B>> tab
 
   auto backward = [&tape, x, table, rows, n_heads, dh](Var self) {  // dx += R(-a) dy
     if (!tape.requires_grad(x)) return;
-    detail::rotary_apply<T, B>(rows, n_heads, dh, table->cos.data(), table->sin.data(), tape.grad_data(self),
-                               tape.grad_accum(x), T(-1), true);
+    const OutRef<T> gx = tape.grad_into(x);  // every pair written: assigns when fresh
+    detail::rotary_apply<T, B>(rows, n_heads, dh, table->cos.data(), table->sin.data(), tape.grad_data(self), gx.data,
+                               T(-1), !gx.fresh);
   };
   auto jvp = [&tape, x, table, rows, n_heads, dh](Var self) {  // ty = R(a) tx
     const T* tx = tape.tangent_data(x);
     if (!tx) return;
-    detail::rotary_apply<T, B>(rows, n_heads, dh, table->cos.data(), table->sin.data(), tx, tape.tangent_out(self),
-                               T(1), false);
+    detail::rotary_apply<T, B>(rows, n_heads, dh, table->cos.data(), table->sin.data(), tx,
+                               tape.tangent_into(self).data, T(1), false);
   };
   return tape.record("rotary", std::move(y), {x}, std::move(backward), std::move(jvp));
 }

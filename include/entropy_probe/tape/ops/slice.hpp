@@ -43,7 +43,7 @@ Var slice_last(Tape<T, B>& tape, Var x, index_t offset, index_t width) {
   auto jvp = [&tape, x, rows, w, offset, width](Var self) {  // ty = the slice of tx
     const T* tx = tape.tangent_data(x);
     if (!tx) return;
-    T* ty = tape.tangent_out(self);
+    T* ty = tape.tangent_into(self).data;  // assigned in full
     B::parallel_for_2d(rows, width,
                        [=] EP_HOST_DEVICE(index_t r, index_t j) { ty[r * width + j] = tx[r * w + offset + j]; });
   };

@@ -14,9 +14,14 @@ Var reshape(Tape<T, B>& tape, Var x, Shape shape) {
   return tape.record(
       "reshape", std::move(y), {x},
       [&tape, x, n](Var self) {
-        if (tape.requires_grad(x)) blas::axpy<B>(n, T(1), tape.grad_data(self), tape.grad_accum(x));
+        if (!tape.requires_grad(x)) return;
+        const OutRef<T> gx = tape.grad_into(x);
+        if (gx.fresh)
+          B::copy(gx.data, tape.grad_data(self), n);
+        else
+          blas::axpy<B>(n, T(1), tape.grad_data(self), gx.data);
       },
-      [&tape, x, n](Var self) { B::copy(tape.tangent_out(self), tape.tangent_data(x), n); });
+      [&tape, x, n](Var self) { B::copy(tape.tangent_into(self).data, tape.tangent_data(x), n); });
 }
 
 }  // namespace entropy_probe
