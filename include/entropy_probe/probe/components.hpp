@@ -22,18 +22,43 @@
 namespace entropy_probe {
 
 namespace detail {
-// out[0] = the number of nonzero elements of t (0 when t is absent), written
-// on the backend without a synchronising read. A free function: nvcc does not
-// allow a device lambda inside a private member.
+// The number of nonzero elements of each entry of a parameter buffer (0 for
+// an absent one). Each entry is counted in rows of kCountChunk elements, so
+// a large entry spreads over many blocks on a device, into one partial per
+// row; the partials of all entries come back in one read. A free function:
+// nvcc does not allow a device lambda inside a private member.
 template <class U, class B>
-void count_nonzero_into(const Tensor<U, B>* t, acc_t* out) {
-  if (!t || t->numel() == 0) {
-    B::fill(out, 1, acc_t(0));
-    return;
+std::vector<index_t> count_nonzero_entries(const ParamBuffer<U, B>& buf) {
+  constexpr index_t kCountChunk = 4096;
+  std::vector<index_t> first_row(static_cast<std::size_t>(buf.size()) + 1, 0);
+  for (index_t i = 0; i < buf.size(); ++i) {
+    const auto* t = buf.entry(i);
+    const index_t n = t ? t->numel() : 0;
+    first_row[static_cast<std::size_t>(i) + 1] =
+        first_row[static_cast<std::size_t>(i)] + (n + kCountChunk - 1) / kCountChunk;
   }
-  const U* p = t->data();
-  B::row_sum(
-      1, t->numel(), [=] EP_HOST_DEVICE(index_t, index_t k) { return p[k] != U(0) ? 1.0 : 0.0; }, out);
+  std::vector<index_t> counts(static_cast<std::size_t>(buf.size()), 0);
+  if (first_row.back() == 0) return counts;
+  auto partial = Tensor<acc_t, B>::uninitialized({first_row.back()});  // row_sum writes every row
+  for (index_t i = 0; i < buf.size(); ++i) {
+    const auto* t = buf.entry(i);
+    if (!t || t->numel() == 0) continue;
+    const U* p = t->data();
+    const index_t n = t->numel();
+    const index_t rows = first_row[static_cast<std::size_t>(i) + 1] - first_row[static_cast<std::size_t>(i)];
+    B::row_sum(
+        rows, kCountChunk,
+        [=] EP_HOST_DEVICE(index_t r, index_t k) {
+          const index_t j = r * kCountChunk + k;
+          return j < n && p[j] != U(0) ? 1.0 : 0.0;
+        },
+        partial.data() + first_row[static_cast<std::size_t>(i)]);
+  }
+  const std::vector<acc_t> part = partial.to_host();
+  for (index_t i = 0; i < buf.size(); ++i)
+    for (index_t r = first_row[static_cast<std::size_t>(i)]; r < first_row[static_cast<std::size_t>(i) + 1]; ++r)
+      counts[static_cast<std::size_t>(i)] += static_cast<index_t>(part[static_cast<std::size_t>(r)]);
+  return counts;
 }
 }  // namespace detail
 
@@ -274,10 +299,8 @@ class ProbeComponents {
     allreduce(out.sum);
     // Parameters whose summed gradient over the phase (all ranks) has a
     // nonzero entry: counted on the backend, read back once.
-    Tensor<acc_t, B> nonzero({registry_->size()});
-    for (index_t i = 0; i < registry_->size(); ++i) detail::count_nonzero_into(out.sum.entry(i), nonzero.data() + i);
     index_t k = 0;
-    for (double v : nonzero.to_host()) k += v > 0;
+    for (index_t c : detail::count_nonzero_entries(out.sum)) k += c > 0;
     log_debug("{} = {}/{}", nonzero_label, k, registry_->size());
     if (log_enabled(LogLevel::debug))  // the norm reads every entry back: only when it is shown
       log_debug("[{}] ||sum_{}|| = {:.6e} over {} prompts", phase, phase, norm_param_buffer(out.sum), out.count);
