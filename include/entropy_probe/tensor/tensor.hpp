@@ -53,14 +53,14 @@ class Tensor {
   }
 
   static Tensor from_host(Shape shape, std::span<const T> values) {
-    Tensor t(std::move(shape));
+    Tensor t = uninitialized(std::move(shape));  // the upload writes all of it
     if (static_cast<index_t>(values.size()) != t.numel())
       fail<UsageError>("Tensor::from_host: {} values for shape {}", values.size(), shape_str(t.shape_));
     B::upload(t.data(), values.data(), t.numel());
     return t;
   }
   static Tensor full(Shape shape, T value) {
-    Tensor t(std::move(shape));
+    Tensor t = uninitialized(std::move(shape));
     B::fill(t.data(), t.numel(), value);
     return t;
   }
@@ -105,7 +105,7 @@ class Tensor {
   // Element type conversion on the same backend.
   template <class U>
   Tensor<U, B> cast() const {
-    Tensor<U, B> out(shape_);
+    auto out = Tensor<U, B>::uninitialized(shape_);  // every element converted below
     const T* src = data();
     U* dst = out.data();
     B::parallel_for(numel(), [=] EP_HOST_DEVICE(index_t i) { dst[i] = static_cast<U>(src[i]); });
