@@ -30,34 +30,29 @@ namespace detail {
 template <class U, class B>
 std::vector<index_t> count_nonzero_entries(const ParamBuffer<U, B>& buf) {
   constexpr index_t kCountChunk = 4096;
-  std::vector<index_t> first_row(static_cast<std::size_t>(buf.size()) + 1, 0);
-  for (index_t i = 0; i < buf.size(); ++i) {
-    const auto* t = buf.entry(i);
-    const index_t n = t ? t->numel() : 0;
-    first_row[static_cast<std::size_t>(i) + 1] =
-        first_row[static_cast<std::size_t>(i)] + (n + kCountChunk - 1) / kCountChunk;
-  }
+  const auto size_of = [&](index_t i) { return buf.entry(i) ? buf.entry(i)->numel() : index_t(0); };
+  std::vector<index_t> first_row{0};  // entry i's partials: [first_row[i], first_row[i + 1])
+  for (index_t i = 0; i < buf.size(); ++i)
+    first_row.push_back(first_row.back() + (size_of(i) + kCountChunk - 1) / kCountChunk);
   std::vector<index_t> counts(static_cast<std::size_t>(buf.size()), 0);
   if (first_row.back() == 0) return counts;
   auto partial = Tensor<acc_t, B>::uninitialized({first_row.back()});  // row_sum writes every row
   for (index_t i = 0; i < buf.size(); ++i) {
-    const auto* t = buf.entry(i);
-    if (!t || t->numel() == 0) continue;
-    const U* p = t->data();
-    const index_t n = t->numel();
-    const index_t rows = first_row[static_cast<std::size_t>(i) + 1] - first_row[static_cast<std::size_t>(i)];
+    const index_t n = size_of(i), r0 = first_row[static_cast<std::size_t>(i)];
+    if (n == 0) continue;
+    const U* p = buf.entry(i)->data();
     B::row_sum(
-        rows, kCountChunk,
+        first_row[static_cast<std::size_t>(i) + 1] - r0, kCountChunk,
         [=] EP_HOST_DEVICE(index_t r, index_t k) {
           const index_t j = r * kCountChunk + k;
           return j < n && p[j] != U(0) ? 1.0 : 0.0;
         },
-        partial.data() + first_row[static_cast<std::size_t>(i)]);
+        partial.data() + r0);
   }
   const std::vector<acc_t> part = partial.to_host();
-  for (index_t i = 0; i < buf.size(); ++i)
-    for (index_t r = first_row[static_cast<std::size_t>(i)]; r < first_row[static_cast<std::size_t>(i) + 1]; ++r)
-      counts[static_cast<std::size_t>(i)] += static_cast<index_t>(part[static_cast<std::size_t>(r)]);
+  for (std::size_t i = 0; i < counts.size(); ++i)
+    for (index_t r = first_row[i]; r < first_row[i + 1]; ++r)
+      counts[i] += static_cast<index_t>(part[static_cast<std::size_t>(r)]);
   return counts;
 }
 }  // namespace detail

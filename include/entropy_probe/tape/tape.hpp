@@ -63,6 +63,16 @@ class SumOut {
   index_t n_;
 };
 
+// out (+)= src over n elements: a copy while `out` is fresh, else an add.
+template <class B, class T>
+void add_into(OutRef<T> out, const T* src, index_t n) {
+  T* d = out.data;
+  if (out.fresh)
+    B::copy(d, src, n);
+  else
+    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { d[i] += src[i]; });
+}
+
 using LeafKey = std::uint64_t;
 inline constexpr LeafKey kNoLeafKey = 0;
 
@@ -142,12 +152,7 @@ class Tape {
   // it is left unfilled and `fresh`, and the caller must then assign every
   // element (a product with beta = 0, or g[i] = ...); later calls add. Saves
   // the zero fill for the first of an input's consumers, usually its only one.
-  OutRef<T> grad_into(Var v) {
-    Slot& s = slot_mut(v);
-    if (s.grad) return {s.grad->data(), false};
-    s.grad.emplace(TensorT::uninitialized(value(v).shape()));
-    return {s.grad->data(), true};
-  }
+  OutRef<T> grad_into(Var v) { return into(slot_mut(v).grad, v); }
 
   const T* tangent_data(Var v) const {
     const Slot& s = slot(v);
@@ -161,12 +166,7 @@ class Tape {
   }
   // Output tangent buffer, unfilled, for a jvp rule that assigns every
   // element (its first product with beta = 0, or t[i] = ...).
-  OutRef<T> tangent_into(Var v) {
-    Slot& s = slot_mut(v);
-    if (s.tangent) return {s.tangent->data(), false};
-    s.tangent.emplace(TensorT::uninitialized(value(v).shape()));
-    return {s.tangent->data(), true};
-  }
+  OutRef<T> tangent_into(Var v) { return into(slot_mut(v).tangent, v); }
 
   // Keys of the keyed (parameter) leaves recorded so far, in order of use.
   std::vector<LeafKey> leaf_keys() const {
@@ -301,6 +301,13 @@ class Tape {
     return slots_[static_cast<std::size_t>(v.id)];
   }
   Slot& slot_mut(Var v) { return const_cast<Slot&>(std::as_const(*this).slot(v)); }
+  // The buffer behind grad_into / tangent_into: allocated unfilled (fresh)
+  // on first touch, shaped like v's value.
+  OutRef<T> into(std::optional<TensorT>& buf, Var v) {
+    if (buf) return {buf->data(), false};
+    buf.emplace(TensorT::uninitialized(value(v).shape()));
+    return {buf->data(), true};
+  }
 
   // A deque: references returned by value() stay valid while later ops add
   // slots (a vector would reallocate under them).

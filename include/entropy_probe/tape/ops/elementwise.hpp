@@ -43,6 +43,13 @@ Var unary_elementwise(Tape<T, B>& tape, Var x, const char* name) {
   };
   return tape.record(name, std::move(y), {x}, backward, jvp);
 }
+// g (+)= gy * other elementwise: assigns while g is fresh.
+template <class B, class T>
+void add_product_into(OutRef<T> g, const T* gy, const T* other, index_t n) {
+  T* gp = g.data;
+  const bool fresh = g.fresh;
+  B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { gp[i] = fresh ? gy[i] * other[i] : gp[i] + gy[i] * other[i]; });
+}
 }  // namespace detail
 
 // y = a + b (same shapes).
@@ -60,13 +67,7 @@ Var add(Tape<T, B>& tape, Var a, Var b) {
   auto backward = [&tape, a, b, n](Var self) {  // dA += dy, dB += dy
     const T* gy = tape.grad_data(self);
     for (Var v : {a, b}) {
-      if (!tape.requires_grad(v)) continue;
-      const OutRef<T> g = tape.grad_into(v);
-      T* gp = g.data;  // nvcc: no init-captures in device lambdas
-      if (g.fresh)
-        B::copy(gp, gy, n);
-      else
-        B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { gp[i] += gy[i]; });
+      if (tape.requires_grad(v)) add_into<B>(tape.grad_into(v), gy, n);
     }
   };
   auto jvp = [&tape, a, b, n](Var self) {  // ty = ta + tb; a null tangent is zero
@@ -97,18 +98,8 @@ Var mul(Tape<T, B>& tape, Var a, Var b) {
     const T* gy = tape.grad_data(self);
     const T* ap = tape.value(a).data();
     const T* bp = tape.value(b).data();
-    if (tape.requires_grad(a)) {
-      const OutRef<T> ga = tape.grad_into(a);
-      T* gp = ga.data;
-      const bool fresh = ga.fresh;
-      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { gp[i] = fresh ? gy[i] * bp[i] : gp[i] + gy[i] * bp[i]; });
-    }
-    if (tape.requires_grad(b)) {
-      const OutRef<T> gb = tape.grad_into(b);
-      T* gp = gb.data;
-      const bool fresh = gb.fresh;
-      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { gp[i] = fresh ? gy[i] * ap[i] : gp[i] + gy[i] * ap[i]; });
-    }
+    if (tape.requires_grad(a)) detail::add_product_into<B>(tape.grad_into(a), gy, bp, n);
+    if (tape.requires_grad(b)) detail::add_product_into<B>(tape.grad_into(b), gy, ap, n);
   };
   auto jvp = [&tape, a, b, n](Var self) {  // ty = ta * b + a * tb; a null tangent is zero
     T* ty = tape.tangent_into(self).data;  // assigned in full: jvp runs only with a tangent present
@@ -116,12 +107,12 @@ Var mul(Tape<T, B>& tape, Var a, Var b) {
     const T* bp = tape.value(b).data();
     const T* ta = tape.tangent_data(a);
     const T* tb = tape.tangent_data(b);
-    if (ta && tb)
-      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] = ta[i] * bp[i] + ap[i] * tb[i]; });
-    else if (ta)
-      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] = ta[i] * bp[i]; });
-    else
-      B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] = ap[i] * tb[i]; });
+    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) {
+      T t(0);
+      if (ta) t = ta[i] * bp[i];
+      if (tb) t += ap[i] * tb[i];
+      ty[i] = t;
+    });
   };
   return tape.record("mul", std::move(y), {a, b}, backward, jvp);
 }

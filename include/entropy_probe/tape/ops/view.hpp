@@ -3,7 +3,6 @@
 #pragma once
 
 #include "entropy_probe/tape/tape.hpp"
-#include "entropy_probe/tensor/blas.hpp"
 
 namespace entropy_probe {
 
@@ -14,12 +13,7 @@ Var reshape(Tape<T, B>& tape, Var x, Shape shape) {
   return tape.record(
       "reshape", std::move(y), {x},
       [&tape, x, n](Var self) {
-        if (!tape.requires_grad(x)) return;
-        const OutRef<T> gx = tape.grad_into(x);
-        if (gx.fresh)
-          B::copy(gx.data, tape.grad_data(self), n);
-        else
-          blas::axpy<B>(n, T(1), tape.grad_data(self), gx.data);
+        if (tape.requires_grad(x)) add_into<B>(tape.grad_into(x), tape.grad_data(self), n);
       },
       [&tape, x, n](Var self) { B::copy(tape.tangent_into(self).data, tape.tangent_data(x), n); });
 }
