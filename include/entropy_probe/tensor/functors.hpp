@@ -9,7 +9,7 @@
 // Each functor also has `f_array` / `df_array`, the same formula on an Eigen
 // array expression, for the CPU backend's elementwise primitives: Eigen
 // evaluates exp and tanh with SIMD where glibc's scalar calls cost ~17 ns an
-// element (docs/performance.md). Host only; tests/tensor/test_functors.cpp
+// element (docs/performance.md). Host only; tests/tensor/test_cpu_backend.cpp
 // checks them against the scalar forms.
 #pragma once
 
