@@ -16,6 +16,7 @@
 #include <entropy_probe/tape/ops/elementwise.hpp>
 #include <entropy_probe/tape/ops/embedding.hpp>
 #include <entropy_probe/tape/ops/linear.hpp>
+#include <entropy_probe/tape/ops/lm_head_logprob.hpp>
 #include <entropy_probe/tape/ops/logprob.hpp>
 #include <entropy_probe/tape/ops/norm.hpp>
 #include <entropy_probe/tape/ops/rotary.hpp>
@@ -248,6 +249,16 @@ void logprob_ops() {
   const std::vector<std::int32_t> tl = {17, 2999, -1, 0, 1500};
   check_op<T, DevB>("log_softmax_gather (V = 3000)", {{zl}}, [&tl](auto& t, const std::vector<Var>& v) {
     return log_softmax_gather(t, v[0], std::span<const std::int32_t>(tl), 1.0);
+  });
+  // Chunks of 2 rows over 5 (the last one short, the second unscored).
+  const auto hs = random_host({5, 6}, rng), ws = random_host({3000, 6}, rng, 0.5);
+  const std::vector<std::int32_t> ths = {17, 2999, -1, -1, 1500};
+  check_op<T, DevB>("lm_head_logprob (V = 3000, chunks of 2, tau 0.8)", {{hs}, {ws}},
+                    [&ths](auto& t, const std::vector<Var>& v) {
+                      return lm_head_logprob(t, v[0], v[1], std::span<const std::int32_t>(ths), 0.8, 2);
+                    });
+  check_op<T, DevB>("lm_head_logprob (frozen W)", {{hs}, {ws, false}}, [&ths](auto& t, const std::vector<Var>& v) {
+    return lm_head_logprob(t, v[0], v[1], std::span<const std::int32_t>(ths), 1.0);
   });
   const auto x = random_host({3, 4}, rng);
   const std::vector<double> w = {1, 0, 1, 1, 0, 0, 1, 0, 0.5, 1, 1, -2};

@@ -13,6 +13,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <random>
 #include <set>
 #include <string>
 #include <vector>
@@ -638,18 +640,21 @@ TEST_CASE("edge: non-finite rewards, bad clip_c and an out-of-range end token ar
 }
 
 namespace {
-// A model that ignores SequenceInput::logit_positions (as a user's own model
-// may), or that returns `drop` logit rows too few.
-struct FullLogitsModel {
+// A model seen only through forward(), as a user's own model may be: it
+// keeps SequenceInput::logit_positions or ignores it, and may return `drop`
+// logit rows too few.
+template <class Inner>
+struct LogitsOnlyModel {
   using scalar_type = double;
   using backend_type = CpuBackend;
-  Model& inner;
+  Inner& inner;
+  bool keep_hint = false;
   index_t drop = 0;
   void named_parameters(const ParameterVisitor<double>& v) { inner.named_parameters(v); }
   index_t vocab_size() const { return inner.vocab_size(); }
   Var forward(Tape<double>& tape, const SequenceInput& in) {
     SequenceInput plain = in;
-    plain.logit_positions.reset();
+    if (!keep_hint) plain.logit_positions.reset();
     Var z = inner.forward(tape, plain);
     if (drop == 0) return z;
     std::vector<std::int32_t> keep;
@@ -657,7 +662,73 @@ struct FullLogitsModel {
     return gather_rows(tape, z, keep);
   }
 };
+static_assert(!CausalLMFeatures<LogitsOnlyModel<Model>> && CausalLMFeatures<Model>);
+
+// S, the gradient of sum S for every parameter, and the tangent of S along a
+// seeded random tangent of every trainable parameter, concatenated.
+template <class M, class Inner>
+std::vector<double> s_grads_tangents(M& m, Inner& inner, const TokenBatch& batch, double tau) {
+  const Registry<double> reg = Registry<double>::build(inner);
+  std::mt19937_64 rng(5);
+  std::normal_distribution<double> normal;
+  std::map<LeafKey, Tensor<double>> tangents;
+  for (auto& e : reg.entries()) {
+    e.param->grad.reset();
+    Tensor<double> t(e.param->value.shape());
+    for (index_t i = 0; i < t.numel(); ++i) t[i] = normal(rng);
+    tangents.emplace(e.param->id().value, std::move(t));
+  }
+  Tape<double> tape;
+  Var S = record_sequence_logprobs(tape, m, batch, tau);
+  std::vector<double> out = tape.value(S).to_host();
+  tape.backward(S, Tensor<double>::full({batch.rows()}, 1.0));
+  for (auto& e : reg.entries())
+    if (e.param->grad)
+      for (double v : e.param->grad->to_host()) out.push_back(v);
+  for (auto& e : reg.entries()) e.param->grad.reset();
+  tape.jvp([&](LeafKey k) { return &tangents.at(k); });
+  REQUIRE(tape.tangent(S));
+  for (double v : tape.tangent(S)->to_host()) out.push_back(v);
+  return out;
+}
 }  // namespace
+
+TEST_CASE("sequence log-probs: the fused lm_head path equals the logits path", "[probe][logit_positions][lm_head]") {
+  // Tied and untied heads, frozen and trainable (modules_to_save), so the
+  // head weight is also the embedding table in some of them.
+  auto check = [](auto& model) {
+    using Inner = std::remove_reference_t<decltype(model)>;
+    const TokenBatch batch = random_batch(3, 2, 9, model.vocab_size(), 19);
+    LogitsOnlyModel<Inner> scored{model, true}, full{model, false};
+    for (double tau : {1.0, 0.7}) {
+      CAPTURE(tau);
+      const std::vector<double> fused = s_grads_tangents(model, model, batch, tau);
+      for (auto* reference : {&scored, &full}) {
+        const std::vector<double> ref = s_grads_tangents(*reference, model, batch, tau);
+        REQUIRE(fused.size() == ref.size());
+        double worst = 0, scale = 0;
+        for (std::size_t i = 0; i < ref.size(); ++i) {
+          worst = std::max(worst, std::abs(fused[i] - ref[i]));
+          scale = std::max(scale, std::abs(ref[i]));
+        }
+        CAPTURE(worst, scale);
+        CHECK(worst <= 1e-13 * scale);
+      }
+    }
+  };
+  for (bool lm_head : {false, true}) {
+    CAPTURE(lm_head);
+    Model gpt2 = tiny_gpt2<double>(4, lm_head);
+    check(gpt2);
+    for (bool tie : {false, true}) {
+      CAPTURE(tie);
+      nn::LoraConfig lora = tiny_lora(lm_head);
+      lora.target_modules = {"q_proj", "v_proj", "down_proj"};
+      nn::Qwen2ForCausalLM<double> qwen2(tiny_qwen2_config(tie), lora, 6);
+      check(qwen2);
+    }
+  }
+}
 
 TEST_CASE("sequence log-probs: scored positions only, or all logits from a model that ignores the hint",
           "[probe][logit_positions]") {
@@ -668,7 +739,7 @@ TEST_CASE("sequence log-probs: scored positions only, or all logits from a model
   const auto hole = static_cast<std::size_t>(batch.at(1, 1, batch.prompt_lens[1] - 1));
   REQUIRE(batch.attention_mask[hole] == 1);
   batch.attention_mask[hole] = 0;
-  FullLogitsModel full{model};
+  LogitsOnlyModel<Model> full{model};
   const std::vector<double> s_scored = sequence_logprobs(model, batch, 1.3, 0);
   const std::vector<double> s_full = sequence_logprobs(full, batch, 1.3, 0);
   REQUIRE(s_scored.size() == s_full.size());
@@ -698,7 +769,7 @@ TEST_CASE("sequence log-probs: scored positions only, or all logits from a model
   }
   CHECK(worst <= 1e-13 * scale);
 
-  FullLogitsModel broken{model, 1};
+  LogitsOnlyModel<Model> broken{model, false, 1};
   REQUIRE_THROWS_WITH(sequence_logprobs(broken, batch, 1.0, 0),
                       Contains("the model returned logits of shape [53, 11], expected [R, T, V] = [6, 9, V]"));
 }

@@ -86,4 +86,22 @@ concept CausalLM = Module<M> &&
   { m.vocab_size() } -> std::convertible_to<index_t>;
 };
 
+// What a CausalLM may return in place of its logits: the hidden states after
+// the final norm, [R, T, d] or [m, d] for SequenceInput::logit_positions as
+// forward() would, and the lm_head weight [V, d], so that logits = hidden
+// weight^T. The caller can then fuse lm_head with the log-softmax
+// (tape/ops/lm_head_logprob.hpp) and never hold [m, V] logits.
+struct LmHeadInput {
+  Var hidden;
+  Var weight;
+};
+
+// A CausalLM that also offers forward_features(); optional; models without it
+// are scored through their logits.
+template <class M>
+concept CausalLMFeatures = CausalLM<M> &&
+    requires(M& m, Tape<typename M::scalar_type, typename M::backend_type>& tape, const SequenceInput& in) {
+  { m.forward_features(tape, in) } -> std::same_as<LmHeadInput>;
+};
+
 }  // namespace entropy_probe

@@ -122,6 +122,13 @@ class Gpt2LMHeadModel {
   // and the read positions; attention on the [R, T] grid), and after the last
   // attention, where all work is per position, only the m read positions.
   Var forward(Tape<T, B>& tape, const SequenceInput& in) {
+    const LmHeadInput f = forward_features(tape, in);
+    return linear(tape, f.hidden, f.weight);
+  }
+
+  // forward() up to lm_head: the hidden states after ln_f and the lm_head
+  // weight (module/module.hpp).
+  LmHeadInput forward_features(Tape<T, B>& tape, const SequenceInput& in) {
     const index_t r = in.rows, t = in.length, d = config_.n_embd;
     check_input(in);
     const std::optional<PackedPositions> pack = pack_positions(in);
@@ -153,8 +160,7 @@ class Gpt2LMHeadModel {
       h = add(tape, h, b.mlp_c_proj.forward(tape, gelu_tanh(tape, b.c_fc.forward(tape, m))));
     }
     if (!selected) h = select_read(h);
-    h = ln_f_.forward(tape, h);
-    return linear(tape, h, use(tape, lm_head_ ? *lm_head_ : wte_));
+    return {ln_f_.forward(tape, h), use(tape, lm_head_ ? *lm_head_ : wte_)};
   }
 
  private:

@@ -138,6 +138,13 @@ class Qwen2ForCausalLM {
   // positions; attention on the [R, T] grid), and after the last attention,
   // where all work is per position, only the m read positions.
   Var forward(Tape<T, B>& tape, const SequenceInput& in) {
+    const LmHeadInput f = forward_features(tape, in);
+    return linear(tape, f.hidden, f.weight);
+  }
+
+  // forward() up to lm_head: the hidden states after the final norm and the
+  // lm_head weight (module/module.hpp).
+  LmHeadInput forward_features(Tape<T, B>& tape, const SequenceInput& in) {
     const index_t r = in.rows, t = in.length, d = config_.hidden_size;
     const auto n = static_cast<std::size_t>(r * t);
     if (in.tokens.size() != n || in.key_mask.size() != n || in.positions.size() != n)
@@ -174,8 +181,7 @@ class Qwen2ForCausalLM {
       h = add(tape, h, l.down_proj.forward(tape, gated));
     }
     if (!selected) h = select_read(h);
-    h = norm_.forward(tape, h);
-    return linear(tape, h, use(tape, lm_head_ ? *lm_head_ : embed_tokens_));
+    return {norm_.forward(tape, h), use(tape, lm_head_ ? *lm_head_ : embed_tokens_)};
   }
 
  private:

@@ -8,6 +8,7 @@
 #include "entropy_probe/module/module.hpp"
 #include "entropy_probe/probe/batch.hpp"
 #include "entropy_probe/tape/ops/gather.hpp"
+#include "entropy_probe/tape/ops/lm_head_logprob.hpp"
 #include "entropy_probe/tape/ops/logprob.hpp"
 
 #include <span>
@@ -57,10 +58,12 @@ inline ScoredTargets scored_targets(const TokenBatch& batch) {
 
 // Records S for every row of `batch` on `tape`; returns a Var of shape [B*G].
 //
-// The model is asked for the logits of the scored positions only
+// The model is asked for the scored positions only
 // (SequenceInput::logit_positions); their log-probabilities are scattered
 // back to [R*T] for the masked sum. A model that returns all R*T positions
-// is scored the same way through the full target list.
+// is scored the same way through the full target list. A model with
+// forward_features() (CausalLMFeatures) is scored by lm_head_logprob, which
+// never holds its [m, V] logits; any other through its logits.
 template <CausalLM M, class T = typename M::scalar_type, class B = typename M::backend_type>
 Var record_sequence_logprobs(Tape<T, B>& tape, M& model, const TokenBatch& batch, double temperature) {
   SequenceInput in = sequence_input(batch);
@@ -75,21 +78,33 @@ Var record_sequence_logprobs(Tape<T, B>& tape, M& model, const TokenBatch& batch
   const index_t n = batch.rows() * batch.T;
   const auto m = static_cast<index_t>(scored.size());
 
-  Var logits = model.forward(tape, in);
-  const Shape& zs = tape.shape(logits);
-  const index_t vocab = zs.empty() ? 0 : zs.back();
-  const index_t logit_rows = vocab > 0 ? tape.value(logits).numel() / vocab : -1;
-  Var tok;
-  if (logit_rows == n) {
-    tok = log_softmax_gather(tape, logits, std::span<const std::int32_t>(st.targets), temperature);
-  } else if (logit_rows == m && in.logit_positions) {
-    Var lp = log_softmax_gather(tape, logits, std::span<const std::int32_t>(scored_targets_only), temperature);
-    tok = scatter_rows(tape, lp, std::span<const std::int32_t>(scored), n);
-  } else {
+  // Token log-probs [R*T] from a model output `x` ([..., width]) whose rows
+  // are all R*T positions or the m scored ones; score(targets) gives one
+  // log-prob per row of x.
+  auto per_position = [&](Var x, const char* what, const char* width_name, auto score) {
+    const Shape& xs = tape.shape(x);
+    const index_t width = xs.empty() ? 0 : xs.back();
+    const index_t rows = width > 0 ? tape.value(x).numel() / width : -1;
+    if (rows == n) return score(std::span<const std::int32_t>(st.targets));
+    if (rows == m && in.logit_positions)
+      return scatter_rows(tape, score(std::span<const std::int32_t>(scored_targets_only)),
+                          std::span<const std::int32_t>(scored), n);
     fail<UsageError>(
-        "record_sequence_logprobs: the model returned logits of shape {}, expected [R, T, V] = [{}, {}, V] or, for "
-        "the {} requested logit_positions, [{}, V]",
-        shape_str(zs), batch.rows(), batch.T, m, m);
+        "record_sequence_logprobs: the model returned {} of shape {}, expected [R, T, {}] = [{}, {}, {}] or, for the "
+        "{} requested logit_positions, [{}, {}]",
+        what, shape_str(xs), width_name, batch.rows(), batch.T, width_name, m, m, width_name);
+  };
+  Var tok;
+  if constexpr (CausalLMFeatures<M>) {
+    const LmHeadInput f = model.forward_features(tape, in);
+    tok = per_position(f.hidden, "hidden states", "d", [&](std::span<const std::int32_t> targets) {
+      return lm_head_logprob(tape, f.hidden, f.weight, targets, temperature);
+    });
+  } else {
+    const Var logits = model.forward(tape, in);
+    tok = per_position(logits, "logits", "V", [&](std::span<const std::int32_t> targets) {
+      return log_softmax_gather(tape, logits, targets, temperature);
+    });
   }
   return masked_seq_sum(tape, tok, std::span<const double>(st.weights), batch.rows());
 }
