@@ -27,6 +27,7 @@
 #include "entropy_probe/tape/ops/attention.hpp"
 #include "entropy_probe/tape/tape.hpp"
 #include "entropy_probe/tensor/batch_grid.hpp"
+#include "entropy_probe/tensor/functors.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -115,13 +116,40 @@ struct FlashProducts {
   index_t kv_row(const FlashTile& f) const { return (f.r0 * f.tok + f.k0) * ldk; }
 };
 
+// p <- exp(p - shift(i)) at the allowed keys of query i, exactly 0 elsewhere,
+// over a score tile. The shifted scores are written over the whole
+// [nb*Hq, tile, tile] scratch (-inf outside the tile's rows and keys) so that
+// exp runs as one contiguous vectorised map (B::unary_map); exp(-inf) may
+// come back as a tiny denormal there, so a last pass writes exact zeros.
+// The row passes loop over a row's keys inside the body, so the row's index
+// arithmetic is done once per row.
+template <class T, class B, class Shift>
+void flash_exp_tile(const FlashTile& f, const std::uint8_t* mask, Shift shift, T* p) {
+  const index_t tile = f.tile, bq = f.bq, bk = f.bk;
+  B::parallel_for(f.nb * f.hq * tile, [=] EP_HOST_DEVICE(index_t r) {
+    const index_t t = r % tile, i = r / tile * bq + t;  // i: r's query in the tile's numbering, when t < bq
+    const index_t n = t < bq ? f.causal_keys(i) : 0;    // allowed keys lie in [0, n)
+    const std::uint8_t* m = mask + (n > 0 ? f.mask_at(i, 0) : 0);
+    const acc_t sh = n > 0 ? shift(i) : 0.0;
+    T* x = p + r * tile;
+    for (index_t s = 0; s < tile; ++s)
+      x[s] = s < n && m[s] ? static_cast<T>(static_cast<acc_t>(x[s]) - sh) : static_cast<T>(-HUGE_VAL);
+  });
+  B::template unary_map<Exp>(f.nb * f.hq * tile * tile, p, p);
+  B::parallel_for(f.rows(), [=] EP_HOST_DEVICE(index_t i) {
+    const index_t n = f.causal_keys(i);
+    const std::uint8_t* m = mask + f.mask_at(i, 0);
+    T* x = p + f.at(i, 0);
+    for (index_t s = 0; s < bk; ++s)
+      if (s >= n || !m[s]) x[s] = T(0);
+  });
+}
+
 // P = exp(S - lse) over allowed keys, 0 elsewhere, in place over a score tile.
 template <class T, class B>
 void flash_recompute_probs(const FlashTile& f, const acc_t* lse, const std::uint8_t* mask, T* p) {
-  B::parallel_for_2d(f.rows(), f.bk, [=] EP_HOST_DEVICE(index_t i, index_t s) {
-    T& x = p[f.at(i, s)];
-    x = f.allowed(mask, i, s) ? static_cast<T>(std::exp(static_cast<acc_t>(x) - lse[f.stat(i)])) : T(0);
-  });
+  flash_exp_tile<T, B>(
+      f, mask, [=] EP_HOST_DEVICE(index_t i) { return lse[f.stat(i)]; }, p);
 }
 
 }  // namespace detail
@@ -202,38 +230,42 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
     acc_t* m_run = run_max.data();
     acc_t* l_run = run_sum.data();
     acc_t* corr = rescale.data();
-    auto s_tile = Tensor<T, B>::uninitialized({scratch_elems});  // S by gemm, then P by the row pass
+    auto s_tile = Tensor<T, B>::uninitialized({scratch_elems});  // S by gemm, then P in place
     T* p = s_tile.data();
+    // This tile's max of S over each query's allowed keys.
+    auto tile_max = Tensor<acc_t, B>::uninitialized({scratch_elems / tile});  // chunk x Hq x tile
+    acc_t* t_max = tile_max.data();
     T* o = out.data();
     for (index_t r0 = 0; r0 < n_rows; r0 += chunk)
       for (index_t qi = 0; qi < n_tiles; ++qi) {
         for (index_t kj = 0; kj <= qi; ++kj) {  // key tiles above the diagonal are all future keys
           const detail::FlashTile f = tile_of(r0, qi, kj);
           prod.scores(f, sc, qv, kv, T(0), p);
-          // p = exp(S - m_new) over allowed keys (0 elsewhere), m_new = max(m_old,
-          // this tile's max); then, once per query, l <- l exp(m_old - m_new) + sum p.
-          B::row_max_sum_apply(
-              f.rows(), f.bk, [=] EP_HOST_DEVICE(index_t i) { return f.causal_keys(i); },
-              [=] EP_HOST_DEVICE(index_t i, index_t s) -> acc_t {
-                return mask[f.mask_at(i, s)] ? static_cast<acc_t>(p[f.at(i, s)]) : -HUGE_VAL;
-              },
-              [=] EP_HOST_DEVICE(index_t i, index_t s, acc_t mx) -> acc_t {
-                if (!mask[f.mask_at(i, s)]) return 0.0;
-                const acc_t e = std::exp(static_cast<acc_t>(p[f.at(i, s)]) - std::fmax(mx, m_run[f.stat(i)]));
-                p[f.at(i, s)] = static_cast<T>(e);
-                return e;
-              },
-              [=] EP_HOST_DEVICE(index_t i, index_t s, acc_t mx, acc_t sum) {
-                if (!f.allowed(mask, i, s)) p[f.at(i, s)] = T(0);
-                if (s != 0) return;  // the statistics, once per query
-                const index_t st = f.stat(i);
-                const acc_t m_new = std::fmax(mx, m_run[st]);
-                // No allowed key yet: l stays 0 and the output (0 so far) keeps its scale.
-                const acc_t c = m_new == -HUGE_VAL ? 1.0 : std::exp(m_run[st] - m_new);
-                l_run[st] = l_run[st] * c + sum;
-                m_run[st] = m_new;
-                corr[st] = c;
-              });
+          // m_new = max(m_old, this tile's max); p = exp(S - m_new) over allowed
+          // keys, 0 elsewhere; then l <- l exp(m_old - m_new) + sum p.
+          B::parallel_for(f.rows(), [=] EP_HOST_DEVICE(index_t i) {
+            const index_t n = f.causal_keys(i);
+            const std::uint8_t* m = mask + f.mask_at(i, 0);
+            const T* x = p + f.at(i, 0);
+            acc_t mx = -HUGE_VAL;
+            for (index_t s = 0; s < n; ++s)
+              if (m[s]) mx = std::fmax(mx, static_cast<acc_t>(x[s]));
+            t_max[i] = mx;
+          });
+          detail::flash_exp_tile<T, B>(
+              f, mask, [=] EP_HOST_DEVICE(index_t i) { return std::fmax(t_max[i], m_run[f.stat(i)]); }, p);
+          B::parallel_for(f.rows(), [=] EP_HOST_DEVICE(index_t i) {
+            const T* x = p + f.at(i, 0);
+            acc_t sum = 0;
+            for (index_t s = 0; s < f.bk; ++s) sum += static_cast<acc_t>(x[s]);
+            const index_t st = f.stat(i);
+            const acc_t m_new = std::fmax(t_max[i], m_run[st]);
+            // No allowed key yet: l stays 0 and the output (0 so far) keeps its scale.
+            const acc_t c = m_new == -HUGE_VAL ? 1.0 : std::exp(m_run[st] - m_new);
+            l_run[st] = l_run[st] * c + sum;
+            m_run[st] = m_new;
+            corr[st] = c;
+          });
           if (kj > 0)
             B::parallel_for_2d(f.rows(), dh, [=] EP_HOST_DEVICE(index_t i, index_t d) {
               o[f.q_at(i, d)] *= static_cast<T>(corr[f.stat(i)]);
@@ -305,11 +337,15 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
             prod.reduce_to_kv(f, T(1), p, go, gv.fresh && qi == kj ? T(0) : T(1), gv.data);
           if (!need_s) continue;
           prod.scores(f, T(1), go, vd, T(0), ds);  // dP = dO V^T
-          B::parallel_for_2d(f.rows(), f.bk, [=] EP_HOST_DEVICE(index_t i, index_t s) {
-            T& x = ds[f.at(i, s)];  // dS = P o (dP - D), 0 at masked and future keys
-            x = f.allowed(mask, i, s)
-                    ? static_cast<T>(static_cast<acc_t>(p[f.at(i, s)]) * (static_cast<acc_t>(x) - dd[f.stat(i)]))
-                    : T(0);
+          B::parallel_for(f.rows(), [=] EP_HOST_DEVICE(index_t i) {
+            // dS = P o (dP - D), 0 at masked and future keys
+            const index_t n = f.causal_keys(i);
+            const std::uint8_t* m = mask + f.mask_at(i, 0);
+            const T* pr = p + f.at(i, 0);
+            T* x = ds + f.at(i, 0);
+            const acc_t d = dd[f.stat(i)];
+            for (index_t s = 0; s < f.bk; ++s)
+              x[s] = s < n && m[s] ? static_cast<T>(static_cast<acc_t>(pr[s]) * (static_cast<acc_t>(x[s]) - d)) : T(0);
           });
           if (gq.data)  // dQ += scale dS K
             prod.apply(f, sc, ds, kd, gq.fresh && kj == 0 ? T(0) : T(1), gq.data);
@@ -360,21 +396,20 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
           }
           if (tk) prod.scores(f, sc, qd, tk, beta_s, ts);
           const bool first = kj == 0;
-          B::row_sum_apply(
-              f.rows(), f.bk, [=] EP_HOST_DEVICE(index_t i) { return f.causal_keys(i); },
-              [=] EP_HOST_DEVICE(index_t i, index_t s) -> acc_t {
-                return mask[f.mask_at(i, s)] ? static_cast<acc_t>(p[f.at(i, s)]) * static_cast<acc_t>(ts[f.at(i, s)])
-                                             : 0.0;
-              },
-              [=] EP_HOST_DEVICE(index_t i, acc_t sum) {
-                c[f.stat(i)] = first ? sum : c[f.stat(i)] + sum;
-                return 0.0;
-              },
-              [=] EP_HOST_DEVICE(index_t i, index_t s, acc_t) {
-                T& x = ts[f.at(i, s)];
-                x = f.allowed(mask, i, s) ? static_cast<T>(static_cast<acc_t>(p[f.at(i, s)]) * static_cast<acc_t>(x))
-                                          : T(0);
-              });
+          B::parallel_for(f.rows(), [=] EP_HOST_DEVICE(index_t i) {
+            // ts <- P o tS (0 at masked and future keys); c += its row sum
+            const index_t n = f.causal_keys(i);
+            const std::uint8_t* m = mask + f.mask_at(i, 0);
+            const T* pr = p + f.at(i, 0);
+            T* x = ts + f.at(i, 0);
+            acc_t sum = 0;
+            for (index_t s = 0; s < f.bk; ++s) {
+              const acc_t pt = s < n && m[s] ? static_cast<acc_t>(pr[s]) * static_cast<acc_t>(x[s]) : 0.0;
+              x[s] = static_cast<T>(pt);
+              sum += pt;
+            }
+            c[f.stat(i)] = first ? sum : c[f.stat(i)] + sum;
+          });
           prod.apply(f, T(1), ts, vd, beta, tod);  // tO += (P o tS) V
         }
         if (!need_s) continue;
