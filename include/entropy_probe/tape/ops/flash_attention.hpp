@@ -161,27 +161,10 @@ template <class T, class B>
 Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std::uint8_t> key_mask,
                            index_t n_heads, index_t n_kv_heads, double scale = 0, index_t tile = kFlashAttentionTile) {
   const Shape& qs = tape.shape(q);
-  if (qs.size() != 3) fail<UsageError>("flash_causal_attention: q has shape {}, expected [R, T, Hq*Dh]", shape_str(qs));
-  if (n_heads < 1 || n_kv_heads < 1)
-    fail<UsageError>("flash_causal_attention: n_heads ({}) and n_kv_heads ({}) must be positive", n_heads, n_kv_heads);
-  if (n_heads % n_kv_heads != 0)
-    fail<UsageError>("flash_causal_attention: n_heads {} is not a multiple of n_kv_heads {}", n_heads, n_kv_heads);
-  const index_t n_rows = qs[0], n_tok = qs[1];
-  if (qs[2] % n_heads != 0 || qs[2] == 0)
-    fail<UsageError>("flash_causal_attention: q feature size {} is not a positive multiple of n_heads {}", qs[2],
-                     n_heads);
-  const index_t hq = n_heads, hkv = n_kv_heads, dh = qs[2] / n_heads, group = hq / hkv;
-  const index_t ldq = hq * dh, ldk = hkv * dh;
-  const Shape kv_shape{n_rows, n_tok, ldk};
-  if (tape.shape(k) != kv_shape)
-    fail<UsageError>("flash_causal_attention: k has shape {}, expected {} (n_kv_heads {} x head_dim {})",
-                     shape_str(tape.shape(k)), shape_str(kv_shape), hkv, dh);
-  if (tape.shape(v) != kv_shape)
-    fail<UsageError>("flash_causal_attention: v has shape {}, expected {} (n_kv_heads {} x head_dim {})",
-                     shape_str(tape.shape(v)), shape_str(kv_shape), hkv, dh);
-  if (static_cast<index_t>(key_mask.size()) != n_rows * n_tok)
-    fail<UsageError>("flash_causal_attention: key_mask has {} entries, expected R*T = {}*{} = {}", key_mask.size(),
-                     n_rows, n_tok, n_rows * n_tok);
+  const detail::AttentionDims dims =
+      detail::attention_dims("flash_causal_attention", tape, q, k, v, key_mask, n_heads, n_kv_heads);
+  const index_t n_rows = dims.rows, n_tok = dims.tok, hq = dims.hq, hkv = dims.hkv, dh = dims.dh, group = dims.group;
+  const index_t ldq = dims.ldq, ldk = dims.ldk;
   if (!std::isfinite(scale))
     fail<UsageError>("flash_causal_attention: scale {} is not finite (0 selects 1/sqrt(head_dim))", scale);
   if (tile < 1) fail<UsageError>("flash_causal_attention: tile {} must be positive", tile);
