@@ -19,8 +19,8 @@
 // [T, T] block per head. Key tiles above the diagonal are skipped. The
 // products run on the backend's batched gemm over (row, KV group,
 // head-in-group) items exactly as in causal_attention (AttentionGrids), the
-// row passes on the backend's row primitives, so the op runs on CpuBackend
-// and CudaBackend alike. Heads of a KV group accumulate into their shared
+// row passes as B::parallel_for over query rows and exp as B::unary_map, so
+// the op runs on CpuBackend and CudaBackend alike. Heads of a KV group accumulate into their shared
 // dK / dV one head-in-group after another, so no two products race.
 #pragma once
 
