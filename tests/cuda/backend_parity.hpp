@@ -15,6 +15,7 @@
 #include <entropy_probe/tape/ops/attention.hpp>
 #include <entropy_probe/tape/ops/elementwise.hpp>
 #include <entropy_probe/tape/ops/embedding.hpp>
+#include <entropy_probe/tape/ops/flash_attention.hpp>
 #include <entropy_probe/tape/ops/linear.hpp>
 #include <entropy_probe/tape/ops/lm_head_logprob.hpp>
 #include <entropy_probe/tape/ops/logprob.hpp>
@@ -233,6 +234,17 @@ void attention_ops() {
   check_op<T, DevB>("causal_attention (MHA, frozen v)", {{q}, {k4}, {v4, false}},
                     [&mask](auto& t, const std::vector<Var>& x) {
                       return causal_attention(t, x[0], x[1], x[2], std::span<const std::uint8_t>(mask), 4, 4);
+                    });
+  // Tiles of 4 over T = 6: a partial tile, a skipped one above the diagonal.
+  check_op<T, DevB>("flash_causal_attention (GQA 4/2, padding, tile 4)", {{q}, {k}, {v}},
+                    [&mask](auto& t, const std::vector<Var>& x) {
+                      return flash_causal_attention(t, x[0], x[1], x[2], std::span<const std::uint8_t>(mask), 4, 2, 0.0,
+                                                    4);
+                    });
+  check_op<T, DevB>("flash_causal_attention (MHA, frozen v, scale 0.3)", {{q}, {k4}, {v4, false}},
+                    [&mask](auto& t, const std::vector<Var>& x) {
+                      return flash_causal_attention(t, x[0], x[1], x[2], std::span<const std::uint8_t>(mask), 4, 4, 0.3,
+                                                    4);
                     });
 }
 

@@ -45,6 +45,26 @@ struct Sigmoid {
   }
 };
 
+// e^x, for attention's probabilities exp(S - shift) (tape/ops/flash_attention.hpp).
+struct Exp {
+  template <class T>
+  static EP_HOST_DEVICE T f(T x) {
+    return std::exp(x);
+  }
+  template <class T>
+  static EP_HOST_DEVICE T df(T x) {
+    return std::exp(x);
+  }
+  template <class A>
+  static auto f_array(const Eigen::ArrayBase<A>& x) {
+    return x.exp();
+  }
+  template <class A>
+  static auto df_array(const Eigen::ArrayBase<A>& x) {
+    return x.exp();
+  }
+};
+
 // GELU, tanh approximation (GPT-2's "gelu_new", PyTorch approximate="tanh"):
 //   f(x)  = 0.5 x (1 + tanh(u)),  u = c (x + k x^3),  c = sqrt(2/pi), k = 0.044715
 //   f'(x) = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) c (1 + 3 k x^2)

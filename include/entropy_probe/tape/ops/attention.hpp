@@ -68,6 +68,39 @@ void attention_softmax_vjp_rows(index_t n_mats, index_t heads, index_t n_tok, co
       });
 }
 
+// The shapes of an attention op's operands, checked: q [R, T, Hq*Dh], k and
+// v [R, T, Hkv*Dh], R*T key mask entries, Hkv dividing Hq. `op` names the
+// op in the errors.
+struct AttentionDims {
+  index_t rows, tok, hq, hkv, dh, group, ldq, ldk;  // R, T, heads, KV heads, head dim, Hq/Hkv, row widths of q, k/v
+};
+
+template <class T, class B>
+AttentionDims attention_dims(const char* op, const Tape<T, B>& tape, Var q, Var k, Var v,
+                             std::span<const std::uint8_t> key_mask, index_t n_heads, index_t n_kv_heads) {
+  const Shape& qs = tape.shape(q);
+  if (qs.size() != 3) fail<UsageError>("{}: q has shape {}, expected [R, T, Hq*Dh]", op, shape_str(qs));
+  if (n_heads < 1 || n_kv_heads < 1)
+    fail<UsageError>("{}: n_heads ({}) and n_kv_heads ({}) must be positive", op, n_heads, n_kv_heads);
+  if (n_heads % n_kv_heads != 0)
+    fail<UsageError>("{}: n_heads {} is not a multiple of n_kv_heads {}", op, n_heads, n_kv_heads);
+  const index_t n_rows = qs[0], n_tok = qs[1];
+  if (qs[2] % n_heads != 0 || qs[2] == 0)
+    fail<UsageError>("{}: q feature size {} is not a positive multiple of n_heads {}", op, qs[2], n_heads);
+  const index_t dh = qs[2] / n_heads, ldk = n_kv_heads * dh;
+  const Shape kv_shape{n_rows, n_tok, ldk};
+  if (tape.shape(k) != kv_shape)
+    fail<UsageError>("{}: k has shape {}, expected {} (n_kv_heads {} x head_dim {})", op, shape_str(tape.shape(k)),
+                     shape_str(kv_shape), n_kv_heads, dh);
+  if (tape.shape(v) != kv_shape)
+    fail<UsageError>("{}: v has shape {}, expected {} (n_kv_heads {} x head_dim {})", op, shape_str(tape.shape(v)),
+                     shape_str(kv_shape), n_kv_heads, dh);
+  if (static_cast<index_t>(key_mask.size()) != n_rows * n_tok)
+    fail<UsageError>("{}: key_mask has {} entries, expected R*T = {}*{} = {}", op, key_mask.size(), n_rows, n_tok,
+                     n_rows * n_tok);
+  return {n_rows, n_tok, n_heads, n_kv_heads, dh, n_heads / n_kv_heads, n_heads * dh, ldk};
+}
+
 // The batch layouts of attention's products over `rows` rows from a chunk's
 // first row: all (row, KV group g, head-in-group k) items, or, for the
 // products that accumulate into a KV head, the (row, g) items of one k.
@@ -104,26 +137,10 @@ template <class T, class B>
 Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std::uint8_t> key_mask, index_t n_heads,
                      index_t n_kv_heads) {
   const Shape& qs = tape.shape(q);
-  if (qs.size() != 3) fail<UsageError>("causal_attention: q has shape {}, expected [R, T, Hq*Dh]", shape_str(qs));
-  if (n_heads < 1 || n_kv_heads < 1)
-    fail<UsageError>("causal_attention: n_heads ({}) and n_kv_heads ({}) must be positive", n_heads, n_kv_heads);
-  if (n_heads % n_kv_heads != 0)
-    fail<UsageError>("causal_attention: n_heads {} is not a multiple of n_kv_heads {}", n_heads, n_kv_heads);
-  const index_t n_rows = qs[0], n_tok = qs[1];
-  if (qs[2] % n_heads != 0 || qs[2] == 0)
-    fail<UsageError>("causal_attention: q feature size {} is not a positive multiple of n_heads {}", qs[2], n_heads);
-  const index_t hq = n_heads, hkv = n_kv_heads, dh = qs[2] / n_heads, group = hq / hkv;
-  const index_t ldq = hq * dh, ldk = hkv * dh;
-  const Shape kv_shape{n_rows, n_tok, ldk};
-  if (tape.shape(k) != kv_shape)
-    fail<UsageError>("causal_attention: k has shape {}, expected {} (n_kv_heads {} x head_dim {})",
-                     shape_str(tape.shape(k)), shape_str(kv_shape), hkv, dh);
-  if (tape.shape(v) != kv_shape)
-    fail<UsageError>("causal_attention: v has shape {}, expected {} (n_kv_heads {} x head_dim {})",
-                     shape_str(tape.shape(v)), shape_str(kv_shape), hkv, dh);
-  if (static_cast<index_t>(key_mask.size()) != n_rows * n_tok)
-    fail<UsageError>("causal_attention: key_mask has {} entries, expected R*T = {}*{} = {}", key_mask.size(), n_rows,
-                     n_tok, n_rows * n_tok);
+  const detail::AttentionDims dims =
+      detail::attention_dims("causal_attention", tape, q, k, v, key_mask, n_heads, n_kv_heads);
+  const index_t n_rows = dims.rows, n_tok = dims.tok, hq = dims.hq, hkv = dims.hkv, dh = dims.dh, group = dims.group;
+  const index_t ldq = dims.ldq, ldk = dims.ldk;
   const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<acc_t>(dh)));
 
   // Offsets of row r's head h (query side), of its KV head and of its P block.
