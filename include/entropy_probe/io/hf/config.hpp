@@ -11,9 +11,15 @@
 
 #include <nlohmann/json.hpp>
 
+#include <fmt/format.h>
+
 #include <cmath>
 #include <optional>
+#include <regex>
 #include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 namespace entropy_probe::hf {
 
@@ -128,18 +134,89 @@ inline nn::Qwen2Config qwen2_config_from_json(const nlohmann::json& j, const std
   return c;
 }
 
-// PEFT adapter_config.json: peft_type "LORA", r, lora_alpha, target_modules
-// (a list of module names; PEFT reads a string as a regular expression, which
-// is not supported), use_rslora, fan_in_fan_out (checked, not needed: LoRA
-// tensors are stored [r, in] / [out, r] either way), modules_to_save (null or
-// a list; only "lm_head" is supported). Settings that change the adapted
-// computation and are not implemented (bias other than "none", DoRA, rank or
-// alpha patterns, layers_to_transform) are rejected.
+namespace detail {
+
+// A regular expression from `field`, compiled here so that a pattern
+// std::regex cannot read is an input error naming it.
+inline std::string regex_field(const std::string& pattern, const std::string& path, const std::string& field) {
+  try {
+    (void)std::regex(pattern, std::regex::ECMAScript);
+  } catch (const std::regex_error& e) {
+    fail<InputError>("{}: field '{}' = \"{}\" is not a regular expression this reader can evaluate: {}", path, field,
+                     pattern, e.what());
+  }
+  return pattern;
+}
+
+// A list of module names (target_modules, exclude_modules) or one regular
+// expression, PEFT's two forms.
+inline void module_list_or_regex(const json& j, const std::string& path, const char* key,
+                                 std::vector<std::string>& list, std::optional<std::string>& regex) {
+  const json* v = find_field(j, key);
+  if (!v) return;
+  if (v->is_string()) {
+    regex = regex_field(v->get<std::string>(), path, key);
+    return;
+  }
+  if (!v->is_array())
+    fail<InputError>("{}: field '{}' must be a list of module names or a regular expression, got {}", path, key,
+                     v->dump());
+  for (const auto& t : *v) {
+    if (!t.is_string() || t.get<std::string>().empty())
+      fail<InputError>("{}: field '{}' has entry {}, expected a module name", path, key, t.dump());
+    list.push_back(t.get<std::string>());
+  }
+}
+
+// rank_pattern / alpha_pattern: an object of pattern -> value.
+template <class V>
+std::vector<std::pair<std::string, V>> pattern_field(const json& j, const std::string& path, const char* key) {
+  std::vector<std::pair<std::string, V>> out;
+  const json* v = find_field(j, key);
+  if (!v) return out;
+  if (!v->is_object()) fail<InputError>("{}: field '{}' must be an object, got {}", path, key, v->dump());
+  for (auto it = v->begin(); it != v->end(); ++it) {
+    const std::string field = fmt::format("{}.{}", key, it.key());
+    regex_field("(.*\\.)?(" + it.key() + ")", path, field);
+    const json& x = it.value();
+    if constexpr (std::is_same_v<V, index_t>) {
+      if (!x.is_number_integer() || x.get<index_t>() < 1)
+        fail<InputError>("{}: field '{}' = {} must be an integer rank >= 1", path, field, x.dump());
+    } else {
+      if (!x.is_number() || !std::isfinite(x.get<double>()))
+        fail<InputError>("{}: field '{}' = {} must be a finite number", path, field, x.dump());
+    }
+    out.emplace_back(it.key(), x.get<V>());
+  }
+  return out;
+}
+
+}  // namespace detail
+
+// PEFT adapter_config.json as peft 0.17-0.21 writes it (docs/checkpoints.md
+// has the table): peft_type "LORA", r, lora_alpha, use_rslora,
+// target_modules (names, suffixes, full module paths, or a regular
+// expression), exclude_modules, layers_to_transform with layers_pattern,
+// rank_pattern, alpha_pattern, modules_to_save, bias ("none", "all",
+// "lora_only"), fan_in_fan_out (checked, not needed: LoRA tensors are stored
+// [r, in] / [out, r] either way). Settings that change the adapted
+// computation and are not implemented (DoRA, lora_bias, other LoRA
+// variants) are refused by name; fields that do not change the forward pass
+// (dropout, init settings, task type, inference_mode, fields added later)
+// are accepted. Which modules the settings select is checked against the
+// model by the loader (io/hf/weights.hpp).
 inline nn::LoraConfig lora_config_from_json(const nlohmann::json& j, const std::string& path) {
   using namespace detail;
   require_object(j, path);
   const std::string peft_type = *get_string(j, path, "peft_type", true);
   if (peft_type != "LORA") fail<InputError>("{}: field 'peft_type' = '{}' is not supported (LORA)", path, peft_type);
+  // Variants that change what the adapter computes or where it sits.
+  for (const char* key :
+       {"use_dora", "lora_bias", "use_qalora", "layer_replication", "target_parameters", "alora_invocation_tokens",
+        "trainable_token_indices", "velora_config", "monteclora_config", "use_bdlora", "arrow_config", "kasa_config"})
+    if (is_set(j, key))
+      fail<InputError>("{}: field '{}' = {} is not supported ({} is not implemented; plain LoRA only)", path, key,
+                       j[key].dump(), std::string(key) == "use_dora" ? "DoRA" : "this LoRA variant");
   nn::LoraConfig c;
   c.r = get_int(j, path, "r", std::nullopt, 1);
   c.lora_alpha = get_number(j, path, "lora_alpha", std::nullopt);
@@ -147,44 +224,63 @@ inline nn::LoraConfig lora_config_from_json(const nlohmann::json& j, const std::
   (void)get_bool(j, path, "fan_in_fan_out", false);
   c.init_lora_b_zero = true;  // irrelevant: the adapter's weights are loaded
 
-  const json* tm = find_field(j, "target_modules");
-  if (!tm) missing_field(path, "target_modules");
-  if (tm->is_string())
-    fail<InputError>(
-        "{}: field 'target_modules' = {} is a string, which PEFT reads as a regular expression (or "
-        "'all-linear'); only a list of module names is supported",
-        path, tm->dump());
-  if (!tm->is_array() || tm->empty())
-    fail<InputError>("{}: field 'target_modules' must be a non-empty list of module names, got {}", path, tm->dump());
-  for (const auto& t : *tm) {
-    if (!t.is_string() || t.get<std::string>().empty())
-      fail<InputError>("{}: field 'target_modules' has entry {}, expected a module name", path, t.dump());
-    c.target_modules.push_back(t.get<std::string>());
+  if (!find_field(j, "target_modules")) missing_field(path, "target_modules");
+  module_list_or_regex(j, path, "target_modules", c.target_modules, c.target_regex);
+  if (!c.target_regex && c.target_modules.empty())
+    fail<InputError>("{}: field 'target_modules' = [] selects no module", path);
+  module_list_or_regex(j, path, "exclude_modules", c.exclude_modules, c.exclude_regex);
+
+  if (const json* lt = find_field(j, "layers_to_transform")) {
+    if (c.target_regex)  // PEFT's LoraConfig refuses this too
+      fail<InputError>(
+          "{}: field 'layers_to_transform' = {} cannot be used with a regular expression in "
+          "'target_modules'",
+          path, lt->dump());
+    const json list = lt->is_array() ? *lt : json::array({*lt});
+    for (std::size_t i = 0; i < list.size(); ++i) {
+      if (!list[i].is_number_integer() || list[i].get<index_t>() < 0)
+        fail<InputError>("{}: field 'layers_to_transform' has entry {}, expected a layer index >= 0", path,
+                         list[i].dump());
+      c.layers_to_transform.push_back(list[i].get<index_t>());
+    }
   }
+  if (const json* lp = find_field(j, "layers_pattern")) {
+    const json list = lp->is_array() ? *lp : json::array({*lp});
+    for (const auto& p : list) {
+      if (!p.is_string()) fail<InputError>("{}: field 'layers_pattern' has entry {}, expected a name", path, p.dump());
+      c.layers_pattern.push_back(regex_field(p.get<std::string>(), path, "layers_pattern"));
+    }
+    if (!c.layers_pattern.empty() && (c.target_regex || !find_field(j, "layers_to_transform")))
+      fail<InputError>("{}: field 'layers_pattern' = {} needs 'layers_to_transform' and a list in 'target_modules'",
+                       path, lp->dump());
+  }
+  c.rank_pattern = pattern_field<index_t>(j, path, "rank_pattern");
+  c.alpha_pattern = pattern_field<double>(j, path, "alpha_pattern");
 
   if (const json* ms = find_field(j, "modules_to_save")) {
     if (!ms->is_array())
       fail<InputError>("{}: field 'modules_to_save' must be null or a list, got {}", path, ms->dump());
     for (const auto& m : *ms) {
-      if (!m.is_string())
+      if (!m.is_string() || m.get<std::string>().empty())
         fail<InputError>("{}: field 'modules_to_save' has entry {}, expected a module name", path, m.dump());
-      if (m.get<std::string>() != "lm_head")
-        fail<InputError>("{}: field 'modules_to_save' entry '{}' is not supported (only \"lm_head\")", path,
-                         m.get<std::string>());
       c.modules_to_save.push_back(m.get<std::string>());
     }
   }
-  if (auto bias = get_string(j, path, "bias", false); bias && *bias != "none")
-    fail<InputError>("{}: field 'bias' = '{}' is not supported (\"none\": biases stay frozen)", path, *bias);
-  // Variants that change what the adapter computes or where it sits.
-  for (const char* key : {"use_dora", "lora_bias", "use_qalora", "rank_pattern", "alpha_pattern", "layers_to_transform",
-                          "exclude_modules", "layer_replication", "target_parameters", "alora_invocation_tokens",
-                          "trainable_token_indices"})
-    if (is_set(j, key))
-      fail<InputError>(
-          "{}: field '{}' = {} is not supported (plain LoRA: one r and lora_alpha on every targeted "
-          "module of every layer)",
-          path, key, j[key].dump());
+  // PEFT's ensure_weight_tying keeps a saved embedding and the head tied;
+  // here a saved embedding always unties them (PEFT's default).
+  if (get_bool(j, path, "ensure_weight_tying", false) && !c.modules_to_save.empty())
+    fail<InputError>("{}: field 'ensure_weight_tying' = true is not supported with modules_to_save {}", path,
+                     find_field(j, "modules_to_save")->dump());
+  const std::string bias = get_string(j, path, "bias", false).value_or("none");
+  if (bias == "none") {
+    c.bias = nn::LoraBias::none;
+  } else if (bias == "all") {
+    c.bias = nn::LoraBias::all;
+  } else if (bias == "lora_only") {
+    c.bias = nn::LoraBias::lora_only;
+  } else {
+    fail<InputError>("{}: field 'bias' = '{}' is not supported (\"none\", \"all\", \"lora_only\")", path, bias);
+  }
   return c;
 }
 

@@ -29,6 +29,7 @@
 #include "entropy_probe/nn/qwen2.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -40,6 +41,7 @@
 #include <span>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <variant>
 #include <vector>
@@ -50,15 +52,6 @@ namespace detail {
 
 enum class Family { gpt2, qwen2 };
 inline const char* family_name(Family f) { return f == Family::gpt2 ? "gpt2" : "qwen2"; }
-
-inline const std::vector<std::string>& family_modules(Family f) {
-  static const std::vector<std::string> gpt2{"c_attn", "c_proj", "c_fc"};
-  static const std::vector<std::string> qwen2{"q_proj",    "k_proj",  "v_proj",   "o_proj",
-                                              "gate_proj", "up_proj", "down_proj"};
-  return f == Family::gpt2 ? gpt2 : qwen2;
-}
-
-inline const std::string kPeftPrefix = "base_model.model.";
 
 // Where a model parameter comes from and under which key.
 struct Placement {
@@ -78,25 +71,22 @@ inline bool is_gpt2_conv1d_weight(const std::string& key) {
   return false;
 }
 
-inline Placement place(const std::string& name, const std::optional<nn::LoraConfig>& lora, Family family) {
+// With an adapter every trained parameter (LoRA tensors, modules_to_save,
+// trained biases) is in the adapter file under its registry name, which is
+// PEFT's key; every frozen one is a base weight under its Hugging Face key
+// (the module path and leaf, without ".base_layer" or ".original_module").
+inline Placement place(const std::string& name, bool with_adapter, bool trained, Family family) {
   Placement p;
-  std::string s = name;
-  if (lora) {
-    if (!starts_with(name, kPeftPrefix))
-      fail<UsageError>("hf: parameter '{}' lacks the PEFT prefix '{}'", name, kPeftPrefix);
-    s = name.substr(kPeftPrefix.size());
-  }
-  if (is_lora_tensor_name(s) || (lora && s == "lm_head.weight" && lora->saves("lm_head"))) {
-    p.adapter = true;
-    p.key = name;
-    return p;
-  }
-  for (std::size_t at = s.find(".base_layer."); at != std::string::npos; at = s.find(".base_layer."))
-    s.erase(at, std::string(".base_layer").size());
-  p.key = s;
+  if (with_adapter && !starts_with(name, nn::kPeftPrefix))
+    fail<UsageError>("hf: parameter '{}' lacks the PEFT prefix '{}'", name, nn::kPeftPrefix);
+  const nn::PeftName n = nn::parse_peft_name(name);
+  const std::string hf_key = n.module + "." + n.leaf;
+  p.adapter = with_adapter && trained;
+  p.key = p.adapter ? name : hf_key;
   if (family == Family::gpt2) {
-    if (starts_with(s, "transformer.")) p.alt_key = s.substr(std::string("transformer.").size());
-    p.transpose = is_gpt2_conv1d_weight(s);
+    if (!p.adapter && starts_with(hf_key, "transformer."))
+      p.alt_key = hf_key.substr(std::string("transformer.").size());
+    p.transpose = !n.lora && is_gpt2_conv1d_weight(hf_key);  // a saved Conv1D keeps its layout in the adapter too
   }
   return p;
 }
@@ -152,6 +142,8 @@ class BaseWeights {
   }
 
   const std::string& label() const { return label_; }
+  // Every tensor key of the base weights.
+  const std::map<std::string, std::size_t>& keys() const { return where_; }
   // The tensor `key` and the file holding it, or {nullptr, nullptr}.
   std::pair<const safetensors::File*, const safetensors::TensorView*> find(const std::string& key) const {
     auto it = where_.find(key);
@@ -166,8 +158,10 @@ class BaseWeights {
   std::map<std::string, std::size_t> where_;
 };
 
-// Loads `view` into `param`, checking dtype and shape (transposing a
-// Hugging Face [in, out] Conv1D weight into [out, in]).
+// Loads `view` into `param`'s storage, checking dtype and shape (transposing
+// a Hugging Face [in, out] Conv1D weight into [out, in]). Each element is
+// converted once, straight into the parameter on the CPU (through one host
+// buffer on a device).
 template <class T, class B>
 void load_into(Parameter<T, B>& param, const safetensors::File& file, const safetensors::TensorView& view,
                bool transpose, const std::string& origin) {
@@ -179,41 +173,31 @@ void load_into(Parameter<T, B>& param, const safetensors::File& file, const safe
   if (!safetensors::is_float(view.dtype))
     fail<InputError>("{}: tensor '{}' has dtype {}, expected F32, F16, BF16 or F64", file.path(), view.name,
                      safetensors::dtype_name(view.dtype));
-  std::vector<T> v = view.template to_vector<T>();
-  if (transpose) {
-    const index_t out = want[0], in = want[1];
-    std::vector<T> t(v.size());
-    for (index_t i = 0; i < in; ++i)
-      for (index_t o = 0; o < out; ++o)
-        t[static_cast<std::size_t>(o * in + i)] = v[static_cast<std::size_t>(i * out + o)];
-    v = std::move(t);
-  }
-  param.value = Tensor<T, B>::from_host(want, std::span<const T>(v));
-}
-
-// Every target module must be one of the family's (PEFT matches by suffix;
-// dotted targets would select a subset this model cannot express).
-inline void check_targets(const nn::LoraConfig& lora, Family family, const std::string& path) {
-  const auto& known = family_modules(family);
-  bool any = false;
-  for (const std::string& t : lora.target_modules) {
-    if (std::find(known.begin(), known.end(), t) != known.end()) {
-      any = true;
-    } else if (t.find('.') != std::string::npos) {
-      fail<InputError>("{}: target_modules entry '{}' is not supported: use the module names [{}]", path, t,
-                       fmt::join(known, ", "));
+  const index_t n = param.value.numel();
+  auto convert = [&](T* dst) {
+    const bool same = (view.dtype == safetensors::Dtype::F32 && std::is_same_v<T, float>) ||
+                      (view.dtype == safetensors::Dtype::F64 && std::is_same_v<T, double>);
+    if (!transpose && same) {
+      if (n > 0) std::memcpy(dst, view.bytes.data(), static_cast<std::size_t>(n) * sizeof(T));
+    } else if (!transpose) {
+      for (index_t k = 0; k < n; ++k) dst[k] = static_cast<T>(view.element(k));
     } else {
-      log_warning("{}: target_modules entry '{}' matches no module of a {} model; ignored", path, t,
-                  family_name(family));
+      const index_t out = want[0], in = want[1];
+      for (index_t i = 0; i < in; ++i)
+        for (index_t o = 0; o < out; ++o) dst[o * in + i] = static_cast<T>(view.element(i * out + o));
     }
+  };
+  if constexpr (std::is_same_v<B, CpuBackend>) {
+    convert(param.value.data());
+  } else {
+    std::vector<T> host(static_cast<std::size_t>(n));
+    convert(host.data());
+    B::upload(param.value.data(), host.data(), n);
   }
-  if (!any)
-    fail<InputError>("{}: target_modules [{}] match no module of a {} model ([{}])", path,
-                     fmt::join(lora.target_modules, ", "), family_name(family), fmt::join(known, ", "));
 }
 
 // adapter_config.json of `dir`, when present.
-inline std::optional<nn::LoraConfig> read_lora(const std::string& dir, Family family) {
+inline std::optional<nn::LoraConfig> read_lora(const std::string& dir) {
   const std::string cfg = join_path(dir, "adapter_config.json");
   const std::string weights = join_path(dir, "adapter_model.safetensors");
   if (!is_file(cfg)) {
@@ -222,76 +206,221 @@ inline std::optional<nn::LoraConfig> read_lora(const std::string& dir, Family fa
                        weights);
     return std::nullopt;
   }
-  nn::LoraConfig lora = lora_config_from_json(read_json_file(cfg), cfg);
-  check_targets(lora, family, cfg);
-  return lora;
+  return lora_config_from_json(read_json_file(cfg), cfg);
 }
 
-// Fills every parameter of `model` from the checkpoint in `dir`.
+inline std::string targets_str(const nn::LoraConfig& l) {
+  return l.target_regex ? fmt::format("\"{}\"", *l.target_regex)
+                        : fmt::format("[{}]", fmt::join(l.target_modules, ", "));
+}
+
+// rank_pattern and alpha_pattern must give module `m` one value each.
+inline void check_one_pattern_value(const nn::LoraConfig& lora, const std::string& m, const std::string& path) {
+  auto one_value = [&](const auto& patterns, const char* field) {
+    const auto hits = nn::LoraConfig::pattern_hits(patterns, m);
+    for (const auto* h : hits)
+      if (h->second != hits.front()->second)
+        fail<InputError>(
+            "{}: field '{}' has patterns '{}' and '{}' that both match module '{}' with different values ({} and "
+            "{}); PEFT takes the first in file order, which this reader does not keep",
+            path, field, hits.front()->first, h->first, m, hits.front()->second, h->second);
+  };
+  one_value(lora.rank_pattern, "rank_pattern");
+  one_value(lora.alpha_pattern, "alpha_pattern");
+}
+
+// A checkpoint directory's files, opened (headers only: the tensors stay
+// memory-mapped) before any model memory is allocated.
+struct CheckpointFiles {
+  std::string dir, config_path, adapter_config_path, adapter_path;
+  BaseWeights base;
+  std::optional<nn::LoraConfig> lora;
+  std::optional<safetensors::File> adapter;
+
+  CheckpointFiles(const std::string& d, const std::string& config)
+      : dir(d),
+        config_path(config),
+        adapter_config_path(join_path(d, "adapter_config.json")),
+        adapter_path(join_path(d, "adapter_model.safetensors")),
+        base(d),
+        lora(read_lora(d)) {
+    if (!lora) return;
+    if (!is_file(adapter_path)) {
+      if (is_file(join_path(dir, "adapter_model.bin")))
+        fail<InputError>("{}: missing; the adapter is a PyTorch pickle (adapter_model.bin), save it as safetensors",
+                         adapter_path);
+      fail<InputError>("{}: missing (adapter_config.json is present)", adapter_path);
+    }
+    adapter.emplace(safetensors::File::open(adapter_path));
+    // A LoRA rank the adapter file contradicts is refused before the model
+    // allocates adapters of that rank.
+    for (const auto& t : adapter->tensors()) {
+      if (!ends_with(t.name, ".lora_A.weight") || t.shape.size() != 2) continue;
+      const nn::PeftName n = nn::parse_peft_name(t.name);
+      check_one_pattern_value(*lora, n.module, adapter_config_path);
+      if (const auto a = lora->adapter_for(n.module); a && a->r != t.shape[0])
+        fail<InputError>("{}: tensor '{}' has rank {}, but {} gives module '{}' r = {} (r, rank_pattern)", adapter_path,
+                         t.name, t.shape[0], adapter_config_path, n.module, a->r);
+    }
+  }
+
+  // The base tensor `key` (GPT-2: with or without "transformer.").
+  const safetensors::TensorView* find_base(const std::string& key) const {
+    auto [file, view] = base.find(key);
+    if (!view && starts_with(key, "transformer.")) std::tie(file, view) = base.find(key.substr(12));
+    return view;
+  }
+};
+
+// What config.json implies about the base weights, compared with the
+// safetensors headers before the model is built, so a config that
+// disagrees with its weights is refused by name and never allocates (a
+// family lists one entry per size its config sets).
+struct ImpliedDim {
+  const char* field;  // the config.json field
+  index_t value;
+  std::string key;  // a base tensor whose dimension `dim` is that size
+  std::size_t dim;
+};
+
+inline void check_config_against_weights(const CheckpointFiles& f, const std::vector<ImpliedDim>& dims,
+                                         const char* layers_field, index_t layers,
+                                         const std::vector<std::string>& layer_prefixes) {
+  for (const ImpliedDim& d : dims) {
+    const safetensors::TensorView* v = f.find_base(d.key);
+    if (!v) continue;  // the per-parameter load names a missing tensor
+    if (v->shape.size() <= d.dim || v->shape[d.dim] != d.value)
+      fail<InputError>("{}: field '{}' = {} disagrees with {}: tensor '{}' has shape {} (dimension {} is '{}')",
+                       f.config_path, d.field, d.value, f.base.label(), v->name, shape_str(v->shape), d.dim, d.field);
+  }
+  std::set<index_t> found;
+  for (const auto& entry : f.base.keys())
+    for (const std::string& prefix : layer_prefixes) {
+      if (!starts_with(entry.first, prefix)) continue;
+      const std::string rest = entry.first.substr(prefix.size());
+      const auto dot = rest.find('.');
+      const std::string idx = rest.substr(0, dot);
+      if (dot == std::string::npos || idx.empty() || idx.size() > 12 ||
+          !std::all_of(idx.begin(), idx.end(), [](char c) { return c >= '0' && c <= '9'; }))
+        continue;
+      found.insert(std::stoll(idx));
+    }
+  const bool contiguous = found.empty() || (*found.begin() == 0 && *found.rbegin() == index_t(found.size()) - 1);
+  if (index_t(found.size()) != layers || !contiguous)
+    fail<InputError>("{}: field '{}' = {} disagrees with {}: it holds {} layers{}", f.config_path, layers_field, layers,
+                     f.base.label(), found.size(),
+                     found.empty() ? std::string()
+                                   : fmt::format(" (indices {} to {} under '{}')", *found.begin(), *found.rbegin(),
+                                                 layer_prefixes.front()));
+}
+
+// The modules PEFT's settings select must be modules this model can treat
+// as PEFT does: adapters on linear layers, modules_to_save on modules with
+// their own parameters, and a rank_pattern / alpha_pattern that gives each
+// module one value.
 template <class Model>
-void load_weights(Model& model, const std::string& dir, const std::optional<nn::LoraConfig>& lora, Family family) {
+void check_peft_selection(Model& model, const nn::LoraConfig& lora, const std::string& path, Family family) {
   using T = typename Model::scalar_type;
   using B = typename Model::backend_type;
+  std::set<std::string> owners{"lm_head"}, containers, adapted;
+  model.named_parameters(ParameterVisitor<T, B>([&](const std::string& name, Parameter<T, B>&) {
+    const nn::PeftName n = nn::parse_peft_name(name);
+    owners.insert(n.module);
+    if (n.lora) adapted.insert(n.module);
+    for (auto dot = n.module.rfind('.'); dot != std::string::npos; dot = n.module.rfind('.', dot - 1)) {
+      containers.insert(n.module.substr(0, dot));
+      if (dot == 0) break;
+    }
+  }));
+  for (const auto* set : {&owners, &containers})
+    for (const std::string& m : *set)
+      if (lora.targets(m) && !adapted.count(m))
+        fail<InputError>(
+            "{}: field 'target_modules' = {} selects module '{}', which is {}; LoRA is supported on the linear "
+            "layers of a {} model",
+            path, targets_str(lora), m,
+            set == &containers ? "a container of other modules"
+            : m == "lm_head"   ? "the output head"
+                               : "an embedding or a norm",
+            family_name(family));
+  if (adapted.empty())
+    fail<InputError>("{}: field 'target_modules' = {} selects no linear layer of this {} model{}", path,
+                     targets_str(lora), family_name(family),
+                     lora.layers_to_transform.empty()
+                         ? ""
+                         : fmt::format(" (layers_to_transform [{}])", fmt::join(lora.layers_to_transform, ", ")));
+  for (const std::string& m : adapted) check_one_pattern_value(lora, m, path);
+  for (const std::string& e : lora.modules_to_save) {
+    bool any = false;
+    for (const std::string& m : containers)
+      if (ends_with(m, e) && !owners.count(m))
+        fail<InputError>(
+            "{}: field 'modules_to_save' entry '{}' names '{}', a container of other modules; only modules with "
+            "their own parameters (embeddings, norms, linear layers, lm_head) are supported",
+            path, e, m);
+    for (const std::string& m : owners) any = any || ends_with(m, e);
+    if (!any)
+      fail<InputError>("{}: field 'modules_to_save' entry '{}' names no module of this {} model", path, e,
+                       family_name(family));
+  }
+}
+
+// Fills every parameter of `model` from the checkpoint's files.
+template <class Model>
+void load_weights(Model& model, const CheckpointFiles& f, Family family) {
+  using T = typename Model::scalar_type;
+  using B = typename Model::backend_type;
+  const std::optional<nn::LoraConfig>& lora = f.lora;
   std::vector<std::pair<std::string, Parameter<T, B>*>> params;
   model.named_parameters(
       ParameterVisitor<T, B>([&](const std::string& name, Parameter<T, B>& p) { params.emplace_back(name, &p); }));
 
-  const BaseWeights base(dir);
-  const std::string config = join_path(dir, "config.json");
-  std::map<std::string, Parameter<T, B>*> from_adapter;
+  std::map<std::string, std::pair<Parameter<T, B>*, bool>> from_adapter;  // key -> parameter, transpose
   for (auto& [name, p] : params) {
-    const Placement pl = place(name, lora, family);
+    const Placement pl = place(name, lora.has_value(), p->requires_grad, family);
     if (pl.adapter) {
-      from_adapter.emplace(pl.key, p);
+      from_adapter.emplace(pl.key, std::pair{p, pl.transpose});
       continue;
     }
-    auto [file, view] = base.find(pl.key);
-    if (!view && !pl.alt_key.empty()) std::tie(file, view) = base.find(pl.alt_key);
+    auto [file, view] = f.base.find(pl.key);
+    if (!view && !pl.alt_key.empty()) std::tie(file, view) = f.base.find(pl.alt_key);
     if (!view)
-      fail<InputError>("{}: missing tensor '{}'{} (model parameter '{}')", base.label(), pl.key,
+      fail<InputError>("{}: missing tensor '{}'{} (model parameter '{}')", f.base.label(), pl.key,
                        pl.alt_key.empty() ? std::string() : fmt::format(" (or '{}')", pl.alt_key), name);
-    load_into(*p, *file, *view, pl.transpose, "from " + config);
+    load_into(*p, *file, *view, pl.transpose, "from " + f.config_path);
   }
   if (!lora) return;
 
-  const std::string path = join_path(dir, "adapter_model.safetensors");
-  if (!is_file(path)) {
-    if (is_file(join_path(dir, "adapter_model.bin")))
-      fail<InputError>("{}: missing; the adapter is a PyTorch pickle (adapter_model.bin), save it as safetensors",
-                       path);
-    fail<InputError>("{}: missing (adapter_config.json is present)", path);
-  }
-  const safetensors::File adapter = safetensors::File::open(path);
+  const std::string& path = f.adapter_path;
+  const std::string settings = fmt::format("target_modules {}, modules_to_save [{}], bias '{}'", targets_str(*lora),
+                                           fmt::join(lora->modules_to_save, ", "),
+                                           lora->bias == nn::LoraBias::all         ? "all"
+                                           : lora->bias == nn::LoraBias::lora_only ? "lora_only"
+                                                                                   : "none");
   std::set<std::string> loaded;
-  for (const auto& view : adapter.tensors()) {
+  for (const auto& view : f.adapter->tensors()) {
     auto it = from_adapter.find(view.name);
     if (it == from_adapter.end()) {
-      std::string why;
-      std::string module_name = view.name;  // not `module`: nvcc reads that as the C++20 keyword and warns
-      for (const char* suffix : {".lora_A.weight", ".lora_B.weight", ".weight"})
-        if (ends_with(module_name, suffix)) {
-          module_name.resize(module_name.size() - std::strlen(suffix));
-          break;
-        }
+      const nn::PeftName n = nn::parse_peft_name(view.name);
       const bool exists = std::any_of(params.begin(), params.end(),
-                                      [&](const auto& np) { return starts_with(np.first, module_name + "."); });
+                                      [&](const auto& np) { return nn::parse_peft_name(np.first).module == n.module; });
+      std::string why;
       if (!exists)
-        why = fmt::format("the model has no module '{}'", module_name);
-      else if (is_lora_tensor_name(view.name))
-        why = fmt::format("module '{}' has no adapter (target_modules [{}])", module_name,
-                          fmt::join(lora->target_modules, ", "));
+        why = fmt::format("the model has no module '{}'", n.module);
+      else if (n.lora)
+        why = fmt::format("module '{}' has no adapter ({})", n.module, settings);
       else
-        why = "it is not a LoRA parameter or a modules_to_save copy of the model";
+        why = fmt::format("it is not a parameter the adapter trains ({})", settings);
       fail<InputError>("{}: tensor '{}' does not name a parameter the adapter can hold: {}", path, view.name, why);
     }
-    load_into(*it->second, adapter, view, false, "from adapter_config.json and " + config);
+    load_into(*it->second.first, *f.adapter, view, it->second.second,
+              "from " + f.adapter_config_path + " and " + f.config_path);
     loaded.insert(view.name);
   }
   for (const auto& [name, p] : from_adapter)
     if (!loaded.count(name))
-      fail<InputError>("{}: missing tensor '{}' (a LoRA parameter of the model: r {}, target_modules [{}]{})", path,
-                       name, lora->r, fmt::join(lora->target_modules, ", "),
-                       lora->modules_to_save.empty() ? "" : ", modules_to_save [lm_head]");
+      fail<InputError>("{}: missing tensor '{}' (a parameter the adapter trains: r {}, {})", path, name, lora->r,
+                       settings);
 }
 
 inline void check_directory(const std::string& dir) {
@@ -303,22 +432,41 @@ inline std::string model_type_of(const json& j, const std::string& path) {
   return *get_string(j, path, "model_type", true);
 }
 
-template <class T, class B>
-nn::Gpt2LMHeadModel<T, B> load_gpt2(const std::string& dir, const json& config, const std::string& config_path) {
-  const nn::Gpt2Config cfg = gpt2_config_from_json(config, config_path);
-  auto lora = read_lora(dir, Family::gpt2);
-  nn::Gpt2LMHeadModel<T, B> model(cfg, lora, 0);
-  load_weights(model, dir, lora, Family::gpt2);
+// Builds the model from the files: sizes checked against the weight headers,
+// storage allocated without initialisation, then filled.
+template <class Model, class Config>
+Model build_from_files(const Config& cfg, const CheckpointFiles& f, Family family) {
+  Model model(cfg, f.lora, std::nullopt);
+  if (f.lora) check_peft_selection(model, *f.lora, f.adapter_config_path, family);
+  load_weights(model, f, family);
   return model;
 }
 
 template <class T, class B>
+nn::Gpt2LMHeadModel<T, B> load_gpt2(const std::string& dir, const json& config, const std::string& config_path) {
+  const nn::Gpt2Config c = gpt2_config_from_json(config, config_path);
+  const CheckpointFiles f(dir, config_path);
+  check_config_against_weights(f,
+                               {{"vocab_size", c.vocab_size, "transformer.wte.weight", 0},
+                                {"n_embd", c.n_embd, "transformer.wte.weight", 1},
+                                {"n_positions", c.n_positions, "transformer.wpe.weight", 0},
+                                {"n_embd", c.n_embd, "transformer.h.0.mlp.c_fc.weight", 0}},
+                               "n_layer", c.n_layer, {"transformer.h.", "h."});
+  return build_from_files<nn::Gpt2LMHeadModel<T, B>>(c, f, Family::gpt2);
+}
+
+template <class T, class B>
 nn::Qwen2ForCausalLM<T, B> load_qwen2(const std::string& dir, const json& config, const std::string& config_path) {
-  const nn::Qwen2Config cfg = qwen2_config_from_json(config, config_path);
-  auto lora = read_lora(dir, Family::qwen2);
-  nn::Qwen2ForCausalLM<T, B> model(cfg, lora, 0);
-  load_weights(model, dir, lora, Family::qwen2);
-  return model;
+  const nn::Qwen2Config c = qwen2_config_from_json(config, config_path);
+  const CheckpointFiles f(dir, config_path);
+  check_config_against_weights(f,
+                               {{"vocab_size", c.vocab_size, "model.embed_tokens.weight", 0},
+                                {"hidden_size", c.hidden_size, "model.embed_tokens.weight", 1},
+                                {"vocab_size", c.vocab_size, "lm_head.weight", 0},
+                                {"hidden_size", c.hidden_size, "lm_head.weight", 1},
+                                {"intermediate_size", c.intermediate_size, "model.layers.0.mlp.up_proj.weight", 0}},
+                               "num_hidden_layers", c.num_hidden_layers, {"model.layers."});
+  return build_from_files<nn::Qwen2ForCausalLM<T, B>>(c, f, Family::qwen2);
 }
 
 inline json read_config(const std::string& dir, std::string& path, const char* want_type) {

@@ -67,19 +67,37 @@ inline void write_json_file(const std::string& path, const json& j) {
 }
 
 inline json adapter_config_json(const nn::LoraConfig& l, Family family) {
+  auto list_or_regex = [](const std::vector<std::string>& list, const std::optional<std::string>& regex) {
+    return regex ? json(*regex) : list.empty() ? json(nullptr) : json(list);
+  };
+  auto patterns = [](const auto& ps) {
+    json o = json::object();
+    for (const auto& [k, v] : ps) o[k] = v;
+    return o;
+  };
   json j = {{"peft_type", "LORA"},
             {"task_type", "CAUSAL_LM"},
             {"r", l.r},
             {"lora_alpha", l.lora_alpha},
             {"lora_dropout", 0.0},
-            {"target_modules", l.target_modules},
+            {"target_modules", list_or_regex(l.target_modules, l.target_regex)},
+            {"exclude_modules", list_or_regex(l.exclude_modules, l.exclude_regex)},
+            {"rank_pattern", patterns(l.rank_pattern)},
+            {"alpha_pattern", patterns(l.alpha_pattern)},
             {"use_rslora", l.use_rslora},
             {"fan_in_fan_out", family == Family::gpt2},
-            {"bias", "none"}};
+            {"bias", l.bias == nn::LoraBias::all         ? "all"
+                     : l.bias == nn::LoraBias::lora_only ? "lora_only"
+                                                         : "none"}};
+  j["layers_to_transform"] = l.layers_to_transform.empty() ? json(nullptr) : json(l.layers_to_transform);
+  j["layers_pattern"] = l.layers_pattern.empty() ? json(nullptr) : json(l.layers_pattern);
   j["modules_to_save"] = l.modules_to_save.empty() ? json(nullptr) : json(l.modules_to_save);
   return j;
 }
 
+// Trained parameters go to the adapter file under their registry names; the
+// base file holds every base weight (a trained module's too, as in a real
+// base checkpoint), a frozen original taking precedence over its trained copy.
 template <class Model>
 void save_weights(Model& model, const std::string& dir, const std::optional<nn::LoraConfig>& lora, Family family,
                   safetensors::Dtype dtype, bool write_lm_head_to_base) {
@@ -87,16 +105,9 @@ void save_weights(Model& model, const std::string& dir, const std::optional<nn::
   using B = typename Model::backend_type;
   std::map<std::string, safetensors::OutTensor> base, adapter;
   model.named_parameters(ParameterVisitor<T, B>([&](const std::string& name, Parameter<T, B>& p) {
-    const Placement pl = place(name, lora, family);
+    const Placement pl = place(name, lora.has_value(), p.requires_grad, family);
     std::vector<T> v = p.value.to_host();
     Shape shape = p.value.shape();
-    if (pl.adapter) {
-      adapter.emplace(pl.key, out_tensor(shape, v, dtype));
-      // An untied lm_head (Qwen2) also lives in the base weights.
-      if (write_lm_head_to_base && detail::ends_with(name, "lm_head.weight"))
-        base.emplace("lm_head.weight", out_tensor(shape, v, dtype));
-      return;
-    }
     if (pl.transpose) {
       const index_t out = shape[0], in = shape[1];
       std::vector<T> t(v.size());
@@ -106,7 +117,16 @@ void save_weights(Model& model, const std::string& dir, const std::optional<nn::
       v = std::move(t);
       shape = {in, out};
     }
-    base.emplace(pl.key, out_tensor(shape, v, dtype));
+    if (!pl.adapter) {
+      base.insert_or_assign(pl.key, out_tensor(shape, v, dtype));
+      return;
+    }
+    adapter.emplace(pl.key, out_tensor(shape, v, dtype));
+    const nn::PeftName n = nn::parse_peft_name(name);
+    const std::string hf_key = n.module + "." + n.leaf;
+    // A tied head has no base tensor of its own.
+    if (!n.lora && (hf_key != "lm_head.weight" || write_lm_head_to_base))
+      base.emplace(hf_key, out_tensor(shape, v, dtype));
   }));
   safetensors::write_file(join_path(dir, "model.safetensors"), base, {{"format", "pt"}});
   if (lora) {
