@@ -379,6 +379,12 @@ TEST_CASE("peft: refused settings name the file, the field and the value", "[io]
   with([](json& j) { j["modules_to_save"] = {"embed_tokens"}; });
   CHECK_INPUT_ERROR(load(), Contains(acfg) && Contains("'modules_to_save' entry 'embed_tokens' names no module"));
   with([](json& j) {
+    j["modules_to_save"] = {"ln_f"};
+    j["bias"] = "all";
+  });
+  CHECK_INPUT_ERROR(load(), Contains(acfg) && Contains("'bias' = 'all'") && Contains("entry 'ln_f'") &&
+                                Contains("'transformer.ln_f'"));
+  with([](json& j) {
     j["modules_to_save"] = {"wte"};
     j["ensure_weight_tying"] = true;
   });

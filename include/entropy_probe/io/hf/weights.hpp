@@ -322,11 +322,12 @@ template <class Model>
 void check_peft_selection(Model& model, const nn::LoraConfig& lora, const std::string& path, Family family) {
   using T = typename Model::scalar_type;
   using B = typename Model::backend_type;
-  std::set<std::string> owners{"lm_head"}, containers, adapted;
+  std::set<std::string> owners{"lm_head"}, containers, adapted, biased;
   model.named_parameters(ParameterVisitor<T, B>([&](const std::string& name, Parameter<T, B>&) {
     const nn::PeftName n = nn::parse_peft_name(name);
     owners.insert(n.module);
     if (n.lora) adapted.insert(n.module);
+    if (n.leaf == "bias") biased.insert(n.module);
     for (auto dot = n.module.rfind('.'); dot != std::string::npos; dot = n.module.rfind('.', dot - 1)) {
       containers.insert(n.module.substr(0, dot));
       if (dot == 0) break;
@@ -359,6 +360,15 @@ void check_peft_selection(Model& model, const nn::LoraConfig& lora, const std::s
             "their own parameters (embeddings, norms, linear layers, lm_head) are supported",
             path, e, m);
     for (const std::string& m : owners) any = any || ends_with(m, e);
+    // peft 0.21 saves such a bias three times under keys that name its
+    // wrapper (modules_to_save.bias, original_module.bias), not one parameter.
+    if (lora.bias == nn::LoraBias::all)
+      for (const std::string& m : biased)
+        if (ends_with(m, e))
+          fail<InputError>(
+              "{}: field 'bias' = 'all' together with modules_to_save entry '{}' (module '{}', which has a bias) is "
+              "not supported: peft saves that bias under wrapper keys that name no single parameter",
+              path, e, m);
     if (!any)
       fail<InputError>("{}: field 'modules_to_save' entry '{}' names no module of this {} model", path, e,
                        family_name(family));
