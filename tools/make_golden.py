@@ -15,7 +15,10 @@ independent PyTorch reference of DESIGN.md section 3 in float64:
                                             padded query positions), mu_X.<name>,
                                             mu_Y.<name> (registry names)
 
-Checkpoints: gpt2_lora (LoRA on c_attn, c_proj, c_fc; fan_in_fan_out), gpt2_lmhead
+Checkpoints: gpt2_peft_all_linear, qwen2_peft_regex and qwen2_peft_layers (the PEFT
+adapter settings: all-linear, regex targets, exclude_modules, layers_to_transform,
+rank/alpha patterns, bias, modules_to_save of embeddings and norms), gpt2_lora (LoRA on
+c_attn, c_proj, c_fc; fan_in_fan_out), gpt2_lmhead
 (the same plus modules_to_save=["lm_head"]), qwen2_lora (q,k,v,o,gate,up,down;
 tied embeddings; the batches carry max_lengths; config.json rewritten to the
 transformers < 5 layout with a top-level rope_theta), qwen2_rslora (untied lm_head,
@@ -183,6 +186,23 @@ SPECS = [
          dict(r=4, lora_alpha=8, target_modules=QWEN2_TARGETS, use_rslora=True),
          dict(lr=2e-2, betas=(0.85, 0.98), eps=1e-8, weight_decay=0.05), seed=14, vocab=96, position_ids=True,
          variants=[dict(weighting="dr_grpo", temperature=1.0), dict(weighting="per_token_avg", temperature=1.3)]),
+    # Adapter settings as current peft saves them (docs/checkpoints.md, "Adapter settings"); small on purpose.
+    Spec("gpt2_peft_all_linear", "gpt2", gpt2_model_cfg(32),
+         dict(r=4, lora_alpha=8, target_modules="all-linear", exclude_modules=["transformer.h.0.mlp.c_proj"],
+              rank_pattern={"c_fc": 2}, alpha_pattern={"h.1.attn.c_attn": 5}, bias="lora_only",
+              modules_to_save=["wte", "ln_f"], fan_in_fan_out=True),
+         dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01), seed=15, vocab=32,
+         E=dict(B=3, G=2, T=8), U=dict(B=2, G=2, T=8)),
+    Spec("qwen2_peft_regex", "qwen2", qwen2_model_cfg(48, tie=True),
+         dict(r=4, lora_alpha=8, target_modules=r"model\.layers\.\d+\.(self_attn\.(q|v)_proj|mlp\.down_proj)",
+              exclude_modules=r".*\.0\.mlp\.down_proj", bias="all", modules_to_save=["embed_tokens", "norm"]),
+         dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0), seed=16, vocab=48,
+         E=dict(B=3, G=2, T=8), U=dict(B=2, G=2, T=8)),
+    Spec("qwen2_peft_layers", "qwen2", qwen2_model_cfg(48, tie=False),
+         dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], layers_to_transform=[1],
+              layers_pattern="layers", rank_pattern={"gate_proj": 2}, alpha_pattern={"q_proj": 16}),
+         dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0), seed=17, vocab=48,
+         E=dict(B=3, G=2, T=8), U=dict(B=2, G=2, T=8)),
 ]
 
 PAD_ID = 1  # also the end-of-sequence id: the mask, never the id, decides padding

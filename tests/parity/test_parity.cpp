@@ -323,6 +323,27 @@ TEMPLATE_TEST_CASE("golden: qwen2_rslora (untied, rsLoRA, position_ids, rope_par
   run_parity<TestType>("qwen2_rslora");
 }
 
+// Adapter settings as peft saves them (docs/checkpoints.md, "Adapter settings").
+TEMPLATE_TEST_CASE(
+    "golden: gpt2_peft_all_linear (all-linear paths, exclude, rank/alpha patterns, bias lora_only, saved wte and "
+    "ln_f) matches PyTorch + PEFT",
+    "[parity]", double, float) {
+  run_parity<TestType>("gpt2_peft_all_linear");
+}
+
+TEMPLATE_TEST_CASE(
+    "golden: qwen2_peft_regex (regex targets and exclude, bias all, saved embed_tokens and norms, tied) matches "
+    "PyTorch + PEFT",
+    "[parity]", double, float) {
+  run_parity<TestType>("qwen2_peft_regex");
+}
+
+TEMPLATE_TEST_CASE(
+    "golden: qwen2_peft_layers (layers_to_transform, layers_pattern, rank/alpha patterns) matches PyTorch + PEFT",
+    "[parity]", double, float) {
+  run_parity<TestType>("qwen2_peft_layers");
+}
+
 TEST_CASE("golden: the typed loaders agree with load_model", "[parity]") {
   auto g = ep::hf::load_gpt2<double>((kGoldenDir / "gpt2_lora").string());
   auto q = ep::hf::load_qwen2<double>((kGoldenDir / "qwen2_rslora").string());

@@ -20,9 +20,11 @@
 
 #include <fmt/format.h>
 
+#include <cstdint>
 #include <optional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace entropy_probe::nn {
@@ -54,15 +56,19 @@ class Gpt2LMHeadModel {
     LoraLinear<T, B> c_attn, attn_c_proj, c_fc, mlp_c_proj;
   };
 
-  // Random base weights (normal, std 0.02, as GPT-2 initialises), seeded; a
-  // LoRA config attaches adapters to its target modules and freezes the rest.
-  Gpt2LMHeadModel(const Gpt2Config& config, std::optional<LoraConfig> lora, std::uint64_t seed)
+  // Random base weights (normal, std 0.02, as GPT-2 initialises), seeded;
+  // with no seed the storage is allocated and left for a checkpoint loader
+  // to fill (io/hf). A LoRA config attaches adapters where PEFT would
+  // (LoraConfig::adapter_for on each linear's module path) and sets what is
+  // trained (set_peft_trainable).
+  Gpt2LMHeadModel(const Gpt2Config& config, std::optional<LoraConfig> lora, std::optional<std::uint64_t> seed)
       : config_(config), lora_(std::move(lora)) {
     config_.validate();
-    std::mt19937_64 rng(seed);
+    std::mt19937_64 gen(seed.value_or(0));
+    std::mt19937_64* rng = seed ? &gen : nullptr;
     const index_t d = config_.n_embd, v = config_.vocab_size;
-    wte_ = Parameter<T, B>(random_normal<T, B>({v, d}, rng, 0.02));
-    wpe_ = Parameter<T, B>(random_normal<T, B>({config_.n_positions, d}, rng, 0.01));
+    wte_ = Parameter<T, B>(random_normal_or_unset<T, B>({v, d}, rng, 0.02));
+    wpe_ = Parameter<T, B>(random_normal_or_unset<T, B>({config_.n_positions, d}, rng, 0.01));
     for (index_t i = 0; i < config_.n_layer; ++i) {
       Block b;
       b.ln_1 = LayerNorm<T, B>(d, config_.layer_norm_epsilon);
@@ -75,18 +81,25 @@ class Gpt2LMHeadModel {
     }
     ln_f_ = LayerNorm<T, B>(d, config_.layer_norm_epsilon);
     if (lora_) {
-      const double s = lora_scale(lora_->lora_alpha, lora_->r, lora_->use_rslora);
-      for (auto& b : blocks_) {
-        if (lora_->targets("c_attn")) b.c_attn.add_lora(lora_->r, s, rng, lora_->init_lora_b_zero);
-        if (lora_->targets("c_proj")) {  // PEFT matches both attn.c_proj and mlp.c_proj by suffix
-          b.attn_c_proj.add_lora(lora_->r, s, rng, lora_->init_lora_b_zero);
-          b.mlp_c_proj.add_lora(lora_->r, s, rng, lora_->init_lora_b_zero);
-        }
-        if (lora_->targets("c_fc")) b.c_fc.add_lora(lora_->r, s, rng, lora_->init_lora_b_zero);
-      }
-      freeze_all_but_lora(*this);
-      if (lora_->saves("lm_head")) lm_head_.emplace(wte_.value);  // a trainable, untied copy
+      for (std::size_t i = 0; i < blocks_.size(); ++i)
+        for (auto [path, lin] : linears(i)) attach_adapter(*lin, path, *lora_, rng);
+      // The head is tied to wte. PEFT's copy of a saved lm_head is trained;
+      // a saved wte leaves the head on the frozen original.
+      if (lora_->saves("lm_head") || lora_->saves("transformer.wte")) lm_head_.emplace(wte_.value);
+      head_is_original_wte_ = !lora_->saves("lm_head") && lora_->saves("transformer.wte");
+      set_peft_trainable(*this, *lora_);
     }
+  }
+
+  // The linear layers of block i under their module paths (in the order
+  // seeded models draw their adapters).
+  std::vector<std::pair<std::string, LoraLinear<T, B>*>> linears(std::size_t i) {
+    const std::string h = fmt::format("transformer.h.{}.", i);
+    Block& b = blocks_[i];
+    return {{h + "attn.c_attn", &b.c_attn},
+            {h + "attn.c_proj", &b.attn_c_proj},
+            {h + "mlp.c_proj", &b.mlp_c_proj},
+            {h + "mlp.c_fc", &b.c_fc}};
   }
 
   const Gpt2Config& config() const { return config_; }
@@ -114,7 +127,8 @@ class Gpt2LMHeadModel {
       visit_child(v, h + "mlp.c_proj", b.mlp_c_proj);
     }
     visit_child(v, p + "transformer.ln_f", ln_f_);
-    if (lm_head_) v(p + "lm_head.weight", *lm_head_);
+    if (lm_head_)
+      v(p + (head_is_original_wte_ ? "transformer.wte.original_module.weight" : "lm_head.weight"), *lm_head_);
   }
 
   // Logits [R, T, V] for the rows of `in`, or [m, V] for in.logit_positions.
@@ -180,6 +194,7 @@ class Gpt2LMHeadModel {
   std::vector<Block> blocks_;
   LayerNorm<T, B> ln_f_;
   std::optional<Parameter<T, B>> lm_head_;
+  bool head_is_original_wte_ = false;
 };
 
 }  // namespace entropy_probe::nn

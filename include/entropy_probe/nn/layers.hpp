@@ -5,6 +5,7 @@
 
 #include "entropy_probe/module/bind.hpp"
 #include "entropy_probe/module/module.hpp"
+#include "entropy_probe/nn/lora_config.hpp"
 #include "entropy_probe/tape/ops/embedding.hpp"
 #include "entropy_probe/tape/ops/linear.hpp"
 #include "entropy_probe/tape/ops/norm.hpp"
@@ -31,9 +32,11 @@ Tensor<T, B> random_uniform(Shape shape, std::mt19937_64& rng, double bound) {
   return Tensor<T, B>::from_host(std::move(shape), host);
 }
 
-// LoRA scale: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA.
-inline double lora_scale(double alpha, index_t r, bool use_rslora) {
-  return use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
+// Random N(0, stddev^2) values, or, without a generator, storage the
+// checkpoint loader fills (a model built to be loaded is never initialised).
+template <class T, class B>
+Tensor<T, B> random_normal_or_unset(Shape shape, std::mt19937_64* rng, double stddev) {
+  return rng ? random_normal<T, B>(std::move(shape), *rng, stddev) : Tensor<T, B>::uninitialized(std::move(shape));
 }
 
 // A linear layer y = x W^T + b, optionally LoRA-adapted:
@@ -54,11 +57,17 @@ struct LoraLinear {
   // Attaches an adapter of rank r. PEFT's default initialisation: A
   // Kaiming-uniform (bound 1/sqrt(in)), B zero, so the adapted layer starts
   // equal to the base layer.
-  void add_lora(index_t r, double scale_value, std::mt19937_64& rng, bool zero_b = true) {
+  // Without a generator A and B are left for the loader to fill.
+  void add_lora(index_t r, double scale_value, std::mt19937_64* rng, bool zero_b = true) {
     if (r < 1) fail<UsageError>("LoraLinear::add_lora: rank {} < 1", r);
-    lora_A.emplace(random_uniform<T, B>({r, in_features}, rng, 1.0 / std::sqrt(double(in_features))));
-    lora_B.emplace(zero_b ? Tensor<T, B>({out_features, r})
-                          : random_uniform<T, B>({out_features, r}, rng, 1.0 / std::sqrt(double(r))));
+    if (!rng) {
+      lora_A.emplace(Tensor<T, B>::uninitialized({r, in_features}));
+      lora_B.emplace(Tensor<T, B>::uninitialized({out_features, r}));
+    } else {
+      lora_A.emplace(random_uniform<T, B>({r, in_features}, *rng, 1.0 / std::sqrt(double(in_features))));
+      lora_B.emplace(zero_b ? Tensor<T, B>({out_features, r})
+                            : random_uniform<T, B>({out_features, r}, *rng, 1.0 / std::sqrt(double(r))));
+    }
     scale = static_cast<T>(scale_value);
     weight.requires_grad = false;
     if (bias) bias->requires_grad = false;
@@ -89,22 +98,37 @@ struct LoraLinear {
   index_t out_features = 0;
 };
 
-// A linear layer with base weights drawn from N(0, 0.02^2) and zero bias.
+// A linear layer with base weights drawn from N(0, 0.02^2) and zero bias,
+// or, without a generator, left for the loader to fill.
 template <class T, class B>
-LoraLinear<T, B> random_linear(index_t in, index_t out, bool with_bias, std::mt19937_64& rng) {
-  LoraLinear<T, B> l(in, out, with_bias);
-  l.weight.value = random_normal<T, B>({out, in}, rng, 0.02);
+LoraLinear<T, B> random_linear(index_t in, index_t out, bool with_bias, std::mt19937_64* rng) {
+  LoraLinear<T, B> l;
+  l.in_features = in;
+  l.out_features = out;
+  l.weight = Parameter<T, B>(random_normal_or_unset<T, B>({out, in}, rng, 0.02));
+  if (with_bias) l.bias.emplace(rng ? Tensor<T, B>({out}) : Tensor<T, B>::uninitialized({out}));
   return l;
 }
 
-// PEFT's get_peft_model: every parameter is frozen except the LoRA adapters
-// (modules_to_save are re-enabled by the caller).
+// Attaches the adapter `lora` gives the linear module at `path`, if any
+// (PEFT's target rules, rank_pattern and alpha_pattern).
+template <class T, class B>
+void attach_adapter(LoraLinear<T, B>& lin, const std::string& path, const LoraConfig& lora, std::mt19937_64* rng) {
+  if (const auto a = lora.adapter_for(path)) lin.add_lora(a->r, a->scale, rng, lora.init_lora_b_zero);
+}
+
+// PEFT's get_peft_model trainability, from the registry names alone: LoRA
+// tensors, every parameter of a modules_to_save module and the biases
+// `bias` names are trained; everything else (and the frozen original of a
+// module PEFT copied, "<path>.original_module.weight") is frozen.
 template <class M>
-void freeze_all_but_lora(M& model) {
+void set_peft_trainable(M& model, const LoraConfig& lora) {
   using T = typename M::scalar_type;
   using B = typename M::backend_type;
-  model.named_parameters(ParameterVisitor<T, B>([](const std::string& name, Parameter<T, B>& p) {
-    p.requires_grad = name.find("lora_A.") != std::string::npos || name.find("lora_B.") != std::string::npos;
+  model.named_parameters(ParameterVisitor<T, B>([&](const std::string& name, Parameter<T, B>& p) {
+    const PeftName n = parse_peft_name(name);
+    p.requires_grad =
+        n.lora || (!n.original && (lora.saves(n.module) || (n.leaf == "bias" && lora.trains_bias(n.adapted))));
   }));
 }
 

@@ -16,6 +16,7 @@
 
 #include <fmt/format.h>
 
+#include <cstdint>
 #include <optional>
 #include <random>
 #include <string>
@@ -61,16 +62,18 @@ class Qwen2ForCausalLM {
     LoraLinear<T, B> q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj;
   };
 
-  // Random base weights (normal, std 0.02), seeded; a LoRA config attaches
-  // adapters to its target modules and freezes everything else.
-  Qwen2ForCausalLM(const Qwen2Config& config, std::optional<LoraConfig> lora, std::uint64_t seed)
+  // Random base weights (normal, std 0.02), seeded; with no seed the
+  // storage is left for a checkpoint loader to fill (io/hf). A LoRA config
+  // attaches adapters where PEFT would and sets what is trained.
+  Qwen2ForCausalLM(const Qwen2Config& config, std::optional<LoraConfig> lora, std::optional<std::uint64_t> seed)
       : config_(config), lora_(std::move(lora)) {
     config_.validate();
-    std::mt19937_64 rng(seed);
+    std::mt19937_64 gen(seed.value_or(0));
+    std::mt19937_64* rng = seed ? &gen : nullptr;
     const index_t d = config_.hidden_size, v = config_.vocab_size, dh = config_.head_dim();
     const index_t q_out = config_.num_attention_heads * dh, kv_out = config_.num_key_value_heads * dh;
     const index_t im = config_.intermediate_size;
-    embed_tokens_ = Parameter<T, B>(random_normal<T, B>({v, d}, rng, 0.02));
+    embed_tokens_ = Parameter<T, B>(random_normal_or_unset<T, B>({v, d}, rng, 0.02));
     for (index_t i = 0; i < config_.num_hidden_layers; ++i) {
       Layer l;
       l.input_layernorm = RmsNorm<T, B>(d, config_.rms_norm_eps);
@@ -85,21 +88,24 @@ class Qwen2ForCausalLM {
       layers_.push_back(std::move(l));
     }
     norm_ = RmsNorm<T, B>(d, config_.rms_norm_eps);
-    if (!config_.tie_word_embeddings) lm_head_.emplace(random_normal<T, B>({v, d}, rng, 0.02));
+    if (!config_.tie_word_embeddings) lm_head_.emplace(random_normal_or_unset<T, B>({v, d}, rng, 0.02));
     if (lora_) {
-      const double s = lora_scale(lora_->lora_alpha, lora_->r, lora_->use_rslora);
-      for (Layer& l : layers_)
-        for (auto [name, lin] : linears(l))
-          if (lora_->targets(name)) lin->add_lora(lora_->r, s, rng, lora_->init_lora_b_zero);
-      freeze_all_but_lora(*this);
-      if (lora_->saves("lm_head")) {
-        if (lm_head_) {
-          lm_head_->requires_grad = true;
-        } else {
-          lm_head_.emplace(embed_tokens_.value);  // PEFT's trainable copy unties it
-        }
-      }
+      for (std::size_t i = 0; i < layers_.size(); ++i)
+        for (auto [name, lin] : linears(layers_[i])) attach_adapter(*lin, module_path(i, name), *lora_, rng);
+      // A tied head: PEFT's copy of a saved lm_head is trained; a saved
+      // embed_tokens leaves the head on the frozen original.
+      if (!lm_head_ && (lora_->saves("lm_head") || lora_->saves("model.embed_tokens")))
+        lm_head_.emplace(embed_tokens_.value);
+      head_is_original_embedding_ =
+          config_.tie_word_embeddings && !lora_->saves("lm_head") && lora_->saves("model.embed_tokens");
+      set_peft_trainable(*this, *lora_);
     }
+  }
+
+  // The module path of projection `name` of layer i ("model.layers.1.self_attn.q_proj").
+  static std::string module_path(std::size_t i, const std::string& name) {
+    const bool attn = name == "q_proj" || name == "k_proj" || name == "v_proj" || name == "o_proj";
+    return fmt::format("model.layers.{}.{}{}", i, attn ? "self_attn." : "mlp.", name);
   }
 
   const Qwen2Config& config() const { return config_; }
@@ -123,14 +129,12 @@ class Qwen2ForCausalLM {
       const std::string h = fmt::format("{}model.layers.{}.", p, i);
       Layer& l = layers_[i];
       visit_child(v, h + "input_layernorm", l.input_layernorm);
-      for (auto [name, lin] : linears(l)) {
-        const bool attn = name == "q_proj" || name == "k_proj" || name == "v_proj" || name == "o_proj";
-        visit_child(v, h + (attn ? "self_attn." : "mlp.") + name, *lin);
-      }
+      for (auto [name, lin] : linears(l)) visit_child(v, p + module_path(i, name), *lin);
       visit_child(v, h + "post_attention_layernorm", l.post_attention_layernorm);
     }
     visit_child(v, p + "model.norm", norm_);
-    if (lm_head_) v(p + "lm_head.weight", *lm_head_);
+    if (lm_head_)
+      v(p + (head_is_original_embedding_ ? "model.embed_tokens.original_module.weight" : "lm_head.weight"), *lm_head_);
   }
 
   // Logits [R, T, V], or [m, V] for in.logit_positions. Then only the
@@ -191,6 +195,7 @@ class Qwen2ForCausalLM {
   std::vector<Layer> layers_;
   RmsNorm<T, B> norm_;
   std::optional<Parameter<T, B>> lm_head_;
+  bool head_is_original_embedding_ = false;
 };
 
 }  // namespace entropy_probe::nn
