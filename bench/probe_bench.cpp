@@ -95,11 +95,10 @@ struct Fixture {
         U(ep_test::random_batch(sh.B, sh.G, sh.T, sh.vocab, 3)),
         state(ep_test::random_adam_state(registry, 4)),
         sum_Y(components.accumulate_sum_Y(U)),
-        mu_Y(sum_Y.sum) {
-    ep::AdamPreconditioner<float> precond(state);
-    precond.apply(mu_Y);
-    ep::scale_param_buffer(mu_Y, 1.0 / double(sum_Y.count));
-  }
+        mu_Y([this] {
+          ep::AdamPreconditioner<float> precond(state);
+          return ep::preconditioned_mean(sum_Y.sum, sum_Y.count, precond);
+        }()) {}
 };
 
 Fixture& fixture(const ProbeShape& s) {
@@ -112,14 +111,13 @@ Fixture& fixture(const ProbeShape& s) {
 // The baseline: one plain forward + backward of the batch, microbatch by
 // microbatch like the phases, the backward seeded with ones on S.
 void fwd_bwd(Fixture& f, const ep::TokenBatch& batch, bool backward) {
-  for (auto [b0, b1] : f.components.iter_microbatches(batch.B)) {
-    const ep::TokenBatch mb = batch.slice(b0, b1);
+  f.components.for_each_microbatch(batch, "fwd_bwd", [&](const ep::TokenBatch& mb, std::span<const ep::index_t>) {
     f.registry.zero_grad();
     ep::Tape<float> tape;
     const ep::Var S = ep::record_sequence_logprobs(tape, f.model, mb, 1.0);
     if (backward) tape.backward(S, ep::Tensor<float>::full({mb.rows()}, 1.0f));
     benchmark::DoNotOptimize(tape.value(S).data());
-  }
+  });
   f.registry.zero_grad();
 }
 

@@ -76,11 +76,9 @@ nlohmann::json run(M& model, const Options& o, const ep::TokenBatch& E, const ep
   const bool do_alpha = o.phase == "alpha" || o.phase == "all";
 
   auto compute_mu_Y = [&] {
-    auto sy = comp.accumulate_sum_Y(U);
+    const auto sy = comp.accumulate_sum_Y(U);
     ep::AdamPreconditioner<T> pre(state);
-    pre.apply(sy.sum);
-    ep::scale_param_buffer(sy.sum, 1.0 / double(sy.count));
-    return sy.sum;
+    return ep::preconditioned_mean(sy.sum, sy.count, pre);
   };
   typename ep::ProbeComponents<M>::Buffer mu_Y = do_sum ? comp.zeros_like_params() : compute_mu_Y();
 

@@ -124,7 +124,7 @@ inline ep::TokenBatch sample_batch(Model& model, const DemoSizes& s, ep::index_t
 
 // Mean over a batch's responses of -S / L: a per-token entropy estimate.
 inline double entropy_per_token(Model& model, const ep::TokenBatch& b) {
-  const std::vector<double> S = ep::sequence_logprobs(model, b, 1.0, 0);
+  const std::vector<double> S = ep::sequence_logprobs(model, b, 1.0);
   double nll = 0, tokens = 0;
   for (ep::index_t p = 0; p < b.B; ++p)
     for (ep::index_t g = 0; g < b.G; ++g) {
@@ -301,8 +301,8 @@ inline int run_demo(const DemoOptions& opt) {
     row.deltaH1 = eta * r.bars_dot;
     row.se_cond = eta * se_cond_1;
     row.se_full = eta * se_full_1;
-    row.truth[0] = probe.ground_truth(E, ep::StepKind::adam, eta);
-    row.truth[1] = probe.ground_truth(E, ep::StepKind::precond_sgd, eta);
+    row.truth[0] = probe.ground_truth(E, ep::StepKind::adam, eta, state);
+    row.truth[1] = probe.ground_truth(E, ep::StepKind::precond_sgd, eta, state);
     rows.push_back(row);
   }
   stage_done("sweep");

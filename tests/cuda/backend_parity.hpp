@@ -8,6 +8,7 @@
 // (so an element near zero is judged on the scale of its tensor).
 #pragma once
 
+#include "../support/op_cases.hpp"
 #include "../support/tiny_models.hpp"
 
 #include <entropy_probe/nn/qwen2.hpp>
@@ -111,10 +112,7 @@ inline void check_scalar(const std::string& what, double dev, double ref, double
 
 // ---- ops -------------------------------------------------------------------------------
 
-struct OpInput {
-  Tensor<double> value;
-  bool differentiable = true;
-};
+using OpInput = ep_test::OpInput;
 
 struct OpResult {
   std::vector<double> value, tangent;
@@ -162,132 +160,12 @@ void check_op(const std::string& name, const std::vector<OpInput>& inputs, Build
   check_close(tag + " JVP", dev.tangent, cpu.tangent, tol);
 }
 
+// Every case of one group of the op-case table (tests/support/op_cases.hpp),
+// which the finite-difference tests iterate too.
 template <class T, class DevB>
-void elementwise_ops() {
-  std::mt19937_64 rng(1);
-  const auto a = random_host({3, 5}, rng), b = random_host({3, 5}, rng);
-  check_op<T, DevB>("add", {{a}, {b}}, [](auto& t, const std::vector<Var>& v) { return add(t, v[0], v[1]); });
-  check_op<T, DevB>("add(x, x)", {{a}}, [](auto& t, const std::vector<Var>& v) { return add(t, v[0], v[0]); });
-  check_op<T, DevB>("mul", {{a}, {b, false}}, [](auto& t, const std::vector<Var>& v) { return mul(t, v[0], v[1]); });
-  check_op<T, DevB>("mul(x, x)", {{a}}, [](auto& t, const std::vector<Var>& v) { return mul(t, v[0], v[0]); });
-  const auto x = random_host({4, 7}, rng, 3.0);
-  check_op<T, DevB>("gelu_tanh", {{x}}, [](auto& t, const std::vector<Var>& v) { return gelu_tanh(t, v[0]); });
-  check_op<T, DevB>("silu", {{x}}, [](auto& t, const std::vector<Var>& v) { return silu(t, v[0]); });
-  check_op<T, DevB>("reshape", {{x}}, [](auto& t, const std::vector<Var>& v) { return reshape(t, v[0], {7, 2, 2}); });
-  const auto s = random_host({2, 3, 7}, rng);
-  check_op<T, DevB>("slice_last", {{s}}, [](auto& t, const std::vector<Var>& v) { return slice_last(t, v[0], 2, 3); });
-}
-
-template <class T, class DevB>
-void linear_ops() {
-  std::mt19937_64 rng(2);
-  const auto x = random_host({2, 3, 6}, rng), w = random_host({5, 6}, rng), bias = random_host({5}, rng);
-  check_op<T, DevB>("linear", {{x}, {w}, {bias}},
-                    [](auto& t, const std::vector<Var>& v) { return linear(t, v[0], v[1], v[2]); });
-  check_op<T, DevB>("linear (no bias, frozen W)", {{x}, {w, false}},
-                    [](auto& t, const std::vector<Var>& v) { return linear(t, v[0], v[1]); });
-  const auto la = random_host({2, 6}, rng), lb = random_host({5, 2}, rng);
-  check_op<T, DevB>("lora_linear", {{x}, {w}, {bias}, {la}, {lb}}, [](auto& t, const std::vector<Var>& v) {
-    using Tp = typename std::remove_reference_t<decltype(t)>::TensorT::value_type;
-    return lora_linear(t, v[0], v[1], v[2], v[3], v[4], Tp(0.75));
-  });
-  check_op<T, DevB>("lora_linear (frozen base, no bias)", {{x}, {w, false}, {la}, {lb}},
-                    [](auto& t, const std::vector<Var>& v) {
-                      using Tp = typename std::remove_reference_t<decltype(t)>::TensorT::value_type;
-                      return lora_linear(t, v[0], v[1], std::nullopt, v[2], v[3], Tp(2));
-                    });
-  const auto table = random_host({7, 5}, rng);
-  const std::vector<std::int32_t> ids = {1, 3, 1, 0, 6, 3, 3};
-  check_op<T, DevB>("embedding (repeated ids)", {{table}}, [&ids](auto& t, const std::vector<Var>& v) {
-    return embedding(t, v[0], std::span<const std::int32_t>(ids));
-  });
-}
-
-template <class T, class DevB>
-void norm_ops() {
-  std::mt19937_64 rng(3);
-  const auto x = random_host({3, 4, 9}, rng, 2.0), g = random_host({9}, rng), b = random_host({9}, rng);
-  check_op<T, DevB>("layer_norm", {{x}, {g}, {b}},
-                    [](auto& t, const std::vector<Var>& v) { return layer_norm(t, v[0], v[1], v[2], 1e-5); });
-  check_op<T, DevB>("rms_norm", {{x}, {g}},
-                    [](auto& t, const std::vector<Var>& v) { return rms_norm(t, v[0], v[1], 1e-6); });
-  const auto q = random_host({2, 3, 2 * 4}, rng);
-  const std::vector<std::int32_t> pos = {0, 1, 2, 5, 6, 40};
-  check_op<T, DevB>("rotary", {{q}}, [&pos](auto& t, const std::vector<Var>& v) {
-    return rotary(t, v[0], std::span<const std::int32_t>(pos), 2, 10000.0);
-  });
-}
-
-template <class T, class DevB>
-void attention_ops() {
-  std::mt19937_64 rng(4);
-  const index_t R = 3, Tn = 6, dh = 4;
-  // row 0 full, row 1 left-padded (two pad keys), row 2 right-padded
-  const std::vector<std::uint8_t> mask = {1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0};
-  const auto q = random_host({R, Tn, 4 * dh}, rng), k = random_host({R, Tn, 2 * dh}, rng),
-             v = random_host({R, Tn, 2 * dh}, rng);
-  check_op<T, DevB>("causal_attention (GQA 4/2, padding)", {{q}, {k}, {v}},
-                    [&mask](auto& t, const std::vector<Var>& x) {
-                      return causal_attention(t, x[0], x[1], x[2], std::span<const std::uint8_t>(mask), 4, 2);
-                    });
-  const auto k4 = random_host({R, Tn, 4 * dh}, rng), v4 = random_host({R, Tn, 4 * dh}, rng);
-  check_op<T, DevB>("causal_attention (MHA, frozen v)", {{q}, {k4}, {v4, false}},
-                    [&mask](auto& t, const std::vector<Var>& x) {
-                      return causal_attention(t, x[0], x[1], x[2], std::span<const std::uint8_t>(mask), 4, 4);
-                    });
-  // Tiles of 4 over T = 6: a partial tile, a skipped one above the diagonal.
-  check_op<T, DevB>("flash_causal_attention (GQA 4/2, padding, tile 4)", {{q}, {k}, {v}},
-                    [&mask](auto& t, const std::vector<Var>& x) {
-                      return flash_causal_attention(t, x[0], x[1], x[2], std::span<const std::uint8_t>(mask), 4, 2, 0.0,
-                                                    4);
-                    });
-  check_op<T, DevB>("flash_causal_attention (MHA, frozen v, scale 0.3)", {{q}, {k4}, {v4, false}},
-                    [&mask](auto& t, const std::vector<Var>& x) {
-                      return flash_causal_attention(t, x[0], x[1], x[2], std::span<const std::uint8_t>(mask), 4, 4, 0.3,
-                                                    4);
-                    });
-}
-
-template <class T, class DevB>
-void logprob_ops() {
-  std::mt19937_64 rng(6);
-  const auto z = random_host({2, 3, 9}, rng, 2.0);
-  const std::vector<std::int32_t> targets = {2, -1, 0, 8, -1, 4};
-  check_op<T, DevB>("log_softmax_gather (tau 0.7, unscored rows)", {{z}},
-                    [&targets](auto& t, const std::vector<Var>& v) {
-                      return log_softmax_gather(t, v[0], std::span<const std::int32_t>(targets), 0.7);
-                    });
-  const auto zl = random_host({5, 3000}, rng, 3.0);  // a row longer than a device block
-  const std::vector<std::int32_t> tl = {17, 2999, -1, 0, 1500};
-  check_op<T, DevB>("log_softmax_gather (V = 3000)", {{zl}}, [&tl](auto& t, const std::vector<Var>& v) {
-    return log_softmax_gather(t, v[0], std::span<const std::int32_t>(tl), 1.0);
-  });
-  // Chunks of 2 rows over 5 (the last one short, the second unscored).
-  const auto hs = random_host({5, 6}, rng), ws = random_host({3000, 6}, rng, 0.5);
-  const std::vector<std::int32_t> ths = {17, 2999, -1, -1, 1500};
-  check_op<T, DevB>("lm_head_logprob (V = 3000, chunks of 2, tau 0.8)", {{hs}, {ws}},
-                    [&ths](auto& t, const std::vector<Var>& v) {
-                      return lm_head_logprob(t, v[0], v[1], std::span<const std::int32_t>(ths), 0.8, 2);
-                    });
-  check_op<T, DevB>("lm_head_logprob (frozen W)", {{hs}, {ws, false}}, [&ths](auto& t, const std::vector<Var>& v) {
-    return lm_head_logprob(t, v[0], v[1], std::span<const std::int32_t>(ths), 1.0);
-  });
-  const auto x = random_host({3, 4}, rng);
-  const std::vector<double> w = {1, 0, 1, 1, 0, 0, 1, 0, 0.5, 1, 1, -2};
-  check_op<T, DevB>("masked_seq_sum", {{x}}, [&w](auto& t, const std::vector<Var>& v) {
-    return masked_seq_sum(t, v[0], std::span<const double>(w), 3);
-  });
-  // A small network: every op's rules composed, as a probe forward uses them.
-  const auto h = random_host({2, 4, 6}, rng), w1 = random_host({8, 6}, rng, 0.5), w2 = random_host({5, 8}, rng, 0.5);
-  const auto gm = random_host({8}, rng), bt = random_host({8}, rng);
-  const std::vector<std::int32_t> tg = {1, 4, -1, 0, 2, 2, 3, -1};
-  const std::vector<double> sw = {1, 1, 0, 1, 1, 1, 1, 0};
-  check_op<T, DevB>("composite network", {{h}, {w1}, {gm}, {bt}, {w2}}, [&tg, &sw](auto& t, const std::vector<Var>& v) {
-    Var a = gelu_tanh(t, linear(t, v[0], v[1]));
-    Var n = layer_norm(t, a, v[2], v[3], 1e-5);
-    Var z2 = linear(t, silu(t, n), v[4]);
-    Var lp = log_softmax_gather(t, z2, std::span<const std::int32_t>(tg), 1.3);
-    return masked_seq_sum(t, lp, std::span<const double>(sw), 2);
+void op_cases(ep_test::OpGroup group) {
+  ep_test::for_each_op_case(group, [](const std::string& name, const std::vector<OpInput>& inputs, auto build) {
+    check_op<T, DevB>(name, inputs, build);
   });
 }
 
@@ -664,24 +542,24 @@ void probe_qwen2() {
 // tests can spread them over several translation units.
 #define EP_PARITY_OP_TESTS(DevB, prefix)                                                                       \
   TEST_CASE(prefix "elementwise, reshape and slice ops match the CPU backend", "[parity][ops]") {              \
-    ep_parity::elementwise_ops<double, DevB>();                                                                \
-    ep_parity::elementwise_ops<float, DevB>();                                                                 \
+    ep_parity::op_cases<double, DevB>(ep_test::OpGroup::elementwise);                                          \
+    ep_parity::op_cases<float, DevB>(ep_test::OpGroup::elementwise);                                           \
   }                                                                                                            \
   TEST_CASE(prefix "linear, LoRA linear and embedding match the CPU backend", "[parity][ops]") {               \
-    ep_parity::linear_ops<double, DevB>();                                                                     \
-    ep_parity::linear_ops<float, DevB>();                                                                      \
+    ep_parity::op_cases<double, DevB>(ep_test::OpGroup::linear);                                               \
+    ep_parity::op_cases<float, DevB>(ep_test::OpGroup::linear);                                                \
   }                                                                                                            \
   TEST_CASE(prefix "norms and rotary match the CPU backend", "[parity][ops]") {                                \
-    ep_parity::norm_ops<double, DevB>();                                                                       \
-    ep_parity::norm_ops<float, DevB>();                                                                        \
+    ep_parity::op_cases<double, DevB>(ep_test::OpGroup::norm);                                                 \
+    ep_parity::op_cases<float, DevB>(ep_test::OpGroup::norm);                                                  \
   }                                                                                                            \
   TEST_CASE(prefix "causal attention (GQA, padding) matches the CPU backend", "[parity][ops]") {               \
-    ep_parity::attention_ops<double, DevB>();                                                                  \
-    ep_parity::attention_ops<float, DevB>();                                                                   \
+    ep_parity::op_cases<double, DevB>(ep_test::OpGroup::attention);                                            \
+    ep_parity::op_cases<float, DevB>(ep_test::OpGroup::attention);                                             \
   }                                                                                                            \
   TEST_CASE(prefix "log-softmax-gather, masked sums and a composite match the CPU backend", "[parity][ops]") { \
-    ep_parity::logprob_ops<double, DevB>();                                                                    \
-    ep_parity::logprob_ops<float, DevB>();                                                                     \
+    ep_parity::op_cases<double, DevB>(ep_test::OpGroup::logprob);                                              \
+    ep_parity::op_cases<float, DevB>(ep_test::OpGroup::logprob);                                               \
   }
 
 #define EP_PARITY_PRIMITIVE_TESTS(DevB, prefix)                                                              \

@@ -343,8 +343,8 @@ namespace {
 // The fuzz target's body (tests/fuzz) over the seed corpus, every truncation
 // and many single-byte changes of it, and crafted headers: a quick,
 // deterministic share of what scripts/fuzz does with libFuzzer.
-int run_one(const std::vector<std::byte>& b) {
-  return ep_fuzz::parse_one(reinterpret_cast<const std::uint8_t*>(b.data()), b.size());
+ep_fuzz::Outcome run_one(const std::vector<std::byte>& b) {
+  return ep_fuzz::parse_checked(reinterpret_cast<const std::uint8_t*>(b.data()), b.size());
 }
 }  // namespace
 
@@ -356,8 +356,12 @@ TEST_CASE("safetensors: fuzz replay: seeds parse, and their truncations and byte
   for (const auto& [name, bytes] : seeds) {
     INFO("seed " << name);
     CHECK_NOTHROW(entropy_probe::safetensors::File::parse(bytes, name));
-    for (std::size_t n = 0; n <= bytes.size(); ++n, ++inputs)
-      run_one(std::vector<std::byte>(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(n)));
+    CHECK(run_one(bytes).parsed);
+    // A file cut short loses header or data bytes its header accounts for.
+    std::size_t refused = 0;
+    for (std::size_t n = 0; n < bytes.size(); ++n, ++inputs)
+      refused += !run_one(std::vector<std::byte>(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(n))).parsed;
+    CHECK(refused == bytes.size());
     for (std::size_t i = 0; i < bytes.size(); ++i)
       for (std::uint8_t x : {std::uint8_t{0x00}, std::uint8_t{0xff}, std::uint8_t{'9'}, std::uint8_t{'"'},
                              std::uint8_t{'['}, std::uint8_t{'-'}}) {
@@ -371,24 +375,46 @@ TEST_CASE("safetensors: fuzz replay: seeds parse, and their truncations and byte
 }
 
 TEST_CASE("safetensors: fuzz replay: crafted headers", "[io][safetensors][fuzz]") {
-  const std::vector<std::string> headers{
-      "{}",
-      "[]",
-      "null",
-      "{\"__metadata__\":{}}",
-      "{\"x\":{}}",
-      R"({"x":{"dtype":"F32","shape":[],"data_offsets":[0,4]}})",
-      R"({"x":{"dtype":"F32","shape":[18446744073709551615],"data_offsets":[0,4]}})",
-      R"({"x":{"dtype":"F32","shape":[1099511627776,1099511627776],"data_offsets":[0,4]}})",
-      R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[18446744073709551615,4]}})",
-      R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,18446744073709551615]}})",
-      R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}})",
-      R"({"x":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"y":{"dtype":"U8","shape":[0],"data_offsets":[4,4]}})",
-      R"({"x":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"y":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}})",
-      std::string(5000, '[') + std::string(5000, ']')};
-  for (const auto& h : headers) {
-    INFO(h.substr(0, 120));
-    run_one(ep_fuzz::raw(h, 4));
+  // Each header over 4 data bytes, and what the parser must make of it: the
+  // tensor count it parses to, or the InputError it must name.
+  struct Case {
+    std::string header;
+    std::size_t tensors;  // when parsed
+    std::string error;    // empty: must parse
+  };
+  const std::vector<Case> cases{
+      {"{}", 0, "the data buffer has 4 bytes but the tensors cover 0"},
+      {"[]", 0, "header is not a JSON object"},
+      {"null", 0, "header is not a JSON object"},
+      {"{\"__metadata__\":{}}", 0, "the data buffer has 4 bytes but the tensors cover 0"},
+      {"{\"x\":{}}", 0, "tensor 'x': missing string field 'dtype'"},
+      {R"({"x":{"dtype":"F32","shape":[],"data_offsets":[0,4]}})", 1, ""},
+      {R"({"x":{"dtype":"F32","shape":[18446744073709551615],"data_offsets":[0,4]}})", 0,
+       "tensor 'x': shape [18446744073709551615] is too large"},
+      {R"({"x":{"dtype":"F32","shape":[1099511627776,1099511627776],"data_offsets":[0,4]}})", 0,
+       "tensor 'x': shape [1099511627776,1099511627776] is too large"},
+      {R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[18446744073709551615,4]}})", 0,
+       "data_offsets [18446744073709551615, 4] outside the data buffer of 4 bytes"},
+      {R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,18446744073709551615]}})", 0,
+       "data_offsets [0, 18446744073709551615] outside the data buffer of 4 bytes"},
+      {R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4,8]}})", 0,
+       "data_offsets must be [begin, end] with non-negative integers"},
+      {R"({"x":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"y":{"dtype":"U8","shape":[0],"data_offsets":[4,4]}})",
+       2, ""},
+      {R"({"x":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},"y":{"dtype":"U8","shape":[0],"data_offsets":[0,0]}})",
+       0, "the data buffer has 4 bytes but the tensors cover 0"},
+      {std::string(5000, '[') + std::string(5000, ']'), 0, "header is not a JSON object"}};
+  for (const auto& c : cases) {
+    INFO(c.header.substr(0, 120));
+    const std::vector<std::byte> b = ep_fuzz::raw(c.header, 4);
+    const ep_fuzz::Outcome got = ep_fuzz::parse_checked(reinterpret_cast<const std::uint8_t*>(b.data()), b.size());
+    if (c.error.empty()) {
+      CHECK(got.parsed);
+      CHECK(got.error == "");
+      CHECK(got.tensors == c.tensors);
+    } else {
+      CHECK_FALSE(got.parsed);
+      CHECK_THAT(got.error, Contains(c.error));
+    }
   }
-  SUCCEED("no crash, no exception other than InputError");
 }

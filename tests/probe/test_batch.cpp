@@ -290,7 +290,7 @@ TEST_CASE("batch: S sums the log-probabilities of generated tokens, scored by th
         for (index_t v = 0; v < kVocab; ++v) total += std::exp(zt[v] / tau - mx);
         want[static_cast<std::size_t>(p * 2 + g)] += zt[b.sequences[at(b, p, g, t)]] / tau - mx - std::log(total);
       }
-  const std::vector<double> S = sequence_logprobs(model, b, tau, 0);
+  const std::vector<double> S = sequence_logprobs(model, b, tau);
   REQUIRE(S.size() == 4);
   for (std::size_t r = 0; r < 4; ++r) CHECK(S[r] == Approx(want[r]).epsilon(1e-13));
   CHECK(S[3] == 0.0);  // an all-padding response scores nothing
@@ -302,9 +302,9 @@ TEST_CASE("batch: S sums the log-probabilities of generated tokens, scored by th
   c.sequences[at(c, 0, 0, 5)] = 9;
   c.sequences[at(c, 1, 1, 3)] = 4;
   c.sequences[at(c, 1, 1, 0)] = 3;  // left padding inside a prompt
-  CHECK(sequence_logprobs(model, c, tau, 0) == S);
+  CHECK(sequence_logprobs(model, c, tau) == S);
   c.sequences[at(c, 1, 0, 5)] = 8;
-  const std::vector<double> S2 = sequence_logprobs(model, c, tau, 0);
+  const std::vector<double> S2 = sequence_logprobs(model, c, tau);
   CHECK(S2[0] == S[0]);
   CHECK(S2[1] == S[1]);
   CHECK(S2[2] != S[2]);

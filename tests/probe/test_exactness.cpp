@@ -56,7 +56,7 @@ struct Exact {
 
 Exact exact_distribution(Model& m) {
   Exact e;
-  e.S = sequence_logprobs(m, all_responses(), 1.0, 0);
+  e.S = sequence_logprobs(m, all_responses(), 1.0);
   double total = 0;
   for (double s : e.S) {
     e.p.push_back(std::exp(s));
@@ -198,10 +198,10 @@ TEST_CASE("exactness: the first-order prediction's error is O(eta^2) over three 
   for (auto& a : U.advantages) a = nd(rng);
   SingleProcess comm;
   ProbeComponents<Model> c(m, reg, ProbeSettings{}, comm);
-  auto mu_Y = c.accumulate_sum_Y(U).sum;
+  const auto sum_Y = c.accumulate_sum_Y(U);
   auto state = random_adam_state(reg, 3);
-  AdamPreconditioner<double>(state).apply(mu_Y);
-  scale_param_buffer(mu_Y, 1.0 / double(U.B));
+  AdamPreconditioner<double> P(state);
+  const auto mu_Y = preconditioned_mean(sum_Y.sum, sum_Y.count, P);
   const double slope = dot_param_buffers(gradH, mu_Y) / double(kLen);  // (grad H / 3) . mu_Y
   REQUIRE(std::abs(slope) > 0);
 

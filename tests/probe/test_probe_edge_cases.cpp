@@ -498,9 +498,36 @@ TEST_CASE("probe edge: the clip estimator needs clip_c > 0", "[probe][edge][trut
   }
   SECTION("ground_truth before run is a usage error") {
     OfflineEntropyProbe probe(model, base_config());
-    CHECK_THROWS_AS(probe.ground_truth(E, StepKind::adam, 1e-2), UsageError);
-    CHECK_THROWS_WITH(probe.ground_truth(E, StepKind::adam, 1e-2), Contains("call run() first"));
+    const auto state = random_adam_state(probe.registry(), 11);
+    CHECK_THROWS_AS(probe.ground_truth(E, StepKind::adam, 1e-2, state), UsageError);
+    CHECK_THROWS_WITH(probe.ground_truth(E, StepKind::adam, 1e-2, state), Contains("call run() first"));
   }
+}
+
+TEST_CASE("probe edge: ground_truth after run steps from the state it is given", "[probe][edge][truth][adam]") {
+  auto model = tiny_gpt2<double>(29);
+  const TokenBatch E = random_batch(3, 2, 8, 11, 17), U = random_batch(3, 2, 8, 11, 18);
+  ProbeConfig cfg = base_config();
+  cfg.ground_truth = StepKind::adam;
+  OfflineEntropyProbe probe(model, cfg);
+  const auto state = random_adam_state(probe.registry(), 11);
+  const ProbeResult r = probe.run(E, U, state);
+  REQUIRE(r.truth);
+  // The same state and step size: the step run() took, bit for bit.
+  const GroundTruth again = probe.ground_truth(E, StepKind::adam, r.learning_rate, state);
+  CHECK(again.H_upd == r.truth->H_upd);
+  CHECK(again.deltaH_true_tok == r.truth->deltaH_true_tok);
+  // Another state's moments give another AdamW step, so the argument is used.
+  const auto other_moments = random_adam_state(probe.registry(), 12);
+  const GroundTruth other = probe.ground_truth(E, StepKind::adam, r.learning_rate, other_moments);
+  CHECK(other.H_orig == r.truth->H_orig);
+  CHECK(other.H_upd != r.truth->H_upd);
+  // A state of another registry of the same model is refused before any work.
+  const auto foreign_reg = Registry<double>::build(model);
+  const auto foreign = random_adam_state(foreign_reg, 11);
+  CHECK_THROWS_AS(probe.ground_truth(E, StepKind::adam, r.learning_rate, foreign), UsageError);
+  CHECK_THROWS_WITH(probe.ground_truth(E, StepKind::adam, r.learning_rate, foreign),
+                    Contains("Adam state is bound to registry"));
 }
 
 TEST_CASE("probe edge: importance-sampled entropies by hand on four sequences", "[probe][edge][truth]") {
@@ -740,8 +767,8 @@ TEST_CASE("sequence log-probs: scored positions only, or all logits from a model
   REQUIRE(batch.attention_mask[hole] == 1);
   batch.attention_mask[hole] = 0;
   LogitsOnlyModel<Model> full{model};
-  const std::vector<double> s_scored = sequence_logprobs(model, batch, 1.3, 0);
-  const std::vector<double> s_full = sequence_logprobs(full, batch, 1.3, 0);
+  const std::vector<double> s_scored = sequence_logprobs(model, batch, 1.3);
+  const std::vector<double> s_full = sequence_logprobs(full, batch, 1.3);
   REQUIRE(s_scored.size() == s_full.size());
   for (std::size_t i = 0; i < s_full.size(); ++i) CHECK(rel(s_scored[i], s_full[i]) < 1e-13);
 
@@ -770,6 +797,6 @@ TEST_CASE("sequence log-probs: scored positions only, or all logits from a model
   CHECK(worst <= 1e-13 * scale);
 
   LogitsOnlyModel<Model> broken{model, false, 1};
-  REQUIRE_THROWS_WITH(sequence_logprobs(broken, batch, 1.0, 0),
+  REQUIRE_THROWS_WITH(sequence_logprobs(broken, batch, 1.0),
                       Contains("the model returned logits of shape [53, 11], expected [R, T, V] = [6, 9, V]"));
 }

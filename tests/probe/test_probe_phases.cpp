@@ -47,10 +47,8 @@ TEST_CASE("probe: the alpha-trick routes agree with each other and with brute fo
   ProbeComponents<decltype(model)> c(model, reg, ProbeSettings{Weighting::dr_grpo, 2, 1.0, {}}, comm);
   auto state = random_adam_state(reg, 9);
   auto sumY = c.accumulate_sum_Y(U);
-  auto mu_Y = sumY.sum;
   AdamPreconditioner<double> P(state);
-  P.apply(mu_Y);
-  scale_param_buffer(mu_Y, 1.0 / 3.0);
+  const auto mu_Y = preconditioned_mean(sumY.sum, sumY.count, P);
   ConditionalVarianceEstimator<decltype(model)> est(c);
   auto fwd = est.estimate(E, mu_Y, 0.1, AlphaRoute::jvp);
   auto rev = est.estimate(E, mu_Y, 0.1, AlphaRoute::reverse);
@@ -97,6 +95,33 @@ TEST_CASE("probe: preconditioner fallback is the identity, one warning, counted"
       CHECK(v == Approx(once * once).epsilon(1e-12));
     }
   }
+}
+
+TEST_CASE("probe: preconditioned_mean is P sum / count, element by element", "[probe][adam]") {
+  auto model = tiny_gpt2<double>(7);
+  auto reg = Registry<double>::build(model);
+  auto state = random_adam_state(reg, 2, "h.0.attn.c_attn.lora_B");  // one parameter keeps the identity
+  auto sum = zeros_like_params<double>(reg);
+  for (index_t i = 0; i < sum.size(); ++i)
+    for (index_t k = 0; k < sum.entry(i)->numel(); ++k) (*sum.entry(i))[k] = 0.25 * double(k % 7) - 0.5;
+  const auto before = sum;
+  set_log_sink([](LogLevel, std::string_view) {});  // the identity's warning
+  AdamPreconditioner<double> P(state);
+  const auto mu = preconditioned_mean(sum, 3, P);
+  set_log_sink({});
+  CHECK(P.missing() == 1);
+  for (index_t i = 0; i < reg.size(); ++i) {
+    CAPTURE(reg.entry(i).name);
+    const auto* st = state.entry(i);
+    for (index_t k = 0; k < sum.entry(i)->numel(); ++k) {
+      // random_adam_state's step is 3; the hyper-parameters are AdamHyper's defaults.
+      const double denom = st ? std::sqrt(st->exp_avg_sq[k] / (1 - std::pow(0.999, 3))) + 1e-8 : 1.0;
+      const double want = (*sum.entry(i))[k] / denom / 3.0;
+      REQUIRE(rel((*mu.entry(i))[k], want) < 1e-15);
+      REQUIRE((*sum.entry(i))[k] == (*before.entry(i))[k]);  // the sum itself is left alone
+    }
+  }
+  CHECK_THROWS_AS(preconditioned_mean(sum, 0, P), UsageError);
 }
 
 TEST_CASE("probe: ground truth restores parameters and optimizer state bit-exactly", "[probe][truth]") {

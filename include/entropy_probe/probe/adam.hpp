@@ -125,6 +125,19 @@ class AdamPreconditioner {
   std::vector<bool> warned_;
 };
 
+// mu_Y = P sum_Y / B_U: the mean over the U prompts of the preconditioned
+// update direction (docs/math.md). `sum_Y` is the raw sum over `count`
+// prompts; P is applied before the division, as the probe always has.
+template <class T, class B>
+ParamBuffer<double, B> preconditioned_mean(const ParamBuffer<double, B>& sum_Y, index_t count,
+                                           AdamPreconditioner<T, B>& precond) {
+  if (count <= 0) fail<UsageError>("preconditioned_mean: the sum is over {} prompts; need at least one", count);
+  ParamBuffer<double, B> mu_Y = sum_Y;
+  precond.apply(mu_Y);
+  scale_param_buffer(mu_Y, 1.0 / double(count));
+  return mu_Y;
+}
+
 // One AdamW step on the registry's parameters that have a gradient, as
 // torch.optim.AdamW does it: decoupled weight decay p *= 1 - lr*wd, then
 // m, v moving averages and p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <functional>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -184,6 +185,25 @@ class ProbeComponents {
     return out;
   }
 
+  // The one microbatch loop every phase runs: this rank's shard of `batch`
+  // (comm.shard) in microbatches of at most mb_size prompts. For each,
+  // body(mb, prompts) gets the selected TokenBatch and its prompts' indices
+  // in `batch` (mb's prompt j is batch's prompts[j]); progress is reported
+  // for `phase` after each. Returns the number of prompts this rank ran.
+  template <class Body>
+  index_t for_each_microbatch(const TokenBatch& batch, const char* phase, Body&& body) const {
+    const std::vector<index_t> mine = comm_->shard(batch.B);
+    const auto total = static_cast<index_t>(mine.size());
+    index_t done = 0;
+    for (auto [b0, b1] : iter_microbatches(total)) {
+      const std::vector<index_t> prompts(mine.begin() + b0, mine.begin() + b1);
+      const TokenBatch mb = batch.select(prompts);
+      body(mb, std::span<const index_t>(prompts));
+      report(phase, done += mb.B, total);
+    }
+    return total;
+  }
+
   struct Sum {
     Buffer sum;         // sum over prompts of the per-prompt gradient
     index_t count = 0;  // prompts summed, over all ranks
@@ -220,12 +240,7 @@ class ProbeComponents {
     }
     ();
     std::vector<double> d(static_cast<std::size_t>(batch.B), 0.0);
-    const std::vector<index_t> mine = comm_->shard(batch.B);
-    const auto mbs = iter_microbatches(static_cast<index_t>(mine.size()));
-    index_t done = 0;
-    for (auto [b0, b1] : mbs) {
-      const std::vector<index_t> idx(mine.begin() + b0, mine.begin() + b1);
-      const TokenBatch mb = batch.select(idx);
+    for_each_microbatch(batch, phase, [&](const TokenBatch& mb, std::span<const index_t> prompts) {
       Tape<T, B> tape;
       Var S = record_sequence_logprobs(tape, *model_, mb, settings_.temperature);
       const std::vector<double> s = to_double(tape.value(S));
@@ -242,10 +257,9 @@ class ProbeComponents {
         double acc = 0;
         for (index_t g = 0; g < mb.G; ++g)
           acc += W[static_cast<std::size_t>(j * mb.G + g)] * sd[static_cast<std::size_t>(j * mb.G + g)];
-        d[static_cast<std::size_t>(idx[static_cast<std::size_t>(j)])] = acc;
+        d[static_cast<std::size_t>(prompts[static_cast<std::size_t>(j)])] = acc;
       }
-      report(phase, done += mb.B, static_cast<index_t>(mine.size()));
-    }
+    });
     comm_->allreduce_sum(std::span<double>(d));
     return d;
   }
@@ -277,10 +291,7 @@ class ProbeComponents {
   Sum accumulate(const char* phase, const char* nonzero_label, const TokenBatch& batch,
                  const LossWeightsFn& weights) const {
     Sum out{zeros_like_params(), batch.B};
-    const std::vector<index_t> mine = comm_->shard(batch.B);
-    index_t done = 0;
-    for (auto [b0, b1] : iter_microbatches(static_cast<index_t>(mine.size()))) {
-      const TokenBatch mb = batch.select(std::vector<index_t>(mine.begin() + b0, mine.begin() + b1));
+    for_each_microbatch(batch, phase, [&](const TokenBatch& mb, std::span<const index_t>) {
       registry_->zero_grad();
       Tape<T, B> tape;
       Var S = record_sequence_logprobs(tape, *model_, mb, settings_.temperature);
@@ -288,8 +299,7 @@ class ProbeComponents {
       const std::vector<double> W = weights(mb, to_double(tape.value(S)));
       tape.backward(S, from_double(W));
       add_into_param_buffer(out.sum, 1.0);
-      report(phase, done += mb.B, static_cast<index_t>(mine.size()));
-    }
+    });
     registry_->zero_grad();
     allreduce(out.sum);
     // Parameters whose summed gradient over the phase (all ranks) has a

@@ -87,15 +87,13 @@ class ParameterSnapshot {
 template <CausalLM M>
 std::vector<double> gathered_sequence_logprobs(const ProbeComponents<M>& c, const TokenBatch& batch) {
   std::vector<double> s(static_cast<std::size_t>(batch.rows()), 0.0);
-  const std::vector<index_t> mine = c.comm().shard(batch.B);
-  for (auto [b0, b1] : c.iter_microbatches(static_cast<index_t>(mine.size()))) {
-    const std::vector<index_t> idx(mine.begin() + b0, mine.begin() + b1);
-    const std::vector<double> part = sequence_logprobs(c.model(), batch.select(idx), c.settings().temperature, 0);
-    for (std::size_t j = 0; j < idx.size(); ++j)
+  c.for_each_microbatch(batch, "ground_truth", [&](const TokenBatch& mb, std::span<const index_t> prompts) {
+    const std::vector<double> part = sequence_logprobs(c.model(), mb, c.settings().temperature);
+    for (std::size_t j = 0; j < prompts.size(); ++j)
       for (index_t g = 0; g < batch.G; ++g)
-        s[static_cast<std::size_t>(idx[j] * batch.G + g)] =
+        s[static_cast<std::size_t>(prompts[j] * batch.G + g)] =
             part[j * static_cast<std::size_t>(batch.G) + static_cast<std::size_t>(g)];
-  }
+  });
   c.comm().allreduce_sum(std::span<double>(s));
   return s;
 }

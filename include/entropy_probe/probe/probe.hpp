@@ -83,9 +83,7 @@ class OfflineEntropyProbe {
     using clock = std::chrono::steady_clock;
     const auto t_start = clock::now();
     auto seconds_since = [](clock::time_point t0) { return std::chrono::duration<double>(clock::now() - t0).count(); };
-    if (state.info() != registry_.info())
-      fail<UsageError>("OfflineEntropyProbe::run: the Adam state is bound to registry #{}, the probe's is #{}",
-                       state.info() ? state.info()->serial : 0, registry_.serial());
+    require_state_bound(state, "OfflineEntropyProbe::run");
     std::optional<index_t> max_pos;
     if constexpr (requires { model_->max_positions(); }) max_pos = model_->max_positions();
     E.validate(model_->vocab_size(), "E batch", max_pos);
@@ -118,10 +116,8 @@ class OfflineEntropyProbe {
     t0 = clock::now();
     auto sum_Y = components_.accumulate_sum_Y(U);
     r.B_U = sum_Y.count;
-    Buffer mu_Y = sum_Y.sum;
     AdamPreconditioner<T, B> precond(state);
-    precond.apply(mu_Y);
-    scale_param_buffer(mu_Y, 1.0 / double(r.B_U));
+    const Buffer mu_Y = preconditioned_mean(sum_Y.sum, r.B_U, precond);
     r.preconditioner_missing = precond.missing();
     r.timing["sum_Y"] = seconds_since(t0);
 
@@ -146,10 +142,10 @@ class OfflineEntropyProbe {
           reuse ? &r.conditional->s_values : nullptr);
       r.timing["full_variance"] = seconds_since(t0);
     }
-    last_ = Cached{sum_Y.sum, mu_Y, r.B_U, &state};
+    last_ = Cached{sum_Y.sum, mu_Y, r.B_U};
     if (config_.ground_truth) {
       t0 = clock::now();
-      r.truth = ground_truth(E, *config_.ground_truth, eta);
+      r.truth = ground_truth(E, *config_.ground_truth, eta, state);
       r.timing["ground_truth"] = seconds_since(t0);
     }
     r.timing["total"] = seconds_since(t_start);
@@ -157,20 +153,27 @@ class OfflineEntropyProbe {
   }
 
   // Ground truth for another step size or step kind, reusing the U sums of
-  // the last run() (a learning-rate sweep needs X and Y only once). The
-  // Adam state passed to run() must still be alive.
-  GroundTruth ground_truth(const TokenBatch& E, StepKind kind, double eta) {
+  // the last run() (a learning-rate sweep needs X and Y only once). `state`
+  // is the Adam state the step starts from (the adam kind copies it; it is
+  // never modified); it must be bound to registry().
+  GroundTruth ground_truth(const TokenBatch& E, StepKind kind, double eta, const AdamState<T, B>& state) {
     if (!last_) fail<UsageError>("OfflineEntropyProbe::ground_truth: call run() first");
-    return entropy_probe::ground_truth(components_, E, kind, eta, last_->sum_Y_raw, last_->B_U, last_->mu_Y,
-                                       *last_->state, config_.is, config_.clip_c);
+    require_state_bound(state, "OfflineEntropyProbe::ground_truth");
+    return entropy_probe::ground_truth(components_, E, kind, eta, last_->sum_Y_raw, last_->B_U, last_->mu_Y, state,
+                                       config_.is, config_.clip_c);
   }
 
  private:
   struct Cached {
     Buffer sum_Y_raw, mu_Y;
     index_t B_U;
-    const AdamState<T, B>* state;
   };
+
+  void require_state_bound(const AdamState<T, B>& state, const char* what) const {
+    if (state.info() != registry_.info())
+      fail<UsageError>("{}: the Adam state is bound to registry #{}, the probe's is #{}", what,
+                       state.info() ? state.info()->serial : 0, registry_.serial());
+  }
 
   RegistrySummary summary() const {
     RegistrySummary s;

@@ -109,20 +109,18 @@ Var record_sequence_logprobs(Tape<T, B>& tape, M& model, const TokenBatch& batch
   return masked_seq_sum(tape, tok, std::span<const double>(st.weights), batch.rows());
 }
 
-// S values without gradients (one forward per microbatch of prompts).
+// S values of every row of `batch` from one forward pass, without gradients.
+// Phases that split a batch into microbatches go through
+// ProbeComponents::for_each_microbatch.
 template <CausalLM M>
-std::vector<double> sequence_logprobs(M& model, const TokenBatch& batch, double temperature, index_t mb_size) {
+std::vector<double> sequence_logprobs(M& model, const TokenBatch& batch, double temperature) {
   using T = typename M::scalar_type;
   using B = typename M::backend_type;
+  Tape<T, B> tape;
+  Var S = record_sequence_logprobs(tape, model, batch, temperature);
   std::vector<double> s;
   s.reserve(static_cast<std::size_t>(batch.rows()));
-  const index_t step = mb_size > 0 ? mb_size : batch.B;
-  for (index_t b0 = 0; b0 < batch.B; b0 += step) {
-    const TokenBatch mb = batch.slice(b0, std::min(batch.B, b0 + step));
-    Tape<T, B> tape;
-    Var S = record_sequence_logprobs(tape, model, mb, temperature);
-    for (T v : tape.value(S).to_host()) s.push_back(static_cast<double>(v));
-  }
+  for (T v : tape.value(S).to_host()) s.push_back(static_cast<double>(v));
   return s;
 }
 

@@ -99,39 +99,36 @@ class ConditionalVarianceEstimator {
     const auto& reg = c_->registry();
     const std::vector<index_t> view = reg.lora_view();
     std::vector<double> s(static_cast<std::size_t>(E.B), 0.0);
-    const std::vector<index_t> mine = c_->comm().shard(E.B);
-    index_t done = 0, reached_total = 0;
-    for (auto [b0, b1] : c_->iter_microbatches(static_cast<index_t>(mine.size()))) {
-      const std::vector<index_t> idx(mine.begin() + b0, mine.begin() + b1);
-      const TokenBatch mb = E.select(idx);
-      Tape<T, B> tape;
-      Var S = record_sequence_logprobs(tape, c_->model(), mb, c_->settings().temperature);
-      const std::vector<double> W = weights(mb, Components::to_double(tape.value(S)));
-      for (index_t j = 0; j < mb.B; ++j) {
-        std::vector<double> wj(W.size(), 0.0);
-        for (index_t g = 0; g < mb.G; ++g)
-          wj[static_cast<std::size_t>(j * mb.G + g)] = W[static_cast<std::size_t>(j * mb.G + g)];
-        reg.zero_grad();
-        tape.backward(S, Components::from_double(wj));
-        double acc = 0;
-        index_t reached = 0;
-        for (index_t i : view) {
-          const auto& g = reg.entry(i).param->grad;
-          const auto* vi = v.entry(i);
-          if (!g || !vi) continue;
-          ++reached;
-          acc += blas::dot<B>(g->numel(), g->data(), vi->data());
-        }
-        if (reached == 0)
-          fail<Error>("[VJP] the VJP of prompt {} reached no LoRA parameter present in mu_Y",
-                      idx[static_cast<std::size_t>(j)]);
-        reached_total += reached;
-        s[static_cast<std::size_t>(idx[static_cast<std::size_t>(j)])] = acc;
-      }
-      c_->report("conditional_variance", done += mb.B, static_cast<index_t>(mine.size()));
-    }
+    index_t reached_total = 0;
+    const index_t mine =
+        c_->for_each_microbatch(E, "conditional_variance", [&](const TokenBatch& mb, std::span<const index_t> prompts) {
+          Tape<T, B> tape;
+          Var S = record_sequence_logprobs(tape, c_->model(), mb, c_->settings().temperature);
+          const std::vector<double> W = weights(mb, Components::to_double(tape.value(S)));
+          for (index_t j = 0; j < mb.B; ++j) {
+            std::vector<double> wj(W.size(), 0.0);
+            for (index_t g = 0; g < mb.G; ++g)
+              wj[static_cast<std::size_t>(j * mb.G + g)] = W[static_cast<std::size_t>(j * mb.G + g)];
+            reg.zero_grad();
+            tape.backward(S, Components::from_double(wj));
+            double acc = 0;
+            index_t reached = 0;
+            for (index_t i : view) {
+              const auto& g = reg.entry(i).param->grad;
+              const auto* vi = v.entry(i);
+              if (!g || !vi) continue;
+              ++reached;
+              acc += blas::dot<B>(g->numel(), g->data(), vi->data());
+            }
+            if (reached == 0)
+              fail<Error>("[VJP] the VJP of prompt {} reached no LoRA parameter present in mu_Y",
+                          prompts[static_cast<std::size_t>(j)]);
+            reached_total += reached;
+            s[static_cast<std::size_t>(prompts[static_cast<std::size_t>(j)])] = acc;
+          }
+        });
     reg.zero_grad();
-    log_debug("[VJP] {} per-prompt VJPs reached {} LoRA parameter gradients", mine.size(), reached_total);
+    log_debug("[VJP] {} per-prompt VJPs reached {} LoRA parameter gradients", mine, reached_total);
     c_->comm().allreduce_sum(std::span<double>(s));
     return s;
   }
