@@ -3,7 +3,7 @@
 //
 //   q [R, T, Hq*Dh], k and v [R, T, Hkv*Dh]   (raw projection outputs; head h
 //                                              owns columns h*Dh .. h*Dh+Dh-1)
-//   S = (1/sqrt(Dh)) Q_h K_g^T,  g = h / (Hq/Hkv)
+//   S = scale Q_h K_g^T,  g = h / (Hq/Hkv),  scale = 1/sqrt(Dh) unless given
 //   P = softmax over allowed keys (s <= t and key_mask[r, s] = 1), 0 elsewhere
 //   O_h = P V_g                                 -> out [R, T, Hq*Dh]
 //
@@ -99,10 +99,12 @@ struct AttentionGrids {
 }  // namespace detail
 
 // Causal attention over q/k/v in projection layout; see the file comment.
-// key_mask has R*T entries, nonzero = real token.
+// key_mask has R*T entries, nonzero = real token. `scale` multiplies the
+// scores; 0 means the usual 1/sqrt(Dh) (GPT-2's scale_attn_weights = false
+// passes 1, scale_attn_by_inverse_layer_idx divides by layer_idx + 1).
 template <class T, class B>
 Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std::uint8_t> key_mask, index_t n_heads,
-                     index_t n_kv_heads) {
+                     index_t n_kv_heads, double scale_value = 0.0) {
   const Shape& qs = tape.shape(q);
   if (qs.size() != 3) fail<UsageError>("causal_attention: q has shape {}, expected [R, T, Hq*Dh]", shape_str(qs));
   if (n_heads < 1 || n_kv_heads < 1)
@@ -124,7 +126,9 @@ Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std:
   if (static_cast<index_t>(key_mask.size()) != n_rows * n_tok)
     fail<UsageError>("causal_attention: key_mask has {} entries, expected R*T = {}*{} = {}", key_mask.size(), n_rows,
                      n_tok, n_rows * n_tok);
-  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<acc_t>(dh)));
+  if (!(scale_value >= 0.0) || !std::isfinite(scale_value))
+    fail<UsageError>("causal_attention: scale = {} must be finite and positive (0 for 1/sqrt(head_dim))", scale_value);
+  const T scale = static_cast<T>(scale_value > 0.0 ? scale_value : 1.0 / std::sqrt(static_cast<acc_t>(dh)));
 
   // Offsets of row r's head h (query side), of its KV head and of its P block.
   auto q_off = [=](index_t r, index_t h) { return r * n_tok * ldq + h * dh; };
