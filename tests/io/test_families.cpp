@@ -338,3 +338,33 @@ TEST_CASE("families: GPT-2 n_inner, activation_function and attention scaling", 
   j["n_inner"] = nullptr;
   CHECK(hf::gpt2_config_from_json(j, "g.json").inner_dim() == 32);
 }
+
+TEST_CASE("families: dynamic rope reads the length of the whole grid, padding included", "[io][families]") {
+  // transformers takes max(position_ids) + 1 over the batch it is given; with
+  // logit_positions the forward computes only the real tokens and the read
+  // positions, and must still scale by the grid's length.
+  nn::DecoderConfig c = tiny_config(nn::kLlamaFamily);
+  c.max_position_embeddings = 4;
+  c.rope_scaling.type = RopeParameters::Type::dynamic;
+  c.rope_scaling.factor = 2.0;
+  nn::DecoderForCausalLM<double> m(c, std::nullopt, 8);
+  SequenceInput in = input(2, 8, 6);
+  for (index_t r = 0; r < 2; ++r)  // positions 5..7 are padding: only they make the length 8
+    for (index_t t = 5; t < 8; ++t) in.key_mask[static_cast<std::size_t>(r * 8 + t)] = 0;
+  const std::vector<double> full = logits(m, in);
+  const std::vector<std::int32_t> read{0, 3, 8 + 2, 8 + 4};
+  in.logit_positions = read;
+  const std::vector<double> packed = logits(m, in);
+  REQUIRE(packed.size() == read.size() * 17);
+  for (std::size_t i = 0; i < read.size(); ++i)
+    for (std::size_t v = 0; v < 17; ++v) {
+      CAPTURE(i, v);
+      CHECK(packed[i * 17 + v] == Approx(full[static_cast<std::size_t>(read[i]) * 17 + v]).epsilon(1e-13));
+    }
+  // and the scaling is in effect: the same model without it differs
+  nn::DecoderConfig plain = c;
+  plain.rope_scaling = RopeParameters{};
+  nn::DecoderForCausalLM<double> mp(plain, std::nullopt, 8);
+  in.logit_positions.reset();
+  CHECK(logits(mp, in) != full);
+}
