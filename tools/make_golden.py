@@ -24,7 +24,13 @@ tied embeddings; the batches carry max_lengths; config.json rewritten to the
 transformers < 5 layout with a top-level rope_theta), qwen2_rslora (untied lm_head,
 use_rslora; the batches carry position_ids; config.json as transformers 5 writes
 it, rope_theta inside rope_parameters). Both Qwen2 models use rope_theta 25000,
-which is no library's default.
+which is no library's default. gpt2_variant (n_inner 40, activation_function
+"gelu" (erf), scale_attn_by_inverse_layer_idx, layer_norm_epsilon 1e-4), llama_lora (Llama 3.x shapes: GQA, untied, rope
+type llama3 in the transformers < 5 layout, rope_scaling; attention_bias and
+mlp_bias on), qwen3_lora (q_norm / k_norm, head_dim 16 != hidden / heads, tied,
+rope type yarn), mistral_lora (sliding_window 16 >= the batches' 12 tokens,
+rope type dynamic with max_position_embeddings 8, so the frequencies scale at
+the batches' length 12).
 
 Exact command (from the repository root; deterministic, needs torch,
 transformers, peft, safetensors; no network):
@@ -46,10 +52,14 @@ Reference numerics (what the float64 golden needs; see patch_transformers()):
     (Qwen2's eager softmax is forced to float32), turns the additive mask into a
     boolean one and gives fully masked query rows (left padding) zero weights
     instead of NaN;
-  * Qwen2 rotary: Hugging Face builds inv_freq and the angles in float32; the
-    patched forward computes cos/sin in float64 and casts, as the C++ library's
-    table does;
-  * Qwen2 RMSNorm: Hugging Face upcasts to float32 (a downcast for float64); the
+  * decoder rotary (Qwen2, Llama, Mistral, Qwen3): Hugging Face builds inv_freq
+    and the angles in float32; the patched forward computes cos/sin in float64
+    and casts, as the C++ library's table does. Scaled rope types call
+    transformers' own ROPE_INIT_FUNCTIONS with the module's torch.float /
+    torch.float32 read as float64. Dynamic scaling is recomputed per forward
+    from max(position_ids) + 1 (transformers keeps the largest length seen;
+    every forward of the golden computation has the same length);
+  * decoder RMSNorm: Hugging Face upcasts to float32 (a downcast for float64); the
     patched forward normalises in max(input dtype, float32).
 In float32 (the RL steps) the patched functions compute what the originals do.
 """
@@ -63,6 +73,7 @@ import os
 import shutil
 import sys
 import tempfile
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,20 +116,44 @@ def _eager_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out, probs
 
 
-def _qwen2_rotary_forward(self, x, position_ids):
+class _TorchF64(types.ModuleType):
+    """torch, with torch.float and torch.float32 read as float64 (for modeling_rope_utils)."""
+
+    def __getattr__(self, name):
+        return torch.float64 if name in ("float", "float32") else getattr(torch, name)
+
+
+def _rope_f64(config, rope_type: str, seq_len: int):
+    """inv_freq (float64) and the attention factor of transformers' rope functions."""
+    import transformers.modeling_rope_utils as mru
+
+    if rope_type == "default":
+        theta = config.rope_parameters["rope_theta"]
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 1.0 / (float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)), 1.0
+    saved = mru.torch
+    mru.torch = _TorchF64("torch")
+    try:
+        inv_freq, factor = mru.ROPE_INIT_FUNCTIONS[rope_type](config, None, seq_len=seq_len)
+    finally:
+        mru.torch = saved
+    assert inv_freq.dtype == torch.float64
+    return inv_freq, float(factor)
+
+
+def _decoder_rotary_forward(self, x, position_ids):
     # Hugging Face computes inv_freq and the angles in float32 (autocast off);
     # the golden needs float64 cos/sin, so they are computed here in float64
-    # from rope_theta and cast to x's dtype (the C++ library's table does the same).
-    cfg = self.config
-    theta = cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else cfg.rope_theta
-    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    inv_freq = 1.0 / (float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float64, device=x.device) / dim))
-    freqs = position_ids[..., None].to(torch.float64) * inv_freq
+    # and cast to x's dtype (the C++ library's table does the same).
+    rope_type = self.config.rope_parameters["rope_type"]
+    seq_len = int(position_ids.max()) + 1 if "dynamic" in rope_type else None
+    inv_freq, factor = _rope_f64(self.config, rope_type, seq_len)
+    freqs = position_ids[..., None].to(torch.float64) * inv_freq.to(x.device)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(x.dtype) * self.attention_scaling, emb.sin().to(x.dtype) * self.attention_scaling
+    return (emb.cos() * factor).to(x.dtype), (emb.sin() * factor).to(x.dtype)
 
 
-def _qwen2_rmsnorm_forward(self, hidden_states):
+def _decoder_rmsnorm_forward(self, hidden_states):
     dtype = hidden_states.dtype
     h = hidden_states.to(torch.promote_types(dtype, torch.float32))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
@@ -127,12 +162,16 @@ def _qwen2_rmsnorm_forward(self, hidden_states):
 
 def patch_transformers():
     import transformers.models.gpt2.modeling_gpt2 as mg
+    import transformers.models.llama.modeling_llama as ml
+    import transformers.models.mistral.modeling_mistral as mm
     import transformers.models.qwen2.modeling_qwen2 as mq
+    import transformers.models.qwen3.modeling_qwen3 as mq3
 
     mg.eager_attention_forward = _eager_attention
-    mq.eager_attention_forward = _eager_attention
-    mq.Qwen2RotaryEmbedding.forward = _qwen2_rotary_forward
-    mq.Qwen2RMSNorm.forward = _qwen2_rmsnorm_forward
+    for mod, prefix in ((mq, "Qwen2"), (ml, "Llama"), (mm, "Mistral"), (mq3, "Qwen3")):
+        mod.eager_attention_forward = _eager_attention
+        getattr(mod, prefix + "RotaryEmbedding").forward = _decoder_rotary_forward
+        getattr(mod, prefix + "RMSNorm").forward = _decoder_rmsnorm_forward
 
 
 # ---- checkpoint specifications -----------------------------------------------------------
@@ -141,7 +180,7 @@ def patch_transformers():
 @dataclass
 class Spec:
     name: str
-    family: str  # gpt2 | qwen2
+    family: str  # gpt2 | qwen2 | llama | mistral | qwen3
     model: dict
     lora: dict
     adam: dict  # lr, betas, eps, weight_decay
@@ -168,6 +207,14 @@ def qwen2_model_cfg(vocab=96, tie=True, rope_theta=25000.0):
     return dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, rms_norm_eps=1e-6,
                 rope_theta=rope_theta, bos_token_id=1, eos_token_id=1)
+
+
+def decoder_model_cfg(vocab=96, tie=False, **kw):
+    cfg = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, rms_norm_eps=1e-6,
+               bos_token_id=1, eos_token_id=1)
+    cfg.update(kw)
+    return cfg
 
 
 SPECS = [
@@ -203,20 +250,47 @@ SPECS = [
               layers_pattern="layers", rank_pattern={"gate_proj": 2}, alpha_pattern={"q_proj": 16}),
          dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0), seed=17, vocab=48,
          E=dict(B=3, G=2, T=8), U=dict(B=2, G=2, T=8)),
+    Spec("gpt2_variant", "gpt2",
+         dict(gpt2_model_cfg(64), n_inner=40, activation_function="gelu", scale_attn_by_inverse_layer_idx=True,
+              layer_norm_epsilon=1e-4),
+         dict(r=4, lora_alpha=8, target_modules=GPT2_TARGETS, fan_in_fan_out=True),
+         dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0), seed=18, vocab=64),
+    Spec("llama_lora", "llama",
+         decoder_model_cfg(96, tie=False, attention_bias=True, mlp_bias=True,
+                           rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                                                high_freq_factor=4.0, original_max_position_embeddings=16)),
+         dict(r=4, lora_alpha=8, target_modules=QWEN2_TARGETS),
+         dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05), seed=15, vocab=96, legacy_rope_config=True),
+    Spec("qwen3_lora", "qwen3",
+         decoder_model_cfg(96, tie=True, head_dim=16,
+                           rope_parameters=dict(rope_type="yarn", rope_theta=25000.0, factor=4.0,
+                                                original_max_position_embeddings=16)),
+         dict(r=4, lora_alpha=8, target_modules=QWEN2_TARGETS, use_rslora=True),
+         dict(lr=1e-2, betas=(0.9, 0.995), eps=1e-8, weight_decay=0.0), seed=16, vocab=96, position_ids=True),
+    Spec("mistral_lora", "mistral",
+         decoder_model_cfg(96, tie=False, sliding_window=16, max_position_embeddings=8,
+                           rope_parameters=dict(rope_type="dynamic", rope_theta=25000.0, factor=2.0)),
+         dict(r=4, lora_alpha=8, target_modules=QWEN2_TARGETS),
+         dict(lr=2e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01), seed=17, vocab=96, max_lengths=True),
 ]
+
+DECODER_CLASSES = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "llama": ("LlamaConfig", "LlamaForCausalLM"),
+                   "mistral": ("MistralConfig", "MistralForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 
 PAD_ID = 1  # also the end-of-sequence id: the mask, never the id, decides padding
 
 
 def build_base(spec: Spec):
-    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(spec.seed)
     if spec.family == "gpt2":
         cfg = GPT2Config(attn_implementation="eager", **spec.model)
         return GPT2LMHeadModel(cfg)
-    cfg = Qwen2Config(attn_implementation="eager", **spec.model)
-    return Qwen2ForCausalLM(cfg)
+    config_cls, model_cls = (getattr(transformers, n) for n in DECODER_CLASSES[spec.family])
+    cfg = config_cls(attn_implementation="eager", **copy.deepcopy(spec.model))
+    return model_cls(cfg)
 
 
 def wrap_lora(base, spec: Spec):
@@ -502,15 +576,18 @@ def rl_steps(model, opt, spec: Spec, gen: torch.Generator, steps: int = 3):
 def load_reference_model(spec: Spec, ckpt: str):
     """The checkpoint as the files hold it (base from model.safetensors, the adapter via
     PeftModel.from_pretrained), in float64."""
+    import transformers
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoConfig, GPT2LMHeadModel, Qwen2ForCausalLM
+    from transformers import AutoConfig, GPT2LMHeadModel
 
     cfg = AutoConfig.from_pretrained(ckpt)
     cfg._attn_implementation = "eager"
-    if spec.family == "qwen2":  # the file's rope_theta, in whichever layout, is what the reference uses
-        assert float(cfg.rope_parameters["rope_theta"]) == float(spec.model["rope_theta"]), cfg.rope_parameters
-    cls = GPT2LMHeadModel if spec.family == "gpt2" else Qwen2ForCausalLM
+    if spec.family != "gpt2":  # the file's rope settings, in whichever layout, are what the reference uses
+        want = dict(spec.model.get("rope_parameters") or {"rope_type": "default", "rope_theta": spec.model["rope_theta"]})
+        got = {k: cfg.rope_parameters.get(k) for k in want}
+        assert got == want, (got, want)
+    cls = GPT2LMHeadModel if spec.family == "gpt2" else getattr(transformers, DECODER_CLASSES[spec.family][1])
     base = cls(cfg)
     sd = load_file(os.path.join(ckpt, "model.safetensors"))
     missing, unexpected = base.load_state_dict(sd, strict=False)
@@ -565,8 +642,8 @@ def make_checkpoint(spec: Spec, out_dir: str) -> dict:
         with open(path) as f:
             cfg = json.load(f)
         rp = cfg.pop("rope_parameters")
-        assert rp.get("rope_type", "default") == "default"
-        cfg["rope_theta"], cfg["rope_scaling"] = rp["rope_theta"], None
+        cfg["rope_theta"] = rp.pop("rope_theta")
+        cfg["rope_scaling"] = rp if rp.get("rope_type", "default") != "default" else None
         with open(path, "w") as f:
             json.dump(dict(sorted(cfg.items())), f, indent=2)
             f.write("\n")

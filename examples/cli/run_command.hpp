@@ -49,15 +49,17 @@ namespace ep_run {
 inline const ep_cli::CommandSpec& run_spec() {
   static const ep_cli::CommandSpec spec{
       .name = "run",
-      .summary = "probe a Hugging Face checkpoint (GPT-2/Qwen2 + PEFT LoRA + Adam state) on two batches",
+      .summary =
+          "probe a Hugging Face checkpoint (GPT-2/Llama/Mistral/Qwen2/Qwen3 + PEFT LoRA + Adam state) on two batches",
       .description =
           "Predicts how one optimizer step changes the policy's entropy: deltaH1 = eta * mu_X . mu_Y with its\n"
           "standard error, for a checkpoint and its Adam state, from two independent batches of sampled responses.",
       .synopsis = "CHECKPOINT_DIR --e-batch E.safetensors --u-batch U.safetensors [OPTIONS]",
-      .positionals = {{"CHECKPOINT_DIR",
-                       "config.json (model_type gpt2 or qwen2), model.safetensors (or sharded with\n"
-                       "model.safetensors.index.json), optionally adapter_config.json +\n"
-                       "adapter_model.safetensors (PEFT LoRA) and optimizer.safetensors (Adam state)"}},
+      .positionals =
+          {{"CHECKPOINT_DIR",
+            "config.json (model_type gpt2, llama, mistral, qwen2 or qwen3), model.safetensors (or sharded with\n"
+            "model.safetensors.index.json), optionally adapter_config.json +\n"
+            "adapter_model.safetensors (PEFT LoRA) and optimizer.safetensors (Adam state)"}},
       .options =
           {
               {"--e-batch", "FILE", "E batch (safetensors): estimates the entropy gradient X (required)"},

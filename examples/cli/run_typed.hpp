@@ -158,7 +158,7 @@ int run_typed(const RunOptions& o, ep::Communicator& comm) {
   using clock = std::chrono::steady_clock;
   const auto t_start = clock::now();
   auto models = ep::hf::load_model<T, B>(o.checkpoint);
-  const std::string model_type = models.index() == 0 ? "gpt2" : "qwen2";
+  const std::string model_type = std::visit([](const auto& m) { return std::string(m.model_type()); }, models);
   const ep::TokenBatch E = ep::hf::load_batch(o.e_batch);
   const ep::TokenBatch U = ep::hf::load_batch(o.u_batch);
   return std::visit(

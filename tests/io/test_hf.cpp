@@ -187,7 +187,7 @@ nn::LoraConfig qwen2_lora(bool lm_head, bool rslora) {
   return l;
 }
 
-json qwen2_config_json(const nn::Qwen2Config& c) {
+json qwen2_config_json(const nn::DecoderConfig& c) {
   return {{"model_type", "qwen2"},
           {"architectures", {"Qwen2ForCausalLM"}},
           {"vocab_size", c.vocab_size},
@@ -676,9 +676,12 @@ TEST_CASE("hf: model_type, config.json fields and adapter_config.json fields", "
   write_gpt2_dir(src, dir);
   const std::string config = dir.file("config.json"), acfg = dir.file("adapter_config.json");
   SECTION("unknown or mismatched model_type") {
+    edit_json(dir, "config.json", [](json& j) { j["model_type"] = "gemma"; });
+    CHECK_INPUT_ERROR(hf::load_model<double>(dir.str()), Contains(config) &&
+                                                             Contains("model_type 'gemma' is not supported") &&
+                                                             Contains("gpt2, qwen2, llama, mistral, qwen3"));
+    CHECK_INPUT_ERROR(hf::load_decoder<double>(dir.str()), Contains("model_type 'gemma' is not a decoder family"));
     edit_json(dir, "config.json", [](json& j) { j["model_type"] = "llama"; });
-    CHECK_INPUT_ERROR(hf::load_model<double>(dir.str()),
-                      Contains(config) && Contains("model_type 'llama' is not supported"));
     CHECK_INPUT_ERROR(hf::load_gpt2<double>(dir.str()), Contains("model_type 'llama', expected 'gpt2'"));
     CHECK_INPUT_ERROR(hf::load_qwen2<double>(dir.str()), Contains("model_type 'llama', expected 'qwen2'"));
     edit_json(dir, "config.json", [](json& j) { j.erase("model_type"); });
@@ -694,7 +697,7 @@ TEST_CASE("hf: model_type, config.json fields and adapter_config.json fields", "
     CHECK_INPUT_ERROR(hf::load_gpt2<double>(dir.str()), Contains(config) && Contains("not divisible"));
     edit_json(dir, "config.json", [](json& j) {
       j["n_embd"] = 8;
-      j["activation_function"] = "relu";
+      j["activation_function"] = "gelu_fast";
     });
     CHECK_INPUT_ERROR(hf::load_gpt2<double>(dir.str()), Contains(config) && Contains("'activation_function'"));
   }
@@ -752,14 +755,14 @@ TEST_CASE("hf: config parsers on their own", "[io][hf]") {
   CHECK(c.n_layer == 2);
   CHECK(c.n_head == 2);
   CHECK(c.layer_norm_epsilon == 1e-5);
-  const nn::Qwen2Config q = hf::qwen2_config_from_json(qwen2_config_json(tiny_qwen2_config(true)), "q.json");
+  const nn::DecoderConfig q = hf::qwen2_config_from_json(qwen2_config_json(tiny_qwen2_config(true)), "q.json");
   CHECK(q.num_key_value_heads == 1);
   CHECK(q.tie_word_embeddings);
   CHECK(q.rope_theta == 10000.0);
   json q2 = qwen2_config_json(tiny_qwen2_config(false));
-  q2["rope_scaling"] = {{"type", "yarn"}, {"factor", 4.0}};
+  q2["rope_scaling"] = {{"type", "longrope"}, {"factor", 4.0}};
   CHECK_INPUT_ERROR(hf::qwen2_config_from_json(q2, "q.json"),
-                    Contains("q.json") && Contains("'rope_scaling.type' = \"yarn\" is not supported"));
+                    Contains("q.json") && Contains("'rope_scaling.type' = \"longrope\" is not supported"));
   q2.erase("rope_scaling");
   {  // transformers 5 keeps rope_theta in rope_parameters
     json v5 = q2;
@@ -771,17 +774,23 @@ TEST_CASE("hf: config parsers on their own", "[io][hf]") {
     CHECK_INPUT_ERROR(hf::qwen2_config_from_json(v5, "q.json"), Contains("q.json") && Contains("disagree"));
     v5.erase("rope_theta");
     v5["rope_parameters"]["rope_type"] = "linear";
-    CHECK_INPUT_ERROR(hf::qwen2_config_from_json(v5, "q.json"), Contains("'rope_parameters.rope_type'"));
+    CHECK_INPUT_ERROR(hf::qwen2_config_from_json(v5, "q.json"), Contains("missing field 'rope_parameters.factor'"));
+    v5["rope_parameters"]["factor"] = 2.0;
+    CHECK(hf::qwen2_config_from_json(v5, "q.json").rope_scaling.factor == 2.0);
     v5["rope_parameters"]["rope_type"] = "default";
     v5["layer_types"] = {"full_attention", "sliding_attention"};
+    v5["use_sliding_window"] = true;
+    CHECK(hf::qwen2_config_from_json(v5, "q.json").sliding_layers == std::vector<index_t>{1});
+    v5["layer_types"] = {"full_attention"};
     CHECK_INPUT_ERROR(hf::qwen2_config_from_json(v5, "q.json"),
-                      Contains("q.json") && Contains("'layer_types'") && Contains("sliding_attention"));
+                      Contains("q.json") && Contains("'layer_types' must be a list of num_hidden_layers = 2"));
   }
   q2["num_key_value_heads"] = 3.0;
   CHECK_INPUT_ERROR(hf::qwen2_config_from_json(q2, "q.json"),
                     Contains("q.json") && Contains("'num_key_value_heads' must be an integer"));
-  q2.erase("num_key_value_heads");  // defaults to num_attention_heads, as transformers does
-  CHECK(hf::qwen2_config_from_json(q2, "q.json").num_key_value_heads == 2);
+  q2.erase("num_key_value_heads");  // Qwen2Config's default is 32, which 2 heads cannot share
+  CHECK_INPUT_ERROR(hf::qwen2_config_from_json(q2, "q.json"),
+                    Contains("q.json") && Contains("not divisible by num_key_value_heads 32"));
   q2["rms_norm_eps"] = "1e-6";
   CHECK_INPUT_ERROR(hf::qwen2_config_from_json(q2, "q.json"), Contains("'rms_norm_eps' must be a number"));
   CHECK_INPUT_ERROR(hf::gpt2_config_from_json(json::array(), "g.json"), Contains("g.json"));

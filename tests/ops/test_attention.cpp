@@ -25,10 +25,10 @@ std::vector<std::uint8_t> mask_of(const AttnCase& c) {
 // of the scaled scores over the allowed keys, written out explicitly.
 std::vector<double> naive_attention(const AttnCase& c, const std::vector<std::uint8_t>& mask,
                                     const std::vector<double>& q, const std::vector<double>& k,
-                                    const std::vector<double>& v) {
+                                    const std::vector<double>& v, double scale = 0.0) {
   const index_t qw = c.hq * c.dh, kw = c.hkv * c.dh;
   std::vector<double> out(static_cast<std::size_t>(c.r * c.t * qw), 0.0);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(c.dh));
+  if (scale == 0.0) scale = 1.0 / std::sqrt(static_cast<double>(c.dh));
   for (index_t r = 0; r < c.r; ++r) {
     for (index_t h = 0; h < c.hq; ++h) {
       const index_t g = h / (c.hq / c.hkv);  // KV head shared by this query head
@@ -129,6 +129,34 @@ TEST_CASE("causal_attention: forward equals a naive per-head softmax", "[ops][at
     const std::vector<double> got = tape.value(o).to_host();
     CHECK(rel_err(got, ref) < 1e-13);
   }
+}
+
+TEST_CASE("causal_attention: an explicit score scale", "[ops][attention]") {
+  // GPT-2's scale_attn_by_inverse_layer_idx (1/sqrt(Dh) / (layer + 1)) and
+  // scale_attn_weights = false (1): forward against the naive softmax with the
+  // same scale, rules against finite differences.
+  std::mt19937_64 rng(16);
+  const AttnCase c{2, 5, 4, 2, 3, {0, 1, 1, 1, 1, 1, 1, 1, 0, 1}};
+  const std::vector<std::uint8_t> mask = mask_of(c);
+  for (double scale : {1.0 / std::sqrt(3.0) / 3.0, 1.0, 2.5}) {
+    CAPTURE(scale);
+    auto in = random_qkv(c, rng);
+    Tape<double> tape;
+    Var q = tape.input(in[0].value), k = tape.input(in[1].value), v = tape.input(in[2].value);
+    const std::vector<double> got = tape.value(causal_attention(tape, q, k, v, mask, c.hq, c.hkv, scale)).to_host();
+    const std::vector<double> ref =
+        naive_attention(c, mask, in[0].value.to_host(), in[1].value.to_host(), in[2].value.to_host(), scale);
+    CHECK(rel_err(got, ref) < 1e-13);
+    CHECK(rel_err(got, naive_attention(c, mask, in[0].value.to_host(), in[1].value.to_host(),
+                                       in[2].value.to_host())) > 1e-3);  // the scale is really applied
+    require_gradcheck(random_qkv(c, rng), [&](Tape<double>& t, const std::vector<Var>& vs) {
+      return causal_attention(t, vs[0], vs[1], vs[2], mask, c.hq, c.hkv, scale);
+    });
+  }
+  Tape<double> t;
+  Var q = t.input(TensorD({1, 2, 4})), k = t.input(TensorD({1, 2, 4})), v = t.input(TensorD({1, 2, 4}));
+  const std::vector<std::uint8_t> ones(2, 1);
+  REQUIRE_THROWS_WITH(causal_attention(t, q, k, v, ones, 2, 2, -1.0), Catch::Contains("scale = -1"));
 }
 
 TEST_CASE("causal_attention: queries with no allowed key give exact zeros", "[ops][attention]") {

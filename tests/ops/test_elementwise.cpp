@@ -17,6 +17,22 @@ double gelu_ref(double x) {
   return 0.5 * x * (1.0 + std::tanh(std::sqrt(2.0 / pi) * (x + 0.044715 * x * x * x)));
 }
 double silu_ref(double x) { return x / (1.0 + std::exp(-x)); }
+// x Phi(x) with Phi the integral of the normal density by Simpson's rule,
+// independent of erf / erfc: the lower tail integrated directly (no
+// cancellation), Phi(x) = 1 - Phi(-x) above 0. Good to about 1e-13.
+double gelu_erf_ref(double x) {
+  const double pi = 3.14159265358979323846;
+  auto tail = [&](double b) {  // integral of phi over [b - 16, b], b <= 0
+    const int n = 20000;
+    const double a = b - 16.0, h = (b - a) / n;
+    auto phi = [&](double u) { return std::exp(-0.5 * u * u) / std::sqrt(2.0 * pi); };
+    double s = phi(a) + phi(b);
+    for (int i = 1; i < n; ++i) s += (i % 2 ? 4.0 : 2.0) * phi(a + i * h);
+    return s * h / 3.0;
+  };
+  return x * (x <= 0 ? tail(x) : 1.0 - tail(-x));
+}
+double relu_ref(double x) { return x > 0 ? x : 0.0; }
 
 }  // namespace
 
@@ -158,4 +174,53 @@ TEST_CASE("add and mul: shape mismatch is a usage error", "[ops][elementwise][er
   REQUIRE_THROWS_AS(mul(t, a, c), UsageError);
   REQUIRE_THROWS_WITH(mul(t, a, c), Catch::Contains("mul: operand shapes [2, 3] and [6] differ"));
   CHECK(t.num_nodes() == 0);  // nothing recorded by a failed op
+}
+
+TEST_CASE("gelu_erf and relu: values at known points and against plain formulas", "[ops][elementwise][functors]") {
+  // torch.nn.functional.gelu(torch.tensor([1.0, -1.0, 2.5], dtype=torch.float64))
+  CHECK(GeluErf::f(1.0) == Approx(0.841344746068543).epsilon(1e-15));
+  CHECK(GeluErf::f(-1.0) == Approx(-0.15865525393145702).epsilon(1e-14));
+  CHECK(GeluErf::f(2.5) == Approx(2.4844758366855597).epsilon(1e-15));
+  CHECK(GeluErf::f(0.0) == 0.0);
+  CHECK(GeluErf::f(-40.0) == Approx(0.0).margin(1e-300));
+  CHECK(GeluErf::f(40.0) == 40.0);
+  CHECK(Relu::f(-2.0) == 0.0);
+  CHECK(Relu::f(3.0) == 3.0);
+  CHECK(Relu::df(0.0) == 0.0);  // PyTorch's subgradient at 0
+  CHECK(Relu::df(1e-300) == 1.0);
+  std::mt19937_64 rng(18);
+  const TensorD a = random_tensor({5, 7}, rng, 3.0);
+  Tape<double> t;
+  Var va = t.input(a);
+  const TensorD g = t.value(gelu_erf(t, va));  // the CPU backend's array forms
+  const TensorD r = t.value(relu(t, va));
+  for (index_t i = 0; i < a.numel(); ++i) {
+    CAPTURE(i, a[i]);
+    CHECK(g[i] == Approx(gelu_erf_ref(a[i])).epsilon(1e-12).margin(1e-300));
+    CHECK(r[i] == relu_ref(a[i]));
+  }
+  const double h = 1e-5;
+  for (double x = -6.0; x <= 6.0; x += 0.37) {
+    CAPTURE(x);
+    CHECK(GeluErf::df(x) == Approx((GeluErf::f(x + h) - GeluErf::f(x - h)) / (2 * h)).margin(1e-9));
+  }
+}
+
+TEST_CASE("gelu_erf and relu: VJP and JVP against finite differences", "[ops][elementwise]") {
+  std::mt19937_64 rng(19);
+  for (Shape s : {Shape{4, 5}, Shape{1, 1}, Shape{9}, Shape{2, 3, 2}}) {
+    CAPTURE(shape_str(s));
+    require_gradcheck({{random_tensor(s, rng, 2.5)}},
+                      [](Tape<double>& t, const std::vector<Var>& v) { return gelu_erf(t, v[0]); });
+    // relu is piecewise linear: central differences are exact away from 0, and
+    // random points lie farther than h from it
+    TensorD x = random_tensor(s, rng, 2.5);
+    for (index_t i = 0; i < x.numel(); ++i)
+      if (std::abs(x[i]) < 1e-3) x[i] = 0.5;
+    require_gradcheck({{x}}, [](Tape<double>& t, const std::vector<Var>& v) { return relu(t, v[0]); });
+  }
+  CHECK(float_vs_double({random_tensor({6, 7}, rng, 2.0)},
+                        [](auto& t, const std::vector<Var>& v) { return gelu_erf(t, v[0]); }) < 1e-5);
+  CHECK(float_vs_double({random_tensor({6, 7}, rng, 2.0)},
+                        [](auto& t, const std::vector<Var>& v) { return relu(t, v[0]); }) < 1e-6);
 }

@@ -153,3 +153,111 @@ TEST_CASE("rotary: bad shapes, head counts and theta are usage errors", "[ops][r
   REQUIRE_THROWS_WITH(make_rotary_table<double>(pos3, 3, 1e4), Catch::Contains("head dimension 3 must be even"));
   CHECK(t.num_nodes() == 0);
 }
+
+namespace {
+void check_frequencies(const RotaryFrequencies& got, const std::vector<double>& inv_freq, double attention_factor) {
+  REQUIRE(got.inv_freq.size() == inv_freq.size());
+  for (std::size_t i = 0; i < inv_freq.size(); ++i) {
+    CAPTURE(i);
+    CHECK(got.inv_freq[i] == Approx(inv_freq[i]).epsilon(1e-13));
+  }
+  CHECK(got.attention_factor == Approx(attention_factor).epsilon(1e-14));
+}
+}  // namespace
+
+// Reference values: transformers 5.25 modeling_rope_utils.ROPE_INIT_FUNCTIONS
+// on a LlamaConfig(hidden_size=64, num_attention_heads=4,
+// max_position_embeddings=64, rope_parameters=...) (head_dim 16), evaluated in
+// float64 (the module's torch.float / torch.float32 read as torch.float64; in
+// float32 they agree to 1e-7), printed with repr().
+TEST_CASE("rotary: scaled frequencies match transformers' rope types", "[ops][rotary][rope_scaling]") {
+  using Type = RopeParameters::Type;
+  RopeParameters r;
+  r.type = Type::linear;
+  r.theta = 5000.0;
+  r.factor = 2.5;
+  check_frequencies(rotary_frequencies(16, r, 12),
+                    {0.4, 0.13793952964992862, 0.04756828460010885, 0.01640386700998239, 0.00565685424949238,
+                     0.0019507595361829473, 0.0006727171322029716, 0.00023198571200881688},
+                    1.0);
+
+  r = RopeParameters{};
+  r.type = Type::dynamic;
+  r.factor = 3.0;
+  r.max_position_embeddings = 64;
+  // up to max_position_embeddings: the plain frequencies (seq_len = None in transformers)
+  for (index_t len : {1, 12, 64})
+    check_frequencies(
+        rotary_frequencies(16, r, len),
+        {1.0, 0.31622776601683794, 0.1, 0.03162277660168379, 0.01, 0.003162277660168379, 0.001, 0.00031622776601683794},
+        1.0);
+  check_frequencies(rotary_frequencies(16, r, 100),  // seq_len=100
+                    {1.0, 0.27457722015265046, 0.07539264982675707, 0.02070110420937316, 0.005684051647900012,
+                     0.001560711100684477, 0.0004285357154873271, 0.00011766614549463738},
+                    1.0);
+
+  r = RopeParameters{};
+  r.type = Type::yarn;
+  r.theta = 20000.0;
+  r.factor = 4.0;
+  r.original_max_position_embeddings = 4096;
+  check_frequencies(rotary_frequencies(16, r, 12),
+                    {1.0, 0.28998214001102113, 0.08408964152537146, 0.01981240153935806, 0.004419417382415922,
+                     0.0008970864771084121, 0.00014865088937534015, 4.31061030156027e-05},
+                    1.138629436111989);
+  r.mscale = 0.8;
+  r.mscale_all_dim = 0.5;
+  r.truncate = false;
+  check_frequencies(rotary_frequencies(16, r, 12),
+                    {1.0, 0.28998214001102113, 0.08408964152537146, 0.02069248083304003, 0.004106148940747786,
+                     0.000641396418563105, 0.00014865088937534015, 4.31061030156027e-05},
+                    1.0388929752217428);
+  r.attention_factor = 0.75;  // an explicit attention_factor wins over mscale
+  CHECK(rotary_frequencies(16, r, 12).attention_factor == 0.75);
+
+  r = RopeParameters{};
+  r.type = Type::llama3;
+  r.theta = 500000.0;
+  r.factor = 8.0;
+  r.original_max_position_embeddings = 64;
+  r.low_freq_factor = 1.0;
+  r.high_freq_factor = 4.0;
+  check_frequencies(rotary_frequencies(16, r, 12),
+                    {1.0, 0.0794030091792082, 0.004700753866357992, 0.0009115830921521386, 0.00017677669529663688,
+                     3.428102195952591e-05, 6.647869871181236e-06, 1.2891731721515574e-06},
+                    1.0);
+}
+
+TEST_CASE("rotary: the table carries the attention factor and the dynamic length", "[ops][rotary][rope_scaling]") {
+  RopeParameters r;
+  r.type = RopeParameters::Type::yarn;
+  r.factor = 4.0;
+  r.original_max_position_embeddings = 32;
+  const std::vector<std::int32_t> pos{0, 3, 7};
+  const auto table = make_rotary_table<double>(std::span<const std::int32_t>(pos), 8, r);
+  const RotaryFrequencies fr = rotary_frequencies(8, r, 8);
+  REQUIRE(fr.attention_factor > 1.1);
+  for (index_t row = 0; row < 3; ++row)
+    for (index_t i = 0; i < 4; ++i) {
+      const double a = pos[static_cast<std::size_t>(row)] * fr.inv_freq[static_cast<std::size_t>(i)];
+      CHECK(table->cos[row * 4 + i] == Approx(fr.attention_factor * std::cos(a)).epsilon(1e-15));
+      CHECK(table->sin[row * 4 + i] == Approx(fr.attention_factor * std::sin(a)).margin(1e-15));
+    }
+  // a scaled table is m R(a), no longer an isometry: the rules still hold
+  std::mt19937_64 rng(21);
+  require_gradcheck({{random_tensor({3, 2 * 8}, rng)}},
+                    [&](Tape<double>& t, const std::vector<Var>& v) { return rotary(t, v[0], table, 2); });
+  // dynamic: the length is max(position) + 1 unless given; beyond
+  // max_position_embeddings the frequencies change
+  RopeParameters d;
+  d.type = RopeParameters::Type::dynamic;
+  d.factor = 2.0;
+  d.max_position_embeddings = 4;
+  const auto own = make_rotary_table<double>(std::span<const std::int32_t>(pos), 8, d);  // length 8
+  const auto given = make_rotary_table<double>(std::span<const std::int32_t>(pos), 8, d, 8);
+  const auto plain = make_rotary_table<double>(std::span<const std::int32_t>(pos), 8, d, 4);
+  CHECK(own->cos.to_host() == given->cos.to_host());
+  CHECK(std::abs(own->cos[4 + 1] - plain->cos[4 + 1]) > 1e-3);
+  REQUIRE_THROWS_WITH(rotary_frequencies(8, RopeParameters{RopeParameters::Type::yarn}, 8),
+                      Catch::Contains("original_max_position_embeddings = 0"));
+}

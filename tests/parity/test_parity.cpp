@@ -348,6 +348,51 @@ TEMPLATE_TEST_CASE(
   run_parity<TestType>("qwen2_peft_layers");
 }
 
+TEMPLATE_TEST_CASE("golden: gpt2_variant (n_inner, exact gelu, scale_attn_by_inverse_layer_idx) matches PyTorch + PEFT",
+                   "[parity]", double, float) {
+  run_parity<TestType>("gpt2_variant");
+}
+
+TEMPLATE_TEST_CASE(
+    "golden: llama_lora (Llama 3.x shapes, llama3 rope in rope_scaling, attention and MLP biases) "
+    "matches PyTorch + PEFT",
+    "[parity]", double, float) {
+  run_parity<TestType>("llama_lora");
+}
+
+TEMPLATE_TEST_CASE("golden: qwen3_lora (q_norm / k_norm, head_dim 16, yarn rope, tied, rsLoRA) matches PyTorch + PEFT",
+                   "[parity]", double, float) {
+  run_parity<TestType>("qwen3_lora");
+}
+
+TEMPLATE_TEST_CASE("golden: mistral_lora (sliding_window within the sequences, dynamic rope) matches PyTorch + PEFT",
+                   "[parity]", double, float) {
+  run_parity<TestType>("mistral_lora");
+}
+
+TEST_CASE("golden: the new families load with their settings", "[parity]") {
+  auto l = ep::hf::load_decoder<double>((kGoldenDir / "llama_lora").string());
+  CHECK(std::string(l.model_type()) == "llama");
+  CHECK(l.config().rope_scaling.type == ep::RopeParameters::Type::llama3);
+  CHECK(l.config().rope_theta == 500000.0);
+  CHECK(l.config().o_bias());
+  CHECK(l.config().mlp_has_bias());
+  auto q = ep::hf::load_decoder<double>((kGoldenDir / "qwen3_lora").string());
+  CHECK(q.config().head_dim() == 16);
+  CHECK(q.config().rope_scaling.type == ep::RopeParameters::Type::yarn);
+  CHECK(q.layers()[0].q_norm.has_value());
+  auto m = ep::hf::load_decoder<double>((kGoldenDir / "mistral_lora").string());
+  CHECK(m.config().sliding_window == 16);
+  CHECK(m.config().sliding_layers.size() == 2);
+  CHECK(m.config().rope_scaling.type == ep::RopeParameters::Type::dynamic);
+  CHECK_THROWS_AS(ep::hf::load_qwen2<double>((kGoldenDir / "llama_lora").string()), ep::InputError);
+  auto g = ep::hf::load_gpt2<double>((kGoldenDir / "gpt2_variant").string());
+  CHECK(g.config().n_inner == 40);
+  CHECK(g.config().activation == ep::nn::Activation::gelu_erf);
+  CHECK(g.config().scale_attn_by_inverse_layer_idx);
+  CHECK(g.config().layer_norm_epsilon == 1e-4);
+}
+
 TEST_CASE("golden: the typed loaders agree with load_model", "[parity]") {
   auto g = ep::hf::load_gpt2<double>((kGoldenDir / "gpt2_lora").string());
   auto q = ep::hf::load_qwen2<double>((kGoldenDir / "qwen2_rslora").string());

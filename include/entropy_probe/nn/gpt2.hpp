@@ -1,6 +1,6 @@
 // The GPT-2 model family (Hugging Face GPT2LMHeadModel layout) as an ordinary
 // Module: token and position embeddings, pre-norm blocks with fused c_attn,
-// GELU (tanh) MLP, final layer norm, lm_head tied to the token embedding
+// MLP (width n_inner, activation_function), final layer norm, lm_head tied to the token embedding
 // (or a trainable copy when PEFT's modules_to_save names lm_head).
 //
 // Hugging Face stores Conv1D weights as [in, out]; this class keeps linear
@@ -12,7 +12,7 @@
 #include "entropy_probe/nn/layers.hpp"
 #include "entropy_probe/nn/lora_config.hpp"
 #include "entropy_probe/nn/packing.hpp"
-#include "entropy_probe/tape/ops/attention.hpp"
+#include "entropy_probe/tape/ops/flash_attention.hpp"
 #include "entropy_probe/tape/ops/elementwise.hpp"
 #include "entropy_probe/tape/ops/gather.hpp"
 #include "entropy_probe/tape/ops/slice.hpp"
@@ -21,6 +21,7 @@
 #include <fmt/format.h>
 
 #include <cstdint>
+#include <cmath>
 #include <optional>
 #include <random>
 #include <string>
@@ -36,9 +37,21 @@ struct Gpt2Config {
   index_t n_layer = 12;
   index_t n_head = 12;
   double layer_norm_epsilon = 1e-5;
+  index_t n_inner = 0;  // MLP width; 0 = 4 * n_embd (transformers' None)
+  Activation activation = Activation::gelu_tanh;
+  bool scale_attn_weights = true;                // scores / sqrt(head_dim)
+  bool scale_attn_by_inverse_layer_idx = false;  // scores / (layer_idx + 1) as well
+
+  index_t inner_dim() const { return n_inner > 0 ? n_inner : 4 * n_embd; }
+  // The attention score scale of layer `layer_idx` (transformers' GPT2Attention.scaling).
+  double attention_scale(index_t layer_idx) const {
+    double s = scale_attn_weights ? 1.0 / std::sqrt(static_cast<double>(n_embd / n_head)) : 1.0;
+    if (scale_attn_by_inverse_layer_idx) s /= static_cast<double>(layer_idx + 1);
+    return s;
+  }
 
   void validate() const {
-    if (vocab_size < 1 || n_positions < 1 || n_embd < 1 || n_layer < 0 || n_head < 1)
+    if (vocab_size < 1 || n_positions < 1 || n_embd < 1 || n_layer < 0 || n_head < 1 || n_inner < 0)
       fail<InputError>("gpt2 config: sizes must be positive (vocab {}, positions {}, n_embd {}, n_layer {}, n_head {})",
                        vocab_size, n_positions, n_embd, n_layer, n_head);
     if (n_embd % n_head != 0) fail<InputError>("gpt2 config: n_embd {} is not divisible by n_head {}", n_embd, n_head);
@@ -75,8 +88,8 @@ class Gpt2LMHeadModel {
       b.ln_2 = LayerNorm<T, B>(d, config_.layer_norm_epsilon);
       b.c_attn = random_linear<T, B>(d, 3 * d, true, rng);
       b.attn_c_proj = random_linear<T, B>(d, d, true, rng);
-      b.c_fc = random_linear<T, B>(d, 4 * d, true, rng);
-      b.mlp_c_proj = random_linear<T, B>(4 * d, d, true, rng);
+      b.c_fc = random_linear<T, B>(d, config_.inner_dim(), true, rng);
+      b.mlp_c_proj = random_linear<T, B>(config_.inner_dim(), d, true, rng);
       blocks_.push_back(std::move(b));
     }
     ln_f_ = LayerNorm<T, B>(d, config_.layer_norm_epsilon);
@@ -103,6 +116,7 @@ class Gpt2LMHeadModel {
   }
 
   const Gpt2Config& config() const { return config_; }
+  const char* model_type() const { return "gpt2"; }
   const std::optional<LoraConfig>& lora() const { return lora_; }
   index_t vocab_size() const { return config_.vocab_size; }
   index_t max_positions() const { return config_.n_positions; }  // rows of the learned position table
@@ -157,12 +171,14 @@ class Gpt2LMHeadModel {
     auto select_read = [&](Var x) {
       return gather_rows(tape, x, std::span<const std::int32_t>(pack ? pack->logits : *in.logit_positions));
     };
-    for (Block& b : blocks_) {
+    for (std::size_t layer = 0; layer < blocks_.size(); ++layer) {
+      Block& b = blocks_[layer];
       Var a = b.ln_1.forward(tape, h);
       Var qkv = b.c_attn.forward(tape, a);
       if (pack) qkv = pack->to_grid(tape, qkv);
-      Var att = causal_attention(tape, slice_last(tape, qkv, 0, d), slice_last(tape, qkv, d, d),
-                                 slice_last(tape, qkv, 2 * d, d), mask, config_.n_head, config_.n_head);
+      Var att = flash_causal_attention(tape, slice_last(tape, qkv, 0, d), slice_last(tape, qkv, d, d),
+                                       slice_last(tape, qkv, 2 * d, d), mask, config_.n_head, config_.n_head,
+                                       config_.attention_scale(static_cast<index_t>(layer)));
       if (pack) att = pack->from_grid(tape, att);
       if (&b == &blocks_.back() && !selected) {
         att = select_read(att);
@@ -171,7 +187,7 @@ class Gpt2LMHeadModel {
       }
       h = add(tape, h, b.attn_c_proj.forward(tape, att));
       Var m = b.ln_2.forward(tape, h);
-      h = add(tape, h, b.mlp_c_proj.forward(tape, gelu_tanh(tape, b.c_fc.forward(tape, m))));
+      h = add(tape, h, b.mlp_c_proj.forward(tape, activate(tape, b.c_fc.forward(tape, m), config_.activation)));
     }
     if (!selected) h = select_read(h);
     return {ln_f_.forward(tape, h), use(tape, lm_head_ ? *lm_head_ : wte_)};

@@ -6,6 +6,7 @@
 #include "entropy_probe/module/bind.hpp"
 #include "entropy_probe/module/module.hpp"
 #include "entropy_probe/nn/lora_config.hpp"
+#include "entropy_probe/tape/ops/elementwise.hpp"
 #include "entropy_probe/tape/ops/embedding.hpp"
 #include "entropy_probe/tape/ops/linear.hpp"
 #include "entropy_probe/tape/ops/norm.hpp"
@@ -130,6 +131,39 @@ void set_peft_trainable(M& model, const LoraConfig& lora) {
     p.requires_grad =
         n.lora || (!n.original && (lora.saves(n.module) || (n.leaf == "bias" && lora.trains_bias(n.adapted))));
   }));
+}
+
+// The MLP activations of transformers' ACT2FN that the families use:
+// gelu_tanh ("gelu_new", "gelu_pytorch_tanh"), gelu_erf ("gelu"), relu, silu.
+enum class Activation { gelu_tanh, gelu_erf, relu, silu };
+
+inline const char* activation_name(Activation a) {
+  switch (a) {
+    case Activation::gelu_tanh:
+      return "gelu_new";
+    case Activation::gelu_erf:
+      return "gelu";
+    case Activation::relu:
+      return "relu";
+    case Activation::silu:
+      return "silu";
+  }
+  return "?";
+}
+
+template <class T, class B>
+Var activate(Tape<T, B>& tape, Var x, Activation a) {
+  switch (a) {
+    case Activation::gelu_tanh:
+      return gelu_tanh(tape, x);
+    case Activation::gelu_erf:
+      return gelu_erf(tape, x);
+    case Activation::relu:
+      return relu(tape, x);
+    case Activation::silu:
+      return silu(tape, x);
+  }
+  fail<UsageError>("activate: unknown activation {}", static_cast<int>(a));
 }
 
 template <class T, class B = CpuBackend>

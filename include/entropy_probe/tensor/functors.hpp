@@ -130,4 +130,58 @@ struct Silu {
   }
 };
 
+// GELU, exact form (PyTorch's default, transformers' "gelu"):
+//   f(x)  = x Phi(x),  Phi(x) = 0.5 (1 + erf(x / sqrt 2)) = 0.5 erfc(-x / sqrt 2)
+//   f'(x) = Phi(x) + x phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+// Phi through erfc keeps relative accuracy in the left tail, where
+// 1 + erf(.) cancels.
+// Eigen's erf for arrays lives in an unsupported module, so the array forms
+// evaluate the scalar formula per element.
+struct GeluErf {
+  static constexpr double kInvSqrt2 = 0.7071067811865476;    // 1 / sqrt(2)
+  static constexpr double kInvSqrt2Pi = 0.3989422804014327;  // 1 / sqrt(2 pi)
+
+  template <class T>
+  static EP_HOST_DEVICE T f(T x) {
+    return T(0.5) * x * std::erfc(-x * T(kInvSqrt2));
+  }
+  template <class T>
+  static EP_HOST_DEVICE T df(T x) {
+    return T(0.5) * std::erfc(-x * T(kInvSqrt2)) + x * T(kInvSqrt2Pi) * std::exp(T(-0.5) * x * x);
+  }
+  template <class A>
+  static auto f_array(const Eigen::ArrayBase<A>& x) {
+    using T = typename A::Scalar;
+    return x.unaryExpr([](T v) { return f(v); });
+  }
+  template <class A>
+  static auto df_array(const Eigen::ArrayBase<A>& x) {
+    using T = typename A::Scalar;
+    return x.unaryExpr([](T v) { return df(v); });
+  }
+};
+
+// ReLU: f(x) = max(x, 0), f'(x) = 1 for x > 0 and 0 otherwise (PyTorch's
+// choice at 0).
+struct Relu {
+  template <class T>
+  static EP_HOST_DEVICE T f(T x) {
+    return x > T(0) ? x : T(0);
+  }
+  template <class T>
+  static EP_HOST_DEVICE T df(T x) {
+    return x > T(0) ? T(1) : T(0);
+  }
+  template <class A>
+  static auto f_array(const Eigen::ArrayBase<A>& x) {
+    using T = typename A::Scalar;
+    return x.max(T(0));
+  }
+  template <class A>
+  static auto df_array(const Eigen::ArrayBase<A>& x) {
+    using T = typename A::Scalar;
+    return (x > T(0)).template cast<T>();
+  }
+};
+
 }  // namespace entropy_probe

@@ -1,13 +1,13 @@
-// config.json (gpt2, qwen2) and PEFT adapter_config.json parsing
+// config.json (gpt2 and the decoder families of nn/families.hpp) and PEFT adapter_config.json parsing
 // (docs/checkpoints.md). Settings that change the forward pass and are not
 // implemented are rejected by name, never ignored.
 #pragma once
 
 #include "entropy_probe/core/error.hpp"
 #include "entropy_probe/io/hf/json_fields.hpp"
+#include "entropy_probe/nn/families.hpp"
 #include "entropy_probe/nn/gpt2.hpp"
 #include "entropy_probe/nn/lora_config.hpp"
-#include "entropy_probe/nn/qwen2.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -27,22 +27,70 @@ namespace detail {
 
 using nlohmann::json;
 
-// rope_theta: top level (transformers 4) or inside rope_parameters
-// (transformers 5; rope_scaling in some 4.x configs), default 10000 as in
-// Qwen2Config. Any rope type other than "default" is rejected; two values
-// that disagree are an error.
-inline double rope_theta(const json& j, const std::string& path) {
+// transformers' ACT2FN names of the activations this library implements.
+inline nn::Activation activation_from_name(const std::string& name, const std::string& path, const char* key) {
+  if (name == "gelu_new" || name == "gelu_pytorch_tanh" || name == "gelu_python_tanh") return nn::Activation::gelu_tanh;
+  if (name == "gelu" || name == "gelu_python") return nn::Activation::gelu_erf;
+  if (name == "relu") return nn::Activation::relu;
+  if (name == "silu" || name == "swish") return nn::Activation::silu;
+  fail<InputError>(
+      "{}: field '{}' = '{}' is not supported (gelu_new, gelu_pytorch_tanh, gelu_python_tanh, gelu, gelu_python, "
+      "relu, silu, swish)",
+      path, key, name);
+}
+
+// A number field of a rope dictionary named `where` (for messages).
+inline std::optional<double> rope_number(const json& rp, const std::string& path, const std::string& where,
+                                         const char* key) {
+  const json* v = find_field(rp, key);
+  if (!v) return std::nullopt;
+  if (!v->is_number() || !std::isfinite(v->get<double>()))
+    fail<InputError>("{}: field '{}.{}' must be a finite number, got {}", path, where, key, v->dump());
+  return v->get<double>();
+}
+
+// rope_theta and the rope scaling of a decoder config: rope_theta at the top
+// level (transformers 4) or inside rope_parameters (transformers 5; also
+// rope_scaling in some 4.x configs); the rope type and its parameters from
+// rope_parameters or rope_scaling ("rope_type", or "type" in older files).
+// Values given twice must agree. Types other than default, linear, dynamic,
+// yarn and llama3, a partial_rotary_factor other than 1 and per-layer-type
+// rope parameters are refused by name.
+inline void read_rope(const json& j, const std::string& path, nn::DecoderConfig& c) {
   std::optional<double> theta;
   if (find_field(j, "rope_theta"))
     theta = positive(get_number(j, path, "rope_theta", std::nullopt), path, "rope_theta");
+  if (find_field(j, "partial_rotary_factor") && get_number(j, path, "partial_rotary_factor", std::nullopt) != 1.0)
+    fail<InputError>("{}: field 'partial_rotary_factor' = {} is not supported (rotary over the whole head)", path,
+                     j["partial_rotary_factor"].dump());
+  std::optional<std::string> type;
+  std::string type_from;
+  const json* scaling = nullptr;  // the dictionary that sets a non-default type
+  std::string scaling_key;
   for (const char* key : {"rope_parameters", "rope_scaling"}) {
     const json* rp = find_field(j, key);
     if (!rp) continue;
     if (!rp->is_object()) fail<InputError>("{}: field '{}' must be an object, got {}", path, key, rp->dump());
-    for (const char* type_key : {"rope_type", "type"})
-      if (const json* t = find_field(*rp, type_key); t && *t != "default")
-        fail<InputError>("{}: field '{}.{}' = {} is not supported (only plain rotary embeddings, \"default\")", path,
-                         key, type_key, t->dump());
+    for (const char* layer_type : {"full_attention", "sliding_attention"})
+      if (rp->contains(layer_type))
+        fail<InputError>("{}: field '{}' has per-layer-type entries ('{}'), which are not supported", path, key,
+                         layer_type);
+    for (const char* type_key : {"rope_type", "type"}) {
+      const json* t = find_field(*rp, type_key);
+      if (!t) continue;
+      if (!t->is_string())
+        fail<InputError>("{}: field '{}.{}' must be a string, got {}", path, key, type_key, t->dump());
+      const std::string where = std::string(key) + "." + type_key;
+      if (type && *type != t->get<std::string>())
+        fail<InputError>("{}: field '{}' = \"{}\" and '{}' = \"{}\" disagree", path, type_from, *type, where,
+                         t->get<std::string>());
+      type = t->get<std::string>();
+      type_from = where;
+      if (*type != "default") {
+        scaling = rp;
+        scaling_key = key;
+      }
+    }
     if (const json* t = find_field(*rp, "rope_theta")) {
       if (!t->is_number() || !(t->get<double>() > 0) || !std::isfinite(t->get<double>()))
         fail<InputError>("{}: field '{}.rope_theta' must be a positive number, got {}", path, key, t->dump());
@@ -50,8 +98,70 @@ inline double rope_theta(const json& j, const std::string& path) {
         fail<InputError>("{}: rope_theta {} and {}.rope_theta {} disagree", path, *theta, key, t->get<double>());
       theta = t->get<double>();
     }
+    if (auto prf = rope_number(*rp, path, key, "partial_rotary_factor"); prf && *prf != 1.0)
+      fail<InputError>("{}: field '{}.partial_rotary_factor' = {} is not supported (rotary over the whole head)", path,
+                       key, *prf);
   }
-  return theta.value_or(10000.0);
+  if (theta) c.rope_theta = *theta;
+  using Type = RopeParameters::Type;
+  RopeParameters& r = c.rope_scaling;
+  r = RopeParameters{};
+  if (!scaling) return;
+  const std::string& t = *type;
+  if (t == "linear") {
+    r.type = Type::linear;
+  } else if (t == "dynamic") {
+    r.type = Type::dynamic;
+  } else if (t == "yarn") {
+    r.type = Type::yarn;
+  } else if (t == "llama3") {
+    r.type = Type::llama3;
+  } else {
+    fail<InputError>("{}: field '{}' = \"{}\" is not supported (default, linear, dynamic, yarn, llama3)", path,
+                     type_from, t);
+  }
+  const json& rp = *scaling;
+  auto number = [&](const char* key) { return rope_number(rp, path, scaling_key, key); };
+  auto required = [&](const char* key) {
+    const auto v = number(key);
+    if (!v) fail<InputError>("{}: missing field '{}.{}' (rope type \"{}\")", path, scaling_key, key, t);
+    return *v;
+  };
+  auto check_positive = [&](double v, const char* key) {
+    if (!(v > 0)) fail<InputError>("{}: field '{}.{}' = {} must be positive", path, scaling_key, key, v);
+    return v;
+  };
+  if (r.type == Type::yarn || r.type == Type::llama3) {
+    // a top-level original_max_position_embeddings wins (transformers' standardize_rope_params)
+    index_t orig = c.max_position_embeddings;
+    if (find_field(j, "original_max_position_embeddings"))
+      orig = get_int(j, path, "original_max_position_embeddings", std::nullopt, 1);
+    else if (auto v = number("original_max_position_embeddings"))
+      orig = static_cast<index_t>(check_positive(*v, "original_max_position_embeddings"));
+    r.original_max_position_embeddings = orig;
+  }
+  if (r.type == Type::yarn) {  // factor null: max_position_embeddings / original
+    r.factor = number("factor").value_or(static_cast<double>(c.max_position_embeddings) /
+                                         static_cast<double>(r.original_max_position_embeddings));
+    if (auto v = number("attention_factor")) r.attention_factor = check_positive(*v, "attention_factor");
+    // transformers reads `get("beta_fast") or 32`: 0 and null give the default
+    if (auto v = number("beta_fast"); v && *v != 0) r.beta_fast = *v;
+    if (auto v = number("beta_slow"); v && *v != 0) r.beta_slow = *v;
+    r.mscale = number("mscale").value_or(0.0);
+    r.mscale_all_dim = number("mscale_all_dim").value_or(0.0);
+    if (const json* v = find_field(rp, "truncate")) {
+      if (!v->is_boolean())
+        fail<InputError>("{}: field '{}.truncate' must be true or false, got {}", path, scaling_key, v->dump());
+      r.truncate = v->get<bool>();
+    }
+  } else {
+    r.factor = required("factor");
+  }
+  check_positive(r.factor, "factor");
+  if (r.type == Type::llama3) {
+    r.low_freq_factor = required("low_freq_factor");
+    r.high_freq_factor = required("high_freq_factor");
+  }
 }
 
 }  // namespace detail
@@ -59,9 +169,9 @@ inline double rope_theta(const json& j, const std::string& path) {
 // ---- config.json and adapter_config.json ---------------------------------------------------
 
 // GPT-2 config.json. Required: vocab_size, n_positions, n_embd, n_layer,
-// n_head; layer_norm_epsilon defaults to 1e-5 as in transformers. Settings
-// this model does not implement (another activation, n_inner other than
-// 4 n_embd, per-layer attention scaling) are rejected rather than ignored.
+// n_head; the rest default as in transformers' GPT2Config: layer_norm_epsilon
+// 1e-5, n_inner null (4 n_embd), activation_function "gelu_new",
+// scale_attn_weights true, scale_attn_by_inverse_layer_idx false.
 inline nn::Gpt2Config gpt2_config_from_json(const nlohmann::json& j, const std::string& path) {
   using namespace detail;
   require_object(j, path);
@@ -72,66 +182,88 @@ inline nn::Gpt2Config gpt2_config_from_json(const nlohmann::json& j, const std::
   c.n_layer = get_int(j, path, "n_layer", std::nullopt, 0);
   c.n_head = get_int(j, path, "n_head", std::nullopt, 1);
   c.layer_norm_epsilon = positive(get_number(j, path, "layer_norm_epsilon", 1e-5), path, "layer_norm_epsilon");
-  if (find_field(j, "n_inner")) {
-    const index_t inner = get_int(j, path, "n_inner", std::nullopt, 1);
-    if (inner != 4 * c.n_embd)
-      fail<InputError>("{}: field 'n_inner' = {} is not supported (this GPT-2 uses 4 * n_embd = {})", path, inner,
-                       4 * c.n_embd);
-  }
-  if (auto act = get_string(j, path, "activation_function", false);
-      act && *act != "gelu_new" && *act != "gelu_pytorch_tanh")
-    fail<InputError>("{}: field 'activation_function' = '{}' is not supported (gelu_new, gelu_pytorch_tanh)", path,
-                     *act);
-  if (get_bool(j, path, "scale_attn_by_inverse_layer_idx", false))
-    fail<InputError>("{}: field 'scale_attn_by_inverse_layer_idx' = true is not supported", path);
-  if (!get_bool(j, path, "scale_attn_weights", true))
-    fail<InputError>("{}: field 'scale_attn_weights' = false is not supported", path);
+  c.n_inner = get_int(j, path, "n_inner", index_t{0}, 1);
+  c.activation = activation_from_name(get_string(j, path, "activation_function", false).value_or("gelu_new"), path,
+                                      "activation_function");
+  c.scale_attn_weights = get_bool(j, path, "scale_attn_weights", true);
+  c.scale_attn_by_inverse_layer_idx = get_bool(j, path, "scale_attn_by_inverse_layer_idx", false);
   validate_config(c, path);
   return c;
 }
 
-// Qwen2 config.json. Required: vocab_size, hidden_size, intermediate_size,
-// num_hidden_layers, num_attention_heads; the rest default as in
-// transformers' Qwen2Config (num_key_value_heads = num_attention_heads,
-// max_position_embeddings 32768, rms_norm_eps 1e-6, rope_theta 10000,
-// tie_word_embeddings false). rope_theta is read at the top level
-// (transformers 4) or from rope_parameters (transformers 5). A rope type
-// other than "default", a sliding window (use_sliding_window, layer_types
-// other than full_attention), another activation or a head_dim other than
-// hidden_size / heads are rejected.
-inline nn::Qwen2Config qwen2_config_from_json(const nlohmann::json& j, const std::string& path) {
+// The config.json of a Llama-style decoder family (nn/families.hpp).
+// Required: vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+// num_attention_heads; the rest default as in the family's transformers
+// config (nn/qwen2.hpp, nn/llama.hpp, ...). Honoured: num_key_value_heads,
+// head_dim, max_position_embeddings, rms_norm_eps, hidden_act, rope_theta and
+// rope scaling (read_rope), tie_word_embeddings, attention_bias and mlp_bias
+// where the family reads them, and the sliding window: Mistral's
+// sliding_window on every layer; Qwen2/Qwen3's use_sliding_window with
+// max_window_layers, or layer_types. A sliding window is accepted; the model
+// refuses a sequence longer than it.
+inline nn::DecoderConfig decoder_config_from_json(const nlohmann::json& j, const std::string& path,
+                                                  const nn::DecoderFamily& family) {
   using namespace detail;
   require_object(j, path);
-  nn::Qwen2Config c;
+  nn::DecoderConfig c = family.defaults();  // num_key_value_heads 0: num_attention_heads (Llama)
   c.vocab_size = get_int(j, path, "vocab_size", std::nullopt, 1);
   c.hidden_size = get_int(j, path, "hidden_size", std::nullopt, 1);
   c.intermediate_size = get_int(j, path, "intermediate_size", std::nullopt, 1);
   c.num_hidden_layers = get_int(j, path, "num_hidden_layers", std::nullopt, 0);
   c.num_attention_heads = get_int(j, path, "num_attention_heads", std::nullopt, 1);
-  c.num_key_value_heads = get_int(j, path, "num_key_value_heads", c.num_attention_heads, 1);
-  c.max_position_embeddings = get_int(j, path, "max_position_embeddings", index_t{32768}, 1);
-  c.rms_norm_eps = positive(get_number(j, path, "rms_norm_eps", 1e-6), path, "rms_norm_eps");
-  c.rope_theta = rope_theta(j, path);
-  c.tie_word_embeddings = get_bool(j, path, "tie_word_embeddings", false);
-  if (auto act = get_string(j, path, "hidden_act", false); act && *act != "silu")
-    fail<InputError>("{}: field 'hidden_act' = '{}' is not supported (silu)", path, *act);
-  if (const json* lt = find_field(j, "layer_types")) {
-    if (!lt->is_array()) fail<InputError>("{}: field 'layer_types' must be a list, got {}", path, lt->dump());
-    for (const auto& t : *lt)
-      if (t != "full_attention")
-        fail<InputError>("{}: field 'layer_types' has {}, which is not supported (only \"full_attention\")", path,
-                         t.dump());
+  c.num_key_value_heads = get_int(j, path, "num_key_value_heads",
+                                  c.num_key_value_heads > 0 ? c.num_key_value_heads : c.num_attention_heads, 1);
+  c.head_dim_override = get_int(j, path, "head_dim", c.head_dim_override, 1);
+  c.max_position_embeddings = get_int(j, path, "max_position_embeddings", c.max_position_embeddings, 1);
+  c.rms_norm_eps = positive(get_number(j, path, "rms_norm_eps", c.rms_norm_eps), path, "rms_norm_eps");
+  c.tie_word_embeddings = get_bool(j, path, "tie_word_embeddings", c.tie_word_embeddings);
+  c.hidden_act = activation_from_name(get_string(j, path, "hidden_act", false).value_or("silu"), path, "hidden_act");
+  if (family.reads_attention_bias) c.attention_bias = get_bool(j, path, "attention_bias", false);
+  if (family.reads_mlp_bias) c.mlp_bias = get_bool(j, path, "mlp_bias", false);
+  read_rope(j, path, c);
+
+  using SW = nn::DecoderFamily::SlidingWindow;
+  c.sliding_layers.clear();
+  if (family.sliding == SW::all_layers) {
+    // absent: the family's default window; null: none
+    const bool present = j.contains("sliding_window");
+    if (!present || find_field(j, "sliding_window")) {
+      c.sliding_window = get_int(j, path, "sliding_window", c.sliding_window, 1);
+      for (index_t l = 0; l < c.num_hidden_layers; ++l) c.sliding_layers.push_back(l);
+    }
+  } else if (family.sliding == SW::qwen_layers) {
+    // transformers: sliding_window is None unless use_sliding_window; layer_types, when given,
+    // name each layer's attention, else layers from max_window_layers on slide
+    const bool use = get_bool(j, path, "use_sliding_window", false);
+    const bool has_window = j.contains("sliding_window") ? find_field(j, "sliding_window") != nullptr : true;
+    if (has_window) c.sliding_window = get_int(j, path, "sliding_window", c.sliding_window, 1);
+    const index_t max_window_layers = get_int(j, path, "max_window_layers", index_t{28}, 0);
+    if (const json* lt = find_field(j, "layer_types")) {
+      if (!lt->is_array() || static_cast<index_t>(lt->size()) != c.num_hidden_layers)
+        fail<InputError>("{}: field 'layer_types' must be a list of num_hidden_layers = {} entries, got {}", path,
+                         c.num_hidden_layers, lt->dump());
+      for (std::size_t l = 0; l < lt->size(); ++l) {
+        const json& t = (*lt)[l];
+        if (t == "sliding_attention") {
+          if (use && has_window) c.sliding_layers.push_back(static_cast<index_t>(l));
+        } else if (t != "full_attention") {
+          fail<InputError>(
+              "{}: field 'layer_types' has {} at index {}, which is not supported (full_attention, "
+              "sliding_attention)",
+              path, t.dump(), l);
+        }
+      }
+    } else if (use && has_window) {
+      for (index_t l = max_window_layers; l < c.num_hidden_layers; ++l) c.sliding_layers.push_back(l);
+    }
   }
-  if (get_bool(j, path, "use_sliding_window", false))
-    fail<InputError>("{}: field 'use_sliding_window' = true is not supported", path);
   validate_config(c, path);
-  if (find_field(j, "head_dim")) {
-    const index_t hd = get_int(j, path, "head_dim", std::nullopt, 1);
-    if (hd != c.head_dim())
-      fail<InputError>("{}: field 'head_dim' = {} is not supported (hidden_size / num_attention_heads = {})", path, hd,
-                       c.head_dim());
-  }
   return c;
+}
+
+// Qwen2 config.json (decoder_config_from_json with the Qwen2 family).
+inline nn::DecoderConfig qwen2_config_from_json(const nlohmann::json& j, const std::string& path) {
+  return decoder_config_from_json(j, path, nn::kQwen2Family);
 }
 
 namespace detail {

@@ -1,6 +1,6 @@
 // Base weights and PEFT adapters: which file and key each model parameter
 // comes from, reading model.safetensors (or its shards) and
-// adapter_model.safetensors, and load_gpt2 / load_qwen2 / load_model
+// adapter_model.safetensors, and load_gpt2 / load_qwen2 / load_decoder / load_model
 // (docs/checkpoints.md).
 //
 // Names. The model families' named_parameters() give PEFT names (prefix
@@ -24,9 +24,9 @@
 #include "entropy_probe/io/hf/json_fields.hpp"
 #include "entropy_probe/io/safetensors.hpp"
 #include "entropy_probe/module/registry.hpp"
+#include "entropy_probe/nn/families.hpp"
 #include "entropy_probe/nn/gpt2.hpp"
 #include "entropy_probe/nn/lora_config.hpp"
-#include "entropy_probe/nn/qwen2.hpp"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -50,8 +50,12 @@ namespace entropy_probe::hf {
 
 namespace detail {
 
-enum class Family { gpt2, qwen2 };
-inline const char* family_name(Family f) { return f == Family::gpt2 ? "gpt2" : "qwen2"; }
+// Weight layout and LoRA module names: GPT-2, or the decoder families of
+// nn/families.hpp, which share Qwen2's names ("qwen2").
+// GPT-2 (Conv1D weights, transformer.* keys) or the Llama-style decoder of
+// every other family (nn/decoder.hpp).
+enum class Family { gpt2, decoder };
+inline const char* family_name(Family f) { return f == Family::gpt2 ? "gpt2" : "Llama-style decoder"; }
 
 // Where a model parameter comes from and under which key.
 struct Placement {
@@ -466,8 +470,9 @@ nn::Gpt2LMHeadModel<T, B> load_gpt2(const std::string& dir, const json& config, 
 }
 
 template <class T, class B>
-nn::Qwen2ForCausalLM<T, B> load_qwen2(const std::string& dir, const json& config, const std::string& config_path) {
-  const nn::Qwen2Config c = qwen2_config_from_json(config, config_path);
+nn::DecoderForCausalLM<T, B> load_decoder(const std::string& dir, const json& config, const std::string& config_path,
+                                          const nn::DecoderFamily& family) {
+  const nn::DecoderConfig c = decoder_config_from_json(config, config_path, family);
   const CheckpointFiles f(dir, config_path);
   check_config_against_weights(f,
                                {{"vocab_size", c.vocab_size, "model.embed_tokens.weight", 0},
@@ -476,7 +481,7 @@ nn::Qwen2ForCausalLM<T, B> load_qwen2(const std::string& dir, const json& config
                                 {"hidden_size", c.hidden_size, "lm_head.weight", 1},
                                 {"intermediate_size", c.intermediate_size, "model.layers.0.mlp.up_proj.weight", 0}},
                                "num_hidden_layers", c.num_hidden_layers, {"model.layers."});
-  return build_from_files<nn::Qwen2ForCausalLM<T, B>>(c, f, Family::qwen2);
+  return build_from_files<nn::DecoderForCausalLM<T, B>>(c, f, Family::decoder);
 }
 
 inline json read_config(const std::string& dir, std::string& path, const char* want_type) {
@@ -507,22 +512,38 @@ template <class T, class B = CpuBackend>
 nn::Qwen2ForCausalLM<T, B> load_qwen2(const std::string& dir) {
   std::string path;
   const nlohmann::json j = detail::read_config(dir, path, "qwen2");
-  return detail::load_qwen2<T, B>(dir, j, path);
+  return detail::load_decoder<T, B>(dir, j, path, nn::kQwen2Family);
 }
 
+// A checkpoint of a decoder family (model_type llama, mistral, qwen2, qwen3).
 template <class T, class B = CpuBackend>
-using AnyModel = std::variant<nn::Gpt2LMHeadModel<T, B>, nn::Qwen2ForCausalLM<T, B>>;
+nn::DecoderForCausalLM<T, B> load_decoder(const std::string& dir) {
+  std::string path;
+  const nlohmann::json j = detail::read_config(dir, path, nullptr);
+  const std::string mt = detail::model_type_of(j, path);
+  const nn::DecoderFamily* family = nn::decoder_family(mt);
+  if (!family) fail<InputError>("{}: model_type '{}' is not a decoder family (llama, mistral, qwen2, qwen3)", path, mt);
+  return detail::load_decoder<T, B>(dir, j, path, *family);
+}
 
-// Either family, by config.json's model_type.
+// GPT-2, or one decoder class for every family of nn/families.hpp (the
+// family is in its config; model_type() names it).
 template <class T, class B = CpuBackend>
-std::variant<nn::Gpt2LMHeadModel<T, B>, nn::Qwen2ForCausalLM<T, B>> load_model(const std::string& dir) {
-  using V = std::variant<nn::Gpt2LMHeadModel<T, B>, nn::Qwen2ForCausalLM<T, B>>;
+using AnyModel = std::variant<nn::Gpt2LMHeadModel<T, B>, nn::DecoderForCausalLM<T, B>>;
+
+// Any supported family, by config.json's model_type.
+template <class T, class B = CpuBackend>
+AnyModel<T, B> load_model(const std::string& dir) {
+  using V = AnyModel<T, B>;
   std::string path;
   const nlohmann::json j = detail::read_config(dir, path, nullptr);
   const std::string mt = detail::model_type_of(j, path);
   if (mt == "gpt2") return V(std::in_place_index<0>, detail::load_gpt2<T, B>(dir, j, path));
-  if (mt == "qwen2") return V(std::in_place_index<1>, detail::load_qwen2<T, B>(dir, j, path));
-  fail<InputError>("{}: model_type '{}' is not supported (gpt2, qwen2)", path, mt);
+  if (const nn::DecoderFamily* family = nn::decoder_family(mt))
+    return V(std::in_place_index<1>, detail::load_decoder<T, B>(dir, j, path, *family));
+  std::vector<std::string> known{"gpt2"};
+  for (const nn::DecoderFamily* f : nn::kDecoderFamilies) known.emplace_back(f->model_type);
+  fail<InputError>("{}: model_type '{}' is not supported ({})", path, mt, fmt::join(known, ", "));
 }
 
 }  // namespace entropy_probe::hf

@@ -8,9 +8,9 @@
 #include "entropy_probe/io/hf/weights.hpp"
 #include "entropy_probe/io/safetensors.hpp"
 #include "entropy_probe/module/registry.hpp"
+#include "entropy_probe/nn/families.hpp"
 #include "entropy_probe/nn/gpt2.hpp"
 #include "entropy_probe/nn/lora_config.hpp"
-#include "entropy_probe/nn/qwen2.hpp"
 
 #include <Eigen/Core>
 #include <nlohmann/json.hpp>
@@ -146,40 +146,99 @@ void save_pretrained(nn::Gpt2LMHeadModel<T, B>& model, const std::string& dir,
                      safetensors::Dtype dtype = safetensors::Dtype::F32) {
   std::filesystem::create_directories(dir);
   const nn::Gpt2Config& c = model.config();
-  detail::write_json_file(detail::join_path(dir, "config.json"), {{"model_type", "gpt2"},
-                                                                  {"architectures", {"GPT2LMHeadModel"}},
-                                                                  {"vocab_size", c.vocab_size},
-                                                                  {"n_positions", c.n_positions},
-                                                                  {"n_embd", c.n_embd},
-                                                                  {"n_layer", c.n_layer},
-                                                                  {"n_head", c.n_head},
-                                                                  {"n_inner", nullptr},
-                                                                  {"layer_norm_epsilon", c.layer_norm_epsilon},
-                                                                  {"activation_function", "gelu_new"},
-                                                                  {"tie_word_embeddings", true}});
+  detail::write_json_file(detail::join_path(dir, "config.json"),
+                          {{"model_type", "gpt2"},
+                           {"architectures", {"GPT2LMHeadModel"}},
+                           {"vocab_size", c.vocab_size},
+                           {"n_positions", c.n_positions},
+                           {"n_embd", c.n_embd},
+                           {"n_layer", c.n_layer},
+                           {"n_head", c.n_head},
+                           {"n_inner", c.n_inner > 0 ? nlohmann::json(c.n_inner) : nlohmann::json(nullptr)},
+                           {"layer_norm_epsilon", c.layer_norm_epsilon},
+                           {"activation_function", nn::activation_name(c.activation)},
+                           {"scale_attn_weights", c.scale_attn_weights},
+                           {"scale_attn_by_inverse_layer_idx", c.scale_attn_by_inverse_layer_idx},
+                           {"tie_word_embeddings", true}});
   detail::save_weights(model, dir, model.lora(), detail::Family::gpt2, dtype, false);
 }
 
+namespace detail {
+
+// rope_parameters as transformers 5 writes them.
+inline json rope_parameters_json(const nn::DecoderConfig& c) {
+  using Type = RopeParameters::Type;
+  const RopeParameters& r = c.rope_scaling;
+  json j = {{"rope_type", RopeParameters::type_name(r.type)}, {"rope_theta", c.rope_theta}};
+  if (r.type != Type::plain) j["factor"] = r.factor;
+  if (r.type == Type::yarn || r.type == Type::llama3)
+    j["original_max_position_embeddings"] = r.original_max_position_embeddings;
+  if (r.type == Type::llama3) {
+    j["low_freq_factor"] = r.low_freq_factor;
+    j["high_freq_factor"] = r.high_freq_factor;
+  }
+  if (r.type == Type::yarn) {
+    j["beta_fast"] = r.beta_fast;
+    j["beta_slow"] = r.beta_slow;
+    j["truncate"] = r.truncate;
+    if (r.attention_factor > 0) j["attention_factor"] = r.attention_factor;
+    if (r.mscale != 0) j["mscale"] = r.mscale;
+    if (r.mscale_all_dim != 0) j["mscale_all_dim"] = r.mscale_all_dim;
+  }
+  return j;
+}
+
+inline json decoder_config_json(const nn::DecoderConfig& c) {
+  const nn::DecoderFamily& f = *c.family;
+  json j = {{"model_type", f.model_type},
+            {"architectures", {f.architecture}},
+            {"vocab_size", c.vocab_size},
+            {"hidden_size", c.hidden_size},
+            {"intermediate_size", c.intermediate_size},
+            {"num_hidden_layers", c.num_hidden_layers},
+            {"num_attention_heads", c.num_attention_heads},
+            {"num_key_value_heads", c.num_key_value_heads},
+            {"head_dim", c.head_dim()},
+            {"max_position_embeddings", c.max_position_embeddings},
+            {"rms_norm_eps", c.rms_norm_eps},
+            {"rope_parameters", rope_parameters_json(c)},
+            {"hidden_act", nn::activation_name(c.hidden_act)},
+            {"tie_word_embeddings", c.tie_word_embeddings}};
+  if (f.reads_attention_bias) j["attention_bias"] = c.attention_bias;
+  if (f.reads_mlp_bias) j["mlp_bias"] = c.mlp_bias;
+  using SW = nn::DecoderFamily::SlidingWindow;
+  const bool sliding = !c.sliding_layers.empty();
+  if (f.sliding == SW::all_layers) {
+    if (sliding && static_cast<index_t>(c.sliding_layers.size()) != c.num_hidden_layers)
+      fail<UsageError>("hf: a {} model slides on every layer or none, not on [{}]", f.model_type,
+                       fmt::join(c.sliding_layers, ", "));
+    j["sliding_window"] = sliding ? json(c.sliding_window) : json(nullptr);
+  } else if (f.sliding == SW::qwen_layers) {
+    j["use_sliding_window"] = sliding;
+    j["sliding_window"] = sliding ? json(c.sliding_window) : json(nullptr);
+    json types = json::array();
+    for (index_t l = 0; l < c.num_hidden_layers; ++l)
+      types.push_back(std::find(c.sliding_layers.begin(), c.sliding_layers.end(), l) != c.sliding_layers.end()
+                          ? "sliding_attention"
+                          : "full_attention");
+    j["layer_types"] = types;
+  } else if (sliding) {
+    fail<UsageError>("hf: a {} model has no sliding-window attention", f.model_type);
+  }
+  return j;
+}
+
+}  // namespace detail
+
+// A decoder family's checkpoint (Qwen2, Llama, Mistral, Qwen3): config.json
+// as transformers 5 writes it (rope_parameters), weights under "model.".
 template <class T, class B>
-void save_pretrained(nn::Qwen2ForCausalLM<T, B>& model, const std::string& dir,
+void save_pretrained(nn::DecoderForCausalLM<T, B>& model, const std::string& dir,
                      safetensors::Dtype dtype = safetensors::Dtype::F32) {
   std::filesystem::create_directories(dir);
-  const nn::Qwen2Config& c = model.config();
-  detail::write_json_file(detail::join_path(dir, "config.json"),
-                          {{"model_type", "qwen2"},
-                           {"architectures", {"Qwen2ForCausalLM"}},
-                           {"vocab_size", c.vocab_size},
-                           {"hidden_size", c.hidden_size},
-                           {"intermediate_size", c.intermediate_size},
-                           {"num_hidden_layers", c.num_hidden_layers},
-                           {"num_attention_heads", c.num_attention_heads},
-                           {"num_key_value_heads", c.num_key_value_heads},
-                           {"max_position_embeddings", c.max_position_embeddings},
-                           {"rms_norm_eps", c.rms_norm_eps},
-                           {"rope_theta", c.rope_theta},
-                           {"hidden_act", "silu"},
-                           {"tie_word_embeddings", c.tie_word_embeddings}});
-  detail::save_weights(model, dir, model.lora(), detail::Family::qwen2, dtype, !c.tie_word_embeddings);
+  const nn::DecoderConfig& c = model.config();
+  detail::write_json_file(detail::join_path(dir, "config.json"), detail::decoder_config_json(c));
+  detail::save_weights(model, dir, model.lora(), detail::Family::decoder, dtype, !c.tie_word_embeddings);
 }
 
 }  // namespace entropy_probe::hf

@@ -3,7 +3,7 @@
 //
 //   q [R, T, Hq*Dh], k and v [R, T, Hkv*Dh]   (raw projection outputs; head h
 //                                              owns columns h*Dh .. h*Dh+Dh-1)
-//   S = (1/sqrt(Dh)) Q_h K_g^T,  g = h / (Hq/Hkv)
+//   S = scale Q_h K_g^T,  g = h / (Hq/Hkv),  scale = 1/sqrt(Dh) unless given
 //   P = softmax over allowed keys (s <= t and key_mask[r, s] = 1), 0 elsewhere
 //   O_h = P V_g                                 -> out [R, T, Hq*Dh]
 //
@@ -101,6 +101,14 @@ AttentionDims attention_dims(const char* op, const Tape<T, B>& tape, Var q, Var 
   return {n_rows, n_tok, n_heads, n_kv_heads, dh, n_heads / n_kv_heads, n_heads * dh, ldk};
 }
 
+// The factor on the scores: `scale` when positive, 0 for the usual
+// 1/sqrt(head_dim); anything else is a caller's mistake.
+inline acc_t attention_scale(const char* op, double scale, index_t dh) {
+  if (!(scale >= 0.0) || !std::isfinite(scale))
+    fail<UsageError>("{}: scale = {} must be finite and positive (0 for 1/sqrt(head_dim))", op, scale);
+  return scale > 0.0 ? scale : 1.0 / std::sqrt(static_cast<acc_t>(dh));
+}
+
 // The batch layouts of attention's products over `rows` rows from a chunk's
 // first row: all (row, KV group g, head-in-group k) items, or, for the
 // products that accumulate into a KV head, the (row, g) items of one k.
@@ -132,16 +140,18 @@ struct AttentionGrids {
 }  // namespace detail
 
 // Causal attention over q/k/v in projection layout; see the file comment.
-// key_mask has R*T entries, nonzero = real token.
+// key_mask has R*T entries, nonzero = real token. `scale` multiplies the
+// scores; 0 means the usual 1/sqrt(Dh) (GPT-2's scale_attn_weights = false
+// passes 1, scale_attn_by_inverse_layer_idx divides by layer_idx + 1).
 template <class T, class B>
 Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std::uint8_t> key_mask, index_t n_heads,
-                     index_t n_kv_heads) {
+                     index_t n_kv_heads, double scale_value = 0.0) {
   const Shape& qs = tape.shape(q);
   const detail::AttentionDims dims =
       detail::attention_dims("causal_attention", tape, q, k, v, key_mask, n_heads, n_kv_heads);
   const index_t n_rows = dims.rows, n_tok = dims.tok, hq = dims.hq, hkv = dims.hkv, dh = dims.dh, group = dims.group;
   const index_t ldq = dims.ldq, ldk = dims.ldk;
-  const T scale = static_cast<T>(1.0 / std::sqrt(static_cast<acc_t>(dh)));
+  const T scale = static_cast<T>(detail::attention_scale("causal_attention", scale_value, dh));
 
   // Offsets of row r's head h (query side), of its KV head and of its P block.
   auto q_off = [=](index_t r, index_t h) { return r * n_tok * ldq + h * dh; };

@@ -4,6 +4,8 @@
 //   mul:        y = a * b             dA += dy * b,    dB += dy * a     ty = ta * b + a * tb
 //   gelu_tanh:  y = GeluTanh(x)       dX += dy * f'(x)                  ty = f'(x) * tx
 //   silu:       y = Silu(x)           dX += dy * f'(x)                  ty = f'(x) * tx
+//   gelu_erf:   y = GeluErf(x)        (likewise)
+//   relu:       y = Relu(x)           (likewise; f'(0) = 0 as in PyTorch)
 //
 // Operands of add and mul must have the same shape (no broadcasting: a bias
 // add lives in linear). The scalar math is in tensor/functors.hpp, shared
@@ -127,6 +129,18 @@ Var gelu_tanh(Tape<T, B>& tape, Var x) {
 template <class T, class B>
 Var silu(Tape<T, B>& tape, Var x) {
   return detail::unary_elementwise<Silu>(tape, x, "silu");
+}
+
+// y = x Phi(x) (exact GELU: PyTorch's default, transformers' "gelu").
+template <class T, class B>
+Var gelu_erf(Tape<T, B>& tape, Var x) {
+  return detail::unary_elementwise<GeluErf>(tape, x, "gelu_erf");
+}
+
+// y = max(x, 0).
+template <class T, class B>
+Var relu(Tape<T, B>& tape, Var x) {
+  return detail::unary_elementwise<Relu>(tape, x, "relu");
 }
 
 }  // namespace entropy_probe

@@ -165,10 +165,8 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
       detail::attention_dims("flash_causal_attention", tape, q, k, v, key_mask, n_heads, n_kv_heads);
   const index_t n_rows = dims.rows, n_tok = dims.tok, hq = dims.hq, hkv = dims.hkv, dh = dims.dh, group = dims.group;
   const index_t ldq = dims.ldq, ldk = dims.ldk;
-  if (!std::isfinite(scale))
-    fail<UsageError>("flash_causal_attention: scale {} is not finite (0 selects 1/sqrt(head_dim))", scale);
   if (tile < 1) fail<UsageError>("flash_causal_attention: tile {} must be positive", tile);
-  const T sc = static_cast<T>(scale != 0 ? scale : 1.0 / std::sqrt(static_cast<acc_t>(dh)));
+  const T sc = static_cast<T>(detail::attention_scale("flash_causal_attention", scale, dh));
 
   const index_t tt = tile * tile, n_tiles = (n_tok + tile - 1) / tile, n_stats = n_rows * hq * n_tok;
   const detail::FlashProducts<T, B> prod{
