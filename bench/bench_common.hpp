@@ -61,7 +61,7 @@ class MedianCollector : public benchmark::ConsoleReporter {
   std::map<std::string, std::pair<Times, int>> singles_;
 };
 
-// The threading layers in play, printed in the run's header (DESIGN.md 7:
+// The threading layers in play, printed in the run's header (docs/performance.md, Threading:
 // OpenBLAS's pthread pool must not compete with an OpenMP pool).
 inline void add_threading_context() {
 #if defined(ENTROPY_PROBE_USE_CBLAS) && defined(OPENBLAS_VERSION)
@@ -71,7 +71,7 @@ inline void add_threading_context() {
   benchmark::AddCustomContext("blas", "none (Eigen's GEMM)");
 #endif
 #if defined(_OPENMP)
-  benchmark::AddCustomContext("openmp", "ON: check OMP_WAIT_POLICY=PASSIVE (DESIGN.md 7)");
+  benchmark::AddCustomContext("openmp", "ON: check OMP_WAIT_POLICY=PASSIVE (docs/performance.md, Threading)");
 #else
   benchmark::AddCustomContext("openmp", "off");
 #endif

@@ -114,7 +114,7 @@ inline double mean(const std::vector<double>& v) {
 inline ep::TokenBatch sample_batch(Model& model, const DemoSizes& s, ep::index_t prompts, std::uint64_t seed) {
   ep::SamplingConfig sc;
   sc.G = s.G;
-  sc.max_new_tokens = s.response_len;  // no end token: every response has the same length L (DESIGN.md 'Scale')
+  sc.max_new_tokens = s.response_len;  // no end token: every response has the same length L (docs/math.md, Notation)
   sc.seed = derive_seed(seed, 1);
   ep::TokenBatch b = ep::sample_responses(model, make_prompts(s, prompts, derive_seed(seed, 2)), sc);
   b.rewards = rewards_of(b, s);
@@ -318,7 +318,7 @@ inline int run_demo(const DemoOptions& opt) {
         ratio(row.truth[0].deltaH_true_tok, row.deltaH1), row.truth[0].ESS, row.truth[1].deltaH_true_tok,
         ratio(row.truth[1].deltaH_true_tok, row.deltaH1), row.truth[1].ESS);
   fmt::print(
-      "deltaH1 is a per-token change (dr_grpo scale, DESIGN.md 'Scale'), compared with deltaH_true_tok, "
+      "deltaH1 is a per-token change (dr_grpo scale, docs/math.md), compared with deltaH_true_tok, "
       "importance-sampled on the same E batch.\n"
       "precond_sgd takes the step theta + eta*mu_Y that deltaH1 linearises (ratio -> 1 as eta -> 0); adam's real "
       "AdamW step differs by design.\n");

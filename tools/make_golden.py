@@ -4,12 +4,12 @@
 Writes, under tests/data/golden/<name>/, a tiny random Hugging Face model with a
 real PEFT LoRA adapter and a real AdamW state (three GRPO-style RL steps on
 sampled batches), two batch files, and the probe's quantities computed by an
-independent PyTorch reference of DESIGN.md section 3 in float64:
+independent PyTorch reference of docs/math.md in float64:
 
     config.json, model.safetensors          base model (save_pretrained of the base)
     adapter_config.json, adapter_model.safetensors   PEFT save_pretrained
     optimizer.safetensors                   tools/export_optimizer_state.py
-    E.safetensors, U.safetensors            batches (DESIGN.md section 5)
+    E.safetensors, U.safetensors            batches (docs/checkpoints.md)
     golden.json                             every probe quantity (float64)
     golden_tensors.safetensors              float64: logits_E [B,G,T,V] (zero at
                                             padded query positions), mu_X.<name>,
@@ -365,7 +365,7 @@ def load_batch(path: str) -> dict[str, torch.Tensor]:
     return load_file(path)
 
 
-# ---- the reference math (DESIGN.md section 3) ---------------------------------------------
+# ---- the reference math (docs/math.md) ---------------------------------------------------
 
 
 def seq_logprobs(model, batch: dict, tau: float = 1.0, with_logits: bool = False):

@@ -1,6 +1,6 @@
 // `entropy-probe run`: the offline entropy probe on a Hugging Face checkpoint
 // directory (GPT-2 or Qwen2, with its PEFT LoRA adapter and Adam state) and
-// two batch files (DESIGN.md section 5).
+// two batch files (docs/checkpoints.md).
 //
 //   entropy-probe run CHECKPOINT_DIR --e-batch E.safetensors --u-batch U.safetensors [OPTIONS]
 //

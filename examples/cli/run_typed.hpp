@@ -130,7 +130,7 @@ inline void print_summary(const ep::ProbeResult& r, const RunOptions& o, const s
   fmt::print("  timing (s): {}\n", timing);
 }
 
-// The result as JSON (DESIGN.md section 5) with the command's own settings
+// The result as JSON (docs/checkpoints.md, "The result") with the command's own settings
 // added to `config`. Returns false when the file cannot be written.
 inline bool write_result_json(const ep::ProbeResult& r, const RunOptions& o, const std::string& model_type,
                               bool have_optimizer) {

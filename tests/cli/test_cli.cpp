@@ -1,7 +1,7 @@
 // `entropy-probe run` (examples/cli/run_command.hpp), called in-process on
 // checkpoint directories and batch files written here from C++: exit codes
 // 0 (success), 2 (usage error, with a pointer to --help), 3 (bad input file,
-// naming the file and key), the JSON keys of DESIGN.md section 5, the
+// naming the file and key), the JSON keys of docs/checkpoints.md, the
 // numbers against the library called directly, and `--device` (this test
 // program is built without CUDA: `--device cuda` is a usage error here; the
 // device path of run_typed runs on the emulated device backend).

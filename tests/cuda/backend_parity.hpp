@@ -3,7 +3,7 @@
 // CUDA tests (DevB = CudaBackend, tests/cuda/test_cuda_*.cu) and, on any
 // machine, by test_backend_emulated (DevB = EmulatedDeviceBackend).
 //
-// Tolerances (DESIGN.md section 6): 1e-10 relative in double, 1e-4 in float,
+// Tolerances (docs/cuda.md, Tests): 1e-10 relative in double, 1e-4 in float,
 // each error taken relative to the largest magnitude of the CPU reference
 // (so an element near zero is judged on the scale of its tensor).
 #pragma once

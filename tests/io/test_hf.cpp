@@ -1,5 +1,5 @@
 // Hugging Face checkpoints, PEFT adapters, Adam state and batch files
-// (io/hf.hpp, DESIGN.md section 5).
+// (io/hf.hpp, docs/checkpoints.md).
 //
 // Checkpoint directories are written here from C++ model instances with a
 // hand-written Hugging Face writer (it does not share the loader's naming

@@ -1,6 +1,6 @@
 // The safetensors reader and writer (io/safetensors.hpp): a round trip for
 // every dtype (through memory and through a file on disk), metadata, and
-// every malformed input with the message it must give (DESIGN.md section 5:
+// every malformed input with the message it must give (docs/checkpoints.md:
 // a bad file is a clear error naming the file, key and problem, never a
 // crash or a silent default).
 #include "../fuzz/fuzz_safetensors.hpp"

@@ -196,7 +196,7 @@ TEST_CASE("masked_seq_sum: usage errors name the problem", "[ops][logprob]") {
 }
 
 TEST_CASE("log_softmax_gather + masked_seq_sum give the sequence log-probability", "[ops][logprob]") {
-  // DESIGN.md section 3: S[r] = sum over t in gen(r) of log_softmax(z[r, t-1] / tau)[seq[r, t]],
+  // docs/math.md: S[r] = sum over t in gen(r) of log_softmax(z[r, t-1] / tau)[seq[r, t]],
   // gen(r) = { t : p <= t < T, m[r, t] = 1 }. Row 1 is left-padded.
   std::mt19937_64 rng(29);
   const index_t rows = 2, len = 6, vocab = 5, prompt = 3;

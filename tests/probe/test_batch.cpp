@@ -1,6 +1,6 @@
 // TokenBatch: validation (every error names the batch, the field and the
 // index), generated lengths and Lmax, the causal shift of the scored targets,
-// select/slice and GRPO advantages (DESIGN.md sections 3 and 5).
+// select/slice and GRPO advantages (docs/math.md, docs/checkpoints.md).
 #include "../support/tiny_models.hpp"
 
 #include <entropy_probe/probe/batch.hpp>

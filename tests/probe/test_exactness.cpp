@@ -1,4 +1,4 @@
-// The estimator against exact enumeration (DESIGN.md section 3, 'Scale'):
+// The estimator against exact enumeration (docs/math.md, (a)):
 // a LoRA LM with a vocabulary of 5 and fixed-length responses of 3 tokens has
 // 125 responses, so expectations and the entropy are finite sums.
 #include "../support/tiny_models.hpp"

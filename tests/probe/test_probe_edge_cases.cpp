@@ -1,5 +1,5 @@
 // Bad input and documented edge results of OfflineEntropyProbe::run and the
-// probe components (DESIGN.md sections 3 and 5). Every failing run is checked
+// probe components (docs/math.md, docs/checkpoints.md). Every failing run is checked
 // to leave the model's parameters, their grads and the Adam state unchanged,
 // bit for bit.
 #include "../support/tiny_models.hpp"

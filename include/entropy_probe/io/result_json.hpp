@@ -1,4 +1,4 @@
-// The probe result as JSON with the keys of DESIGN.md section 5. Keys of
+// The probe result as JSON with the keys of docs/checkpoints.md ("The result"). Keys of
 // phases that did not run are absent.
 #pragma once
 

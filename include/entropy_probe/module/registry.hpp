@@ -1,4 +1,4 @@
-// The canonical parameter registry (DESIGN.md section 2).
+// The canonical parameter registry (docs/architecture.md, "The registry rule").
 //
 // Built once from unwrap(model): the trainable parameters in declaration
 // order, with names and ids, and the LoRA view. Every phase of the probe

@@ -1,4 +1,4 @@
-// Token batches: B prompts x G responses x T tokens (DESIGN.md sections 3, 5).
+// Token batches: B prompts x G responses x T tokens (docs/math.md, docs/checkpoints.md).
 //
 // The attention mask, never a token id, decides what is padding. Validation
 // happens before anything trusts the data; every error names the batch, the

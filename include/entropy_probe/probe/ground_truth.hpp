@@ -1,5 +1,5 @@
 // Ground truth: take the real step and measure the entropy change on E by
-// importance sampling (DESIGN.md section 3, 'Ground truth').
+// importance sampling (docs/math.md, (e) Ground truth).
 //
 // Parameters and optimizer state are snapshotted and restored bit-exactly,
 // also when anything in between throws.

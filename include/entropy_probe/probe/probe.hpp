@@ -1,4 +1,4 @@
-// OfflineEntropyProbe: runs the phases of DESIGN.md section 3 on a model, an
+// OfflineEntropyProbe: runs the phases of docs/math.md on a model, an
 // E batch, a U batch and the model's Adam state, and returns a result with a
 // timing per phase. Phases that are not configured do not run, and their
 // fields stay empty.

@@ -1,4 +1,4 @@
-// Teacher-forced sequence log-probabilities on the tape (DESIGN.md section 3):
+// Teacher-forced sequence log-probabilities on the tape (docs/math.md, Notation):
 //
 //   S[b,g] = sum over t in gen(b,g) of log_softmax(z[b,g,t-1,:] / tau)[seq[b,g,t]]
 //

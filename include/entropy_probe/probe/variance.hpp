@@ -1,5 +1,5 @@
 // The alpha trick (conditional variance of the prediction over E given U) and
-// the delta-method full standard error (DESIGN.md section 3).
+// the delta-method full standard error (docs/math.md, (c) and (d)).
 //
 //   s_b = X_b . mu_Y over the LoRA view (keys present in mu_Y)
 //       = sum_g W[b,g] * (dS[b,g]/dtheta . mu_Y),   W = -(1/G) c

@@ -99,7 +99,7 @@ class BatchReader {
 
 }  // namespace detail
 
-// A batch file (DESIGN.md section 5): sequences [B,G,T] int, attention_mask
+// A batch file (docs/checkpoints.md): sequences [B,G,T] int, attention_mask
 // [B,G,T] (int, U8 or BOOL; values 0/1), prompt_lens [B] int, advantages
 // [B,G] float; optional max_lengths [B], rewards [B,G], position_ids
 // [B,G,T]. Integer values must fit int32. Token ids against the vocabulary

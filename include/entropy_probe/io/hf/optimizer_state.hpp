@@ -42,7 +42,7 @@ inline double metadata_number(const safetensors::File& f, const char* key) {
 
 }  // namespace detail
 
-// optimizer.safetensors (DESIGN.md section 5): `<name>.exp_avg`,
+// optimizer.safetensors (docs/checkpoints.md): `<name>.exp_avg`,
 // `<name>.exp_avg_sq` (the parameter's shape) and `<name>.step` (shape [] or
 // [1], float or int) per registry name; __metadata__ lr, beta1, beta2, eps,
 // weight_decay as decimal strings. A registry parameter without entries is

@@ -4,8 +4,8 @@
 //   log_softmax_gather:  out[i] = log_softmax(z[i, :] / tau)[target[i]]    z [..., V] -> [N]
 //   masked_seq_sum:      out[r] = sum_t w[r, t] x[r, t]                    x [R, T]   -> [R]
 //
-// Together they give the probe's sequence log-probability (DESIGN.md section
-// 3), with the causal shift done by the caller when building targets and
+// Together they give the probe's sequence log-probability (docs/math.md,
+// Notation), with the causal shift done by the caller when building targets and
 // weights: the logits at position t-1 score the token at position t. For
 // logits z [R, T, V] of R = B*G responses with tokens seq[r, t]:
 //

@@ -11,8 +11,8 @@
 // Each pair is rotated by angle a: a linear isometry, so
 //   JVP: ty = R(a) tx        VJP: dx += R(a)^T dy = R(-a) dy
 //
-// The cos/sin table is computed in double and cast once (DESIGN.md: constant
-// tables in double). Note that Hugging Face builds inv_freq and the angles in
+// The cos/sin table is computed in double and cast once, so its only
+// rounding is the final cast. Note that Hugging Face builds inv_freq and the angles in
 // float32, so a float reference differs from this table at large positions by
 // about pos * 1e-7 in the angle.
 //
