@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Export a PyTorch Adam/AdamW optimizer state of a PEFT model to entropy_probe's
 ``optimizer.safetensors`` (DESIGN.md section 5).
 
@@ -23,10 +22,13 @@ The mapping is built from the names and then checked: one-to-one, every name
 a key of the adapter's state dict, and each adapter tensor equal to the
 parameter it names.
 
-In a training script (preferred: pass the optimizer itself, so parameters are
-matched by identity whatever the param groups look like):
+This is ``entropy_probe.export_optimizer_state`` of the Python package;
+``tools/export_optimizer_state.py`` loads this file directly, so it also works
+without the package installed. In a training script (preferred: pass the
+optimizer itself, so parameters are matched by identity whatever the param
+groups look like):
 
-    from export_optimizer_state import export_optimizer_state
+    from entropy_probe import export_optimizer_state    # or, from tools/: from export_optimizer_state import ...
     model.save_pretrained(out_dir)                       # adapter files
     export_optimizer_state(optimizer, model, f"{out_dir}/optimizer.safetensors")
 
@@ -270,6 +272,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}: {n} trainable parameters, metadata {meta}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

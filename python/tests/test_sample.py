@@ -1,0 +1,68 @@
+"""Checkpoint.sample: the library's sampler, reproducible from the seed, batches the probe accepts."""
+import numpy as np
+import pytest
+
+import entropy_probe as ep
+from conftest import GOLDEN
+
+PROMPTS = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+
+
+@pytest.fixture(scope="module", params=["gpt2_lora", "qwen2_lora"])
+def ckpt(request):
+    return ep.Checkpoint(GOLDEN / request.param, dtype="f64")
+
+
+def test_reproducible_from_seed(ckpt):
+    a = ckpt.sample(PROMPTS, G=3, max_new_tokens=5, seed=11)
+    b = ckpt.sample(PROMPTS, G=3, max_new_tokens=5, seed=11)
+    c = ckpt.sample(PROMPTS, G=3, max_new_tokens=5, seed=12)
+    assert set(a) == {"sequences", "attention_mask", "prompt_lens", "advantages"}
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    assert not np.array_equal(a["sequences"], c["sequences"])
+    assert a["sequences"].shape == (3, 3, 4 + 5)
+    np.testing.assert_array_equal(a["prompt_lens"], [3, 2, 4])
+    for b_, p in enumerate(PROMPTS):
+        assert (a["sequences"][b_, :, :len(p)] == p).all()
+    assert (a["sequences"] < ckpt.vocab_size).all()
+
+
+def test_stop_token_ends_the_response(ckpt):
+    full = ckpt.sample(PROMPTS, G=4, max_new_tokens=6, seed=5)
+    stop = int(full["sequences"][0, 0, 3])  # the first sampled token of a row: it occurs
+    s = ckpt.sample(PROMPTS, G=4, max_new_tokens=6, seed=5, stop_tokens=[stop])
+    for b, p in enumerate(PROMPTS):
+        for g in range(4):
+            resp = s["sequences"][b, g, len(p):][s["attention_mask"][b, g, len(p):] == 1]
+            hits = np.flatnonzero(resp == stop)
+            if hits.size:
+                assert hits[0] == resp.size - 1  # kept, and nothing after it
+    assert s["attention_mask"][0, 0, 4:].sum() == 0
+
+
+def test_sampled_batches_are_valid_for_the_probe(ckpt, tmp_path):
+    E = ckpt.sample(PROMPTS, G=4, max_new_tokens=4, seed=1)
+    U = ckpt.sample(PROMPTS[:2], G=4, max_new_tokens=4, seed=2)
+    for batch in (E, U):
+        rewards = (batch["sequences"] % 3 == 0).sum(axis=2).astype(float)  # a stand-in reward
+        batch["rewards"], batch["advantages"] = rewards, ep.grpo_advantages(rewards)
+    r = ckpt.run(E, U, ground_truth="adam")
+    assert (r["B_E"], r["B_U"]) == (3, 2)
+    assert np.isfinite([r["deltaH1"], r["SE_deltaH1"], r["deltaH_true_tok"]]).all()
+    ep.save_batch(E, tmp_path / "E.safetensors")  # and as a file, for `entropy-probe run`
+    assert ckpt.run(tmp_path / "E.safetensors", U, ground_truth="adam")["deltaH1"] == r["deltaH1"]
+
+
+def test_options_the_sampler_lacks_are_refused(ckpt):
+    for kwargs, word in (({"top_p": 0.9}, "top_p"), ({"top_k": 5}, "top_k"), ({"stop_tokens": [1, 2]},
+                                                                             "stop_tokens")):
+        with pytest.raises(NotImplementedError, match=word):
+            ckpt.sample(PROMPTS, G=2, max_new_tokens=2, **kwargs)
+
+
+def test_bad_prompts_are_errors(ckpt):
+    with pytest.raises(ep.UsageError, match="outside the vocabulary"):
+        ckpt.sample([[ckpt.vocab_size]], G=2, max_new_tokens=2)
+    with pytest.raises(ep.UsageError, match="prompt 1 is empty"):
+        ckpt.sample([[1], []], G=2, max_new_tokens=2)
