@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 using namespace entropy_probe;
@@ -268,5 +269,63 @@ TEST_CASE("sampling: bad arguments are usage errors", "[sampling]") {
     t.temperature = tau;
     CHECK_THROWS_AS(sample_responses(model, ok, t), UsageError);
     CHECK_THROWS_WITH(sample_responses(model, ok, t), Contains("temperature"));
+  }
+}
+
+TEST_CASE("sampling: top-k, then top-p on the renormalized rest", "[sampling][top_k][top_p]") {
+  // Weights 1,1,1,1,1,16,8,4,2,1,1 (total 37) at every position, so the kept sets are known by hand:
+  //   top_k 3           -> {5, 6, 7} with 16:8:4
+  //   top_p 0.6         -> {5, 6} (16/37 < 0.6 <= 24/37) with 16:8
+  //   top_k 2, top_p 0.6 -> {5} (16/24 >= 0.6 after top-k renormalizes)
+  //   top_p 1e-9        -> {5}; top_k 0, top_p 1 -> everything, unfiltered
+  const std::vector<double> w = {1, 1, 1, 1, 1, 16, 8, 4, 2, 1, 1};
+  std::vector<double> logits;
+  for (double x : w) logits.push_back(std::log(x));
+  auto model = constant_logit_model(logits);
+  struct Case {
+    index_t top_k;
+    double top_p;
+    std::vector<double> want;  // unnormalized
+  };
+  const std::vector<Case> cases = {
+      {3, 1.0, {0, 0, 0, 0, 0, 16, 8, 4, 0, 0, 0}},
+      {0, 0.6, {0, 0, 0, 0, 0, 16, 8, 0, 0, 0, 0}},
+      {2, 0.6, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0}},
+      {0, 1e-9, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0}},
+      {0, 1.0, w},
+      {20, 1.0, w},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.top_k, c.top_p);
+    SamplingConfig cfg;
+    cfg.G = 4000;
+    cfg.max_new_tokens = 1;
+    cfg.top_k = c.top_k;
+    cfg.top_p = c.top_p;
+    cfg.seed = 7;
+    const TokenBatch b = sample_responses(model, {{2, 5}}, cfg);
+    const std::vector<double> f = first_token_freqs(b, 0, model.vocab_size());
+    const double total = std::accumulate(c.want.begin(), c.want.end(), 0.0);
+    for (std::size_t v = 0; v < c.want.size(); ++v) {
+      CAPTURE(v, f[v]);
+      const double p = c.want[v] / total;
+      if (p == 0) {
+        CHECK(f[v] == 0);  // filtered out: never sampled
+      } else {
+        CHECK(std::abs(f[v] - p) < 5 * std::sqrt(p * (1 - p) / double(cfg.G)) + 1e-12);
+      }
+    }
+  }
+}
+
+TEST_CASE("sampling: bad top_k and top_p are usage errors", "[sampling][top_k][top_p]") {
+  auto model = tiny_gpt2<double>(2);
+  SamplingConfig cfg;
+  cfg.top_k = -1;
+  CHECK_THROWS_WITH(sample_responses(model, {{1}}, cfg), Contains("top_k = -1 must be >= 0"));
+  cfg.top_k = 0;
+  for (double p : {0.0, -0.5, 1.5, std::nan("")}) {
+    cfg.top_p = p;
+    CHECK_THROWS_WITH(sample_responses(model, {{1}}, cfg), Contains("must be in (0, 1]"));
   }
 }
