@@ -189,22 +189,16 @@ class Checkpoint:
                top_p: float = 1.0, top_k: int = 0, stop_tokens: Iterable[int] = (), seed: int = 0) -> dict:
         """G responses per prompt (lists of token ids) from the checkpoint's policy, reproducible from the
         seed, as a batch dict (prompt at positions [0, prompt_lens[b]), response after it, then padding;
-        advantages zero: set them with grpo_advantages once the responses are scored)."""
+        advantages zero: set them with grpo_advantages once the responses are scored). top_k (0: off), then
+        top_p (1: off) on the renormalized rest, as transformers' generate; a stop token is kept."""
         stop = [int(t) for t in stop_tokens]
-        missing = []
-        if top_p != 1.0:
-            missing.append(f"top_p={top_p!r}")
-        if top_k != 0:
-            missing.append(f"top_k={top_k!r}")
         if len(stop) > 1:
-            missing.append(f"stop_tokens with {len(stop)} tokens (one is supported)")
-        if missing:
-            raise NotImplementedError("Checkpoint.sample: the library's sampler (probe/sampling.hpp) has no "
-                                      + ", ".join(missing))
+            raise NotImplementedError(f"Checkpoint.sample: stop_tokens with {len(stop)} tokens: the library's "
+                                      "sampler (probe/sampling.hpp) stops on one token")
         rows = [[int(t) for t in p] for p in prompts]
         _sync_log_level()
-        return self._core.sample(rows, int(G), int(max_new_tokens), float(temperature), stop[0] if stop else None,
-                                 int(seed)).arrays()
+        return self._core.sample(rows, int(G), int(max_new_tokens), float(temperature), int(top_k), float(top_p),
+                                 stop[0] if stop else None, int(seed)).arrays()
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.path!r}, dtype={self.dtype!r}, device={self.device!r}: {self.model_type})"

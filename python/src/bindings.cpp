@@ -163,6 +163,8 @@ nb::dict batch_arrays(const Batch& self) {
 struct SampleOptions {
   ep::index_t G = 1, max_new_tokens = 1;
   double temperature = 1.0;
+  ep::index_t top_k = 0;
+  double top_p = 1.0;
   std::optional<std::int32_t> end_token;
   std::uint64_t seed = 0;
 };
@@ -203,6 +205,8 @@ class LoadedT final : public Loaded {
     c.G = o.G;
     c.max_new_tokens = o.max_new_tokens;
     c.temperature = o.temperature;
+    c.top_k = o.top_k;
+    c.top_p = o.top_p;
     c.end_token = o.end_token;
     c.seed = o.seed;
     return std::visit(
@@ -336,12 +340,12 @@ NB_MODULE(_core, m) {
       .def(
           "sample",
           [](Checkpoint& c, const std::vector<std::vector<std::int32_t>>& prompts, ep::index_t G,
-             ep::index_t max_new_tokens, double temperature, std::optional<std::int32_t> end_token,
-             std::uint64_t seed) {
-            return c.sample(prompts, {G, max_new_tokens, temperature, end_token, seed});
+             ep::index_t max_new_tokens, double temperature, ep::index_t top_k, double top_p,
+             std::optional<std::int32_t> end_token, std::uint64_t seed) {
+            return c.sample(prompts, {G, max_new_tokens, temperature, top_k, top_p, end_token, seed});
           },
-          nb::arg("prompts"), nb::arg("G"), nb::arg("max_new_tokens"), nb::arg("temperature"),
-          nb::arg("end_token").none(), nb::arg("seed"), nb::call_guard<nb::gil_scoped_release>())
+          nb::arg("prompts"), nb::arg("G"), nb::arg("max_new_tokens"), nb::arg("temperature"), nb::arg("top_k"),
+          nb::arg("top_p"), nb::arg("end_token").none(), nb::arg("seed"), nb::call_guard<nb::gil_scoped_release>())
       .def_prop_ro("path", &Checkpoint::path)
       .def_prop_ro("dtype", &Checkpoint::dtype)
       .def_prop_ro("model_type", &Checkpoint::model_type)

@@ -54,15 +54,25 @@ def test_sampled_batches_are_valid_for_the_probe(ckpt, tmp_path):
     assert ckpt.run(tmp_path / "E.safetensors", U, ground_truth="adam")["deltaH1"] == r["deltaH1"]
 
 
+def test_top_k_1_and_a_tiny_top_p_are_greedy(ckpt):
+    greedy = [ckpt.sample(PROMPTS, G=3, max_new_tokens=4, top_k=1, seed=s)["sequences"] for s in (1, 2)]
+    assert np.array_equal(greedy[0], greedy[1])
+    assert (greedy[0] == greedy[0][:, :1]).all()  # every response of a prompt alike
+    nucleus = ckpt.sample(PROMPTS, G=3, max_new_tokens=4, top_p=1e-9, seed=3)["sequences"]
+    assert np.array_equal(nucleus, greedy[0])
+    wide = ckpt.sample(PROMPTS, G=3, max_new_tokens=4, top_k=ckpt.vocab_size, top_p=1.0, seed=3)["sequences"]
+    assert np.array_equal(wide, ckpt.sample(PROMPTS, G=3, max_new_tokens=4, seed=3)["sequences"])
+
+
 def test_options_the_sampler_lacks_are_refused(ckpt):
-    for kwargs, word in (({"top_p": 0.9}, "top_p"), ({"top_k": 5}, "top_k"), ({"stop_tokens": [1, 2]},
-                                                                             "stop_tokens")):
-        with pytest.raises(NotImplementedError, match=word):
-            ckpt.sample(PROMPTS, G=2, max_new_tokens=2, **kwargs)
+    with pytest.raises(NotImplementedError, match="stop_tokens with 2 tokens"):
+        ckpt.sample(PROMPTS, G=2, max_new_tokens=2, stop_tokens=[1, 2])
 
 
 def test_bad_prompts_are_errors(ckpt):
     with pytest.raises(ep.UsageError, match="outside the vocabulary"):
         ckpt.sample([[ckpt.vocab_size]], G=2, max_new_tokens=2)
+    with pytest.raises(ep.UsageError, match="top_p = 1.5 must be in"):
+        ckpt.sample(PROMPTS, G=2, max_new_tokens=2, top_p=1.5)
     with pytest.raises(ep.UsageError, match="prompt 1 is empty"):
         ckpt.sample([[1], []], G=2, max_new_tokens=2)
