@@ -190,15 +190,13 @@ class Checkpoint:
         """G responses per prompt (lists of token ids) from the checkpoint's policy, reproducible from the
         seed, as a batch dict (prompt at positions [0, prompt_lens[b]), response after it, then padding;
         advantages zero: set them with grpo_advantages once the responses are scored). top_k (0: off), then
-        top_p (1: off) on the renormalized rest, as transformers' generate; a stop token is kept."""
+        top_p (1: off) on the renormalized rest, as transformers' generate; any stop token ends a response
+        and is kept."""
         stop = [int(t) for t in stop_tokens]
-        if len(stop) > 1:
-            raise NotImplementedError(f"Checkpoint.sample: stop_tokens with {len(stop)} tokens: the library's "
-                                      "sampler (probe/sampling.hpp) stops on one token")
         rows = [[int(t) for t in p] for p in prompts]
         _sync_log_level()
         return self._core.sample(rows, int(G), int(max_new_tokens), float(temperature), int(top_k), float(top_p),
-                                 stop[0] if stop else None, int(seed)).arrays()
+                                 stop, int(seed)).arrays()
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.path!r}, dtype={self.dtype!r}, device={self.device!r}: {self.model_type})"

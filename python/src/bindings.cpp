@@ -165,7 +165,7 @@ struct SampleOptions {
   double temperature = 1.0;
   ep::index_t top_k = 0;
   double top_p = 1.0;
-  std::optional<std::int32_t> end_token;
+  std::vector<std::int32_t> stop_tokens;
   std::uint64_t seed = 0;
 };
 
@@ -207,7 +207,7 @@ class LoadedT final : public Loaded {
     c.temperature = o.temperature;
     c.top_k = o.top_k;
     c.top_p = o.top_p;
-    c.end_token = o.end_token;
+    c.stop_tokens = o.stop_tokens;
     c.seed = o.seed;
     return std::visit(
         [&](auto& model) {
@@ -341,11 +341,11 @@ NB_MODULE(_core, m) {
           "sample",
           [](Checkpoint& c, const std::vector<std::vector<std::int32_t>>& prompts, ep::index_t G,
              ep::index_t max_new_tokens, double temperature, ep::index_t top_k, double top_p,
-             std::optional<std::int32_t> end_token, std::uint64_t seed) {
-            return c.sample(prompts, {G, max_new_tokens, temperature, top_k, top_p, end_token, seed});
+             std::vector<std::int32_t> stop_tokens, std::uint64_t seed) {
+            return c.sample(prompts, {G, max_new_tokens, temperature, top_k, top_p, stop_tokens, seed});
           },
           nb::arg("prompts"), nb::arg("G"), nb::arg("max_new_tokens"), nb::arg("temperature"), nb::arg("top_k"),
-          nb::arg("top_p"), nb::arg("end_token").none(), nb::arg("seed"), nb::call_guard<nb::gil_scoped_release>())
+          nb::arg("top_p"), nb::arg("stop_tokens"), nb::arg("seed"), nb::call_guard<nb::gil_scoped_release>())
       .def_prop_ro("path", &Checkpoint::path)
       .def_prop_ro("dtype", &Checkpoint::dtype)
       .def_prop_ro("model_type", &Checkpoint::model_type)

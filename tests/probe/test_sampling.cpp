@@ -1,4 +1,4 @@
-// sample_responses: layout, reproducibility, end tokens, and the sampled
+// sample_responses: layout, reproducibility, stop tokens, top-k/top-p, and the sampled
 // distribution against softmax(logits / temperature) of an independent forward.
 #include "../support/tiny_models.hpp"
 
@@ -128,7 +128,7 @@ TEST_CASE("sampling: reproducible for a seed, different for another", "[sampling
   SamplingConfig cfg;
   cfg.G = 4;
   cfg.max_new_tokens = 6;
-  cfg.end_token = 10;
+  cfg.stop_tokens = {10};
   cfg.seed = 123;
   const TokenBatch a = sample_responses(model, prompts, cfg);
   const TokenBatch a2 = sample_responses(model, prompts, cfg);
@@ -149,7 +149,7 @@ TEST_CASE("sampling: a forced end token stops every response after itself", "[sa
   SamplingConfig cfg;
   cfg.G = 5;
   cfg.max_new_tokens = 4;
-  cfg.end_token = 6;
+  cfg.stop_tokens = {6};
   cfg.seed = 1;
   const TokenBatch b = sample_responses(model, {{1, 2, 3}, {4}}, cfg);
   CHECK_NOTHROW(b.validate(model.vocab_size(), "sampled"));
@@ -162,8 +162,8 @@ TEST_CASE("sampling: a forced end token stops every response after itself", "[sa
       CHECK(b.attention_mask[static_cast<std::size_t>(b.at(p, g, plen))] == 1);
       for (index_t t = plen + 1; t < b.T; ++t) CHECK(b.attention_mask[static_cast<std::size_t>(b.at(p, g, t))] == 0);
     }
-  SECTION("without end_token the same model keeps sampling it") {
-    cfg.end_token.reset();
+  SECTION("without stop tokens the same model keeps sampling it") {
+    cfg.stop_tokens.clear();
     const TokenBatch c = sample_responses(model, {{1, 2, 3}}, cfg);
     for (index_t g = 0; g < c.G; ++g) {
       CHECK(c.gen_length(0, g) == 4);
@@ -180,7 +180,7 @@ TEST_CASE("sampling: with a likely end token nothing follows it, and lengths are
   SamplingConfig cfg;
   cfg.G = 2000;
   cfg.max_new_tokens = 4;
-  cfg.end_token = 6;
+  cfg.stop_tokens = {6};
   cfg.seed = 99;
   const TokenBatch b = sample_responses(model, {{2, 5}}, cfg);
   CHECK_NOTHROW(b.validate(model.vocab_size(), "sampled"));
@@ -328,4 +328,34 @@ TEST_CASE("sampling: bad top_k and top_p are usage errors", "[sampling][top_k][t
     cfg.top_p = p;
     CHECK_THROWS_WITH(sample_responses(model, {{1}}, cfg), Contains("must be in (0, 1]"));
   }
+}
+
+TEST_CASE("sampling: any of several stop tokens ends a response", "[sampling][end_token]") {
+  // Tokens 6 and 7 have weight 1.5 each, the other nine 1: p(stop) = 3 / 12 = 1/4 per step.
+  std::vector<double> logits(11, 0.0);
+  logits[6] = logits[7] = std::log(1.5);
+  auto model = constant_logit_model(logits);
+  SamplingConfig cfg;
+  cfg.G = 2000;
+  cfg.max_new_tokens = 4;
+  cfg.stop_tokens = {7, 6};
+  cfg.seed = 5;
+  const TokenBatch b = sample_responses(model, {{2, 5}}, cfg);
+  std::vector<double> ended_by(11, 0.0);
+  double length_one = 0;
+  for (index_t g = 0; g < b.G; ++g) {
+    const index_t L = b.gen_length(0, g);
+    REQUIRE(L >= 1);
+    for (index_t t = 2; t < 1 + L; ++t) {
+      const auto tok = b.sequences[static_cast<std::size_t>(b.at(0, g, t))];
+      REQUIRE((tok != 6 && tok != 7));
+    }
+    const auto last = b.sequences[static_cast<std::size_t>(b.at(0, g, 1 + L))];
+    if (L < 4) REQUIRE((last == 6 || last == 7));
+    if (L < 4) ended_by[static_cast<std::size_t>(last)] += 1;
+    length_one += L == 1;
+  }
+  CHECK(ended_by[6] > 0);
+  CHECK(ended_by[7] > 0);
+  CHECK(std::abs(length_one / double(b.G) - 0.25) < 5 * std::sqrt(0.25 * 0.75 / double(b.G)));
 }

@@ -23,7 +23,7 @@ struct SamplingConfig {
   double temperature = 1.0;               // logits / temperature before sampling
   index_t top_k = 0;                      // sample among the k most likely tokens only (0: all)
   double top_p = 1.0;                     // ... among the fewest most likely whose mass reaches top_p (1: all)
-  std::optional<std::int32_t> end_token;  // stops a response (the end token itself is kept)
+  std::vector<std::int32_t> stop_tokens;  // any of them ends a response (and is kept)
   std::uint64_t seed = 0;
 };
 
@@ -44,8 +44,10 @@ TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t
   if (!(config.top_p > 0 && config.top_p <= 1))
     fail<UsageError>("sample_responses: top_p = {} must be in (0, 1]", config.top_p);
   const index_t V = model.vocab_size();
-  if (config.end_token && (*config.end_token < 0 || *config.end_token >= V))
-    fail<UsageError>("sample_responses: end_token {} is outside the vocabulary [0, {})", *config.end_token, V);
+  for (std::size_t i = 0; i < config.stop_tokens.size(); ++i)
+    if (config.stop_tokens[i] < 0 || config.stop_tokens[i] >= V)
+      fail<UsageError>("sample_responses: stop_tokens[{}] = {} is outside the vocabulary [0, {})", i,
+                       config.stop_tokens[i], V);
   index_t max_prompt = 0;
   for (std::size_t b = 0; b < prompts.size(); ++b) {
     if (prompts[b].empty()) fail<UsageError>("sample_responses: prompt {} is empty", b);
@@ -139,7 +141,8 @@ TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t
       const auto i = static_cast<std::size_t>(r * batch.T + pos);
       batch.sequences[i] = static_cast<std::int32_t>(pick);
       batch.attention_mask[i] = 1;
-      if (config.end_token && pick == *config.end_token) done[static_cast<std::size_t>(r)] = true;
+      if (std::find(config.stop_tokens.begin(), config.stop_tokens.end(), pick) != config.stop_tokens.end())
+        done[static_cast<std::size_t>(r)] = true;
     }
   }
   return batch;
