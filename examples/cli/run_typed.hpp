@@ -131,9 +131,9 @@ inline void print_summary(const ep::ProbeResult& r, const RunOptions& o, const s
 }
 
 // The result as JSON (docs/checkpoints.md, "The result") with the command's own settings
-// added to `config`. Returns false when the file cannot be written.
-inline bool write_result_json(const ep::ProbeResult& r, const RunOptions& o, const std::string& model_type,
-                              bool have_optimizer) {
+// added to `config`; the Python package's Checkpoint.run returns the same.
+inline nlohmann::json result_json(const ep::ProbeResult& r, const RunOptions& o, const std::string& model_type,
+                                  bool have_optimizer) {
   nlohmann::json j = ep::to_json(r);
   nlohmann::json& c = j["config"];
   c["checkpoint"] = o.checkpoint;
@@ -144,10 +144,59 @@ inline bool write_result_json(const ep::ProbeResult& r, const RunOptions& o, con
   c["u_batch"] = o.u_batch;
   c["optimizer_state"] = have_optimizer ? nlohmann::json(optimizer_path(o)) : nlohmann::json(nullptr);
   c["log_level"] = ep::to_string(o.log_level);
+  return j;
+}
+
+// Returns false when the file cannot be written.
+inline bool write_result_json(const ep::ProbeResult& r, const RunOptions& o, const std::string& model_type,
+                              bool have_optimizer) {
   std::ofstream out(*o.json_out);
-  out << j.dump(2) << "\n";
+  out << result_json(r, o, model_type, have_optimizer).dump(2) << "\n";
   out.close();
   return static_cast<bool>(out);
+}
+
+// What `run` does between loading and reporting, for a loaded model and
+// validated-here batches: the probe configured from `o`, the Adam state of
+// CHECKPOINT_DIR/optimizer.safetensors (or none, with a warning), the run.
+// The Python package's Checkpoint.run calls this too, so both give the same
+// numbers. `progress`: log the phases at info level.
+struct ProbeOutcome {
+  ep::ProbeResult result;
+  bool have_optimizer = false;
+};
+
+template <class Model>
+ProbeOutcome probe_loaded(Model& model, const RunOptions& o, const ep::TokenBatch& E, const ep::TokenBatch& U,
+                          ep::Communicator& comm, bool progress) {
+  using T = typename Model::scalar_type;
+  using B = typename Model::backend_type;
+  E.validate(model.vocab_size(), o.e_batch);
+  U.validate(model.vocab_size(), o.u_batch);
+  ep::ProbeConfig pc;
+  pc.learning_rate = o.lr;
+  pc.weighting = o.weighting;
+  pc.mb_size = o.mb_size;
+  pc.temperature = o.temperature;
+  pc.variance = o.variance;
+  pc.alpha_route = o.alpha_route;
+  pc.ground_truth = o.ground_truth;
+  pc.is = o.is;
+  pc.clip_c = o.clip_c;
+  if (progress) pc.progress = progress_printer();
+  ep::OfflineEntropyProbe probe(model, pc, &comm);
+  const std::string opt_path = optimizer_path(o);
+  ProbeOutcome out;
+  out.have_optimizer = ep::hf::detail::is_file(opt_path);
+  ep::AdamState<T, B> state = out.have_optimizer ? ep::hf::load_adam_state(opt_path, probe.registry())
+                                                 : ep::AdamState<T, B>(probe.registry().info(), ep::AdamHyper{});
+  if (!out.have_optimizer)
+    ep::log_warning("{}: not found; no parameter has Adam state (identity preconditioner)", opt_path);
+  if (!o.lr && !(state.hyper().lr > 0))
+    ep::fail<ep::InputError>("{}: __metadata__ 'lr' = {} is not a usable learning rate; give --lr", opt_path,
+                             state.hyper().lr);
+  out.result = probe.run(E, U, state);
+  return out;
 }
 
 // The probe in scalar type T on backend B. `comm` shards the prompts; only
@@ -163,31 +212,8 @@ int run_typed(const RunOptions& o, ep::Communicator& comm) {
   const ep::TokenBatch U = ep::hf::load_batch(o.u_batch);
   return std::visit(
       [&](auto& model) -> int {
-        E.validate(model.vocab_size(), o.e_batch);
-        U.validate(model.vocab_size(), o.u_batch);
-        ep::ProbeConfig pc;
-        pc.learning_rate = o.lr;
-        pc.weighting = o.weighting;
-        pc.mb_size = o.mb_size;
-        pc.temperature = o.temperature;
-        pc.variance = o.variance;
-        pc.alpha_route = o.alpha_route;
-        pc.ground_truth = o.ground_truth;
-        pc.is = o.is;
-        pc.clip_c = o.clip_c;
-        if (root) pc.progress = progress_printer();
-        ep::OfflineEntropyProbe probe(model, pc, &comm);
-        const std::string opt_path = optimizer_path(o);
-        const bool have_optimizer = ep::hf::detail::is_file(opt_path);
-        ep::AdamState<T, B> state = have_optimizer ? ep::hf::load_adam_state(opt_path, probe.registry())
-                                                   : ep::AdamState<T, B>(probe.registry().info(), ep::AdamHyper{});
-        if (!have_optimizer)
-          ep::log_warning("{}: not found; no parameter has Adam state (identity preconditioner)", opt_path);
-        if (!o.lr && !(state.hyper().lr > 0))
-          ep::fail<ep::InputError>("{}: __metadata__ 'lr' = {} is not a usable learning rate; give --lr", opt_path,
-                                   state.hyper().lr);
         const double load_s = std::chrono::duration<double>(clock::now() - t_start).count();
-        ep::ProbeResult r = probe.run(E, U, state);
+        auto [r, have_optimizer] = probe_loaded(model, o, E, U, comm, root);
         r.timing["load"] = load_s;
         r.timing["total"] = std::chrono::duration<double>(clock::now() - t_start).count();
         if (!root) return kExitOk;

@@ -662,8 +662,8 @@ TEST_CASE("edge: non-finite rewards, bad clip_c and an out-of-range end token ar
                       Catch::Contains("clip_c"));
   auto model = ep_test::tiny_gpt2<double>(3);
   SamplingConfig sc;
-  sc.end_token = 11;
-  REQUIRE_THROWS_WITH(sample_responses(model, {{1, 2}}, sc), Catch::Contains("end_token 11"));
+  sc.stop_tokens = {3, 11};
+  REQUIRE_THROWS_WITH(sample_responses(model, {{1, 2}}, sc), Catch::Contains("stop_tokens[1] = 11"));
 }
 
 namespace {

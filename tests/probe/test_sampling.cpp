@@ -1,4 +1,4 @@
-// sample_responses: layout, reproducibility, end tokens, and the sampled
+// sample_responses: layout, reproducibility, stop tokens, top-k/top-p, and the sampled
 // distribution against softmax(logits / temperature) of an independent forward.
 #include "../support/tiny_models.hpp"
 
@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 using namespace entropy_probe;
@@ -127,7 +128,7 @@ TEST_CASE("sampling: reproducible for a seed, different for another", "[sampling
   SamplingConfig cfg;
   cfg.G = 4;
   cfg.max_new_tokens = 6;
-  cfg.end_token = 10;
+  cfg.stop_tokens = {10};
   cfg.seed = 123;
   const TokenBatch a = sample_responses(model, prompts, cfg);
   const TokenBatch a2 = sample_responses(model, prompts, cfg);
@@ -148,7 +149,7 @@ TEST_CASE("sampling: a forced end token stops every response after itself", "[sa
   SamplingConfig cfg;
   cfg.G = 5;
   cfg.max_new_tokens = 4;
-  cfg.end_token = 6;
+  cfg.stop_tokens = {6};
   cfg.seed = 1;
   const TokenBatch b = sample_responses(model, {{1, 2, 3}, {4}}, cfg);
   CHECK_NOTHROW(b.validate(model.vocab_size(), "sampled"));
@@ -161,8 +162,8 @@ TEST_CASE("sampling: a forced end token stops every response after itself", "[sa
       CHECK(b.attention_mask[static_cast<std::size_t>(b.at(p, g, plen))] == 1);
       for (index_t t = plen + 1; t < b.T; ++t) CHECK(b.attention_mask[static_cast<std::size_t>(b.at(p, g, t))] == 0);
     }
-  SECTION("without end_token the same model keeps sampling it") {
-    cfg.end_token.reset();
+  SECTION("without stop tokens the same model keeps sampling it") {
+    cfg.stop_tokens.clear();
     const TokenBatch c = sample_responses(model, {{1, 2, 3}}, cfg);
     for (index_t g = 0; g < c.G; ++g) {
       CHECK(c.gen_length(0, g) == 4);
@@ -179,7 +180,7 @@ TEST_CASE("sampling: with a likely end token nothing follows it, and lengths are
   SamplingConfig cfg;
   cfg.G = 2000;
   cfg.max_new_tokens = 4;
-  cfg.end_token = 6;
+  cfg.stop_tokens = {6};
   cfg.seed = 99;
   const TokenBatch b = sample_responses(model, {{2, 5}}, cfg);
   CHECK_NOTHROW(b.validate(model.vocab_size(), "sampled"));
@@ -269,4 +270,92 @@ TEST_CASE("sampling: bad arguments are usage errors", "[sampling]") {
     CHECK_THROWS_AS(sample_responses(model, ok, t), UsageError);
     CHECK_THROWS_WITH(sample_responses(model, ok, t), Contains("temperature"));
   }
+}
+
+TEST_CASE("sampling: top-k, then top-p on the renormalized rest", "[sampling][top_k][top_p]") {
+  // Weights 1,1,1,1,1,16,8,4,2,1,1 (total 37) at every position, so the kept sets are known by hand:
+  //   top_k 3           -> {5, 6, 7} with 16:8:4
+  //   top_p 0.6         -> {5, 6} (16/37 < 0.6 <= 24/37) with 16:8
+  //   top_k 2, top_p 0.6 -> {5} (16/24 >= 0.6 after top-k renormalizes)
+  //   top_p 1e-9        -> {5}; top_k 0, top_p 1 -> everything, unfiltered
+  const std::vector<double> w = {1, 1, 1, 1, 1, 16, 8, 4, 2, 1, 1};
+  std::vector<double> logits;
+  for (double x : w) logits.push_back(std::log(x));
+  auto model = constant_logit_model(logits);
+  struct Case {
+    index_t top_k;
+    double top_p;
+    std::vector<double> want;  // unnormalized
+  };
+  const std::vector<Case> cases = {
+      {3, 1.0, {0, 0, 0, 0, 0, 16, 8, 4, 0, 0, 0}},
+      {0, 0.6, {0, 0, 0, 0, 0, 16, 8, 0, 0, 0, 0}},
+      {2, 0.6, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0}},
+      {0, 1e-9, {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0}},
+      {0, 1.0, w},
+      {20, 1.0, w},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.top_k, c.top_p);
+    SamplingConfig cfg;
+    cfg.G = 4000;
+    cfg.max_new_tokens = 1;
+    cfg.top_k = c.top_k;
+    cfg.top_p = c.top_p;
+    cfg.seed = 7;
+    const TokenBatch b = sample_responses(model, {{2, 5}}, cfg);
+    const std::vector<double> f = first_token_freqs(b, 0, model.vocab_size());
+    const double total = std::accumulate(c.want.begin(), c.want.end(), 0.0);
+    for (std::size_t v = 0; v < c.want.size(); ++v) {
+      CAPTURE(v, f[v]);
+      const double p = c.want[v] / total;
+      if (p == 0) {
+        CHECK(f[v] == 0);  // filtered out: never sampled
+      } else {
+        CHECK(std::abs(f[v] - p) < 5 * std::sqrt(p * (1 - p) / double(cfg.G)) + 1e-12);
+      }
+    }
+  }
+}
+
+TEST_CASE("sampling: bad top_k and top_p are usage errors", "[sampling][top_k][top_p]") {
+  auto model = tiny_gpt2<double>(2);
+  SamplingConfig cfg;
+  cfg.top_k = -1;
+  CHECK_THROWS_WITH(sample_responses(model, {{1}}, cfg), Contains("top_k = -1 must be >= 0"));
+  cfg.top_k = 0;
+  for (double p : {0.0, -0.5, 1.5, std::nan("")}) {
+    cfg.top_p = p;
+    CHECK_THROWS_WITH(sample_responses(model, {{1}}, cfg), Contains("must be in (0, 1]"));
+  }
+}
+
+TEST_CASE("sampling: any of several stop tokens ends a response", "[sampling][end_token]") {
+  // Tokens 6 and 7 have weight 1.5 each, the other nine 1: p(stop) = 3 / 12 = 1/4 per step.
+  std::vector<double> logits(11, 0.0);
+  logits[6] = logits[7] = std::log(1.5);
+  auto model = constant_logit_model(logits);
+  SamplingConfig cfg;
+  cfg.G = 2000;
+  cfg.max_new_tokens = 4;
+  cfg.stop_tokens = {7, 6};
+  cfg.seed = 5;
+  const TokenBatch b = sample_responses(model, {{2, 5}}, cfg);
+  std::vector<double> ended_by(11, 0.0);
+  double length_one = 0;
+  for (index_t g = 0; g < b.G; ++g) {
+    const index_t L = b.gen_length(0, g);
+    REQUIRE(L >= 1);
+    for (index_t t = 2; t < 1 + L; ++t) {
+      const auto tok = b.sequences[static_cast<std::size_t>(b.at(0, g, t))];
+      REQUIRE((tok != 6 && tok != 7));
+    }
+    const auto last = b.sequences[static_cast<std::size_t>(b.at(0, g, 1 + L))];
+    if (L < 4) REQUIRE((last == 6 || last == 7));
+    if (L < 4) ended_by[static_cast<std::size_t>(last)] += 1;
+    length_one += L == 1;
+  }
+  CHECK(ended_by[6] > 0);
+  CHECK(ended_by[7] > 0);
+  CHECK(std::abs(length_one / double(b.G) - 0.25) < 5 * std::sqrt(0.25 * 0.75 / double(b.G)));
 }

@@ -1,12 +1,16 @@
 // Ancestral sampling of G responses per prompt from any CausalLM, into the
 // batch layout the probe reads: prompt at positions [0, p), response from p
-// on, the rest padding (mask 0). Reproducible from the seed.
+// on, the rest padding (mask 0). Reproducible from the seed. Top-k and top-p
+// (nucleus) filtering as transformers' generate applies them: top-k first,
+// then top-p on the renormalized rest.
 #pragma once
 
 #include "entropy_probe/module/module.hpp"
 #include "entropy_probe/probe/batch.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <optional>
 #include <random>
 #include <vector>
@@ -17,7 +21,9 @@ struct SamplingConfig {
   index_t G = 4;                          // responses per prompt
   index_t max_new_tokens = 8;             // response length limit
   double temperature = 1.0;               // logits / temperature before sampling
-  std::optional<std::int32_t> end_token;  // stops a response (the end token itself is kept)
+  index_t top_k = 0;                      // sample among the k most likely tokens only (0: all)
+  double top_p = 1.0;                     // ... among the fewest most likely whose mass reaches top_p (1: all)
+  std::vector<std::int32_t> stop_tokens;  // any of them ends a response (and is kept)
   std::uint64_t seed = 0;
 };
 
@@ -34,9 +40,14 @@ TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t
     fail<UsageError>("sample_responses: G = {} and max_new_tokens = {} must be >= 1", config.G, config.max_new_tokens);
   if (!(config.temperature > 0) || !std::isfinite(config.temperature))
     fail<UsageError>("sample_responses: temperature {} must be positive", config.temperature);
+  if (config.top_k < 0) fail<UsageError>("sample_responses: top_k = {} must be >= 0 (0: no top-k)", config.top_k);
+  if (!(config.top_p > 0 && config.top_p <= 1))
+    fail<UsageError>("sample_responses: top_p = {} must be in (0, 1]", config.top_p);
   const index_t V = model.vocab_size();
-  if (config.end_token && (*config.end_token < 0 || *config.end_token >= V))
-    fail<UsageError>("sample_responses: end_token {} is outside the vocabulary [0, {})", *config.end_token, V);
+  for (std::size_t i = 0; i < config.stop_tokens.size(); ++i)
+    if (config.stop_tokens[i] < 0 || config.stop_tokens[i] >= V)
+      fail<UsageError>("sample_responses: stop_tokens[{}] = {} is outside the vocabulary [0, {})", i,
+                       config.stop_tokens[i], V);
   index_t max_prompt = 0;
   for (std::size_t b = 0; b < prompts.size(); ++b) {
     if (prompts[b].empty()) fail<UsageError>("sample_responses: prompt {} is empty", b);
@@ -67,6 +78,8 @@ TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t
   std::uniform_real_distribution<double> unif(0.0, 1.0);
   std::vector<bool> done(static_cast<std::size_t>(batch.rows()), false);
   std::vector<double> probs(static_cast<std::size_t>(V));
+  std::vector<index_t> order(static_cast<std::size_t>(V));
+  const bool filter = config.top_k > 0 || config.top_p < 1;
   for (index_t step = 0; step < config.max_new_tokens; ++step) {
     const index_t len = max_prompt + step;  // forward over the longest prefix that matters
     SequenceInput in;
@@ -90,19 +103,46 @@ TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t
       for (index_t v = 0; v < V; ++v) mx = std::max(mx, double(z[v]) / config.temperature);
       for (index_t v = 0; v < V; ++v)
         total += probs[static_cast<std::size_t>(v)] = std::exp(double(z[v]) / config.temperature - mx);
-      double u = unif(rng) * total;
-      index_t pick = V - 1;
-      for (index_t v = 0; v < V; ++v) {
-        u -= probs[static_cast<std::size_t>(v)];
-        if (u <= 0) {
-          pick = v;
-          break;
+      if (filter) {  // zero all but the kept tokens; ties at a cut go to the lower id (stable sort)
+        std::iota(order.begin(), order.end(), index_t{0});
+        std::stable_sort(order.begin(), order.end(), [&](index_t x, index_t y) {
+          return probs[static_cast<std::size_t>(x)] > probs[static_cast<std::size_t>(y)];
+        });
+        index_t keep = config.top_k > 0 ? std::min(config.top_k, V) : V;
+        double kept = 0;
+        for (index_t i = 0; i < keep; ++i) kept += probs[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])];
+        // Top-p keeps a token when the tokens more likely than it hold less than top_p of the mass.
+        double before = 0;
+        for (index_t i = 0; i < keep; ++i) {
+          if (before >= config.top_p * kept) {
+            keep = i;
+            break;
+          }
+          before += probs[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])];
         }
+        total = 0;
+        for (index_t i = 0; i < V; ++i) {
+          double& q = probs[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])];
+          if (i >= keep) q = 0;
+          total += q;
+        }
+      }
+      // The first token where the running mass reaches u; a token of mass 0 (filtered out) is never picked,
+      // and the last one of positive mass absorbs rounding.
+      double u = unif(rng) * total;
+      index_t pick = 0;
+      for (index_t v = 0; v < V; ++v) {
+        const double q = probs[static_cast<std::size_t>(v)];
+        if (q == 0) continue;
+        pick = v;
+        u -= q;
+        if (u <= 0) break;
       }
       const auto i = static_cast<std::size_t>(r * batch.T + pos);
       batch.sequences[i] = static_cast<std::int32_t>(pick);
       batch.attention_mask[i] = 1;
-      if (config.end_token && pick == *config.end_token) done[static_cast<std::size_t>(r)] = true;
+      if (std::find(config.stop_tokens.begin(), config.stop_tokens.end(), pick) != config.stop_tokens.end())
+        done[static_cast<std::size_t>(r)] = true;
     }
   }
   return batch;
