@@ -1,5 +1,5 @@
 """Export a PyTorch Adam/AdamW optimizer state of a PEFT model to entropy_probe's
-``optimizer.safetensors`` (DESIGN.md section 5).
+``optimizer.safetensors`` (docs/checkpoints.md).
 
 The file holds, for every trainable parameter that has optimizer state,
 
