@@ -29,7 +29,7 @@ growing at most 4x from T = 512 to 2048; load time at most PyTorch's.
     /opt/golden-venv/bin/python bench/memory_compare.py --data /tmp/membench \\
         --cli build/examples/entropy-probe [--quick] [--rounds 1] [--json out.json]
 
-Missing checkpoints are generated first (small: seconds; qwen05b: about a minute and 1.4 GB).
+Missing checkpoints are generated first (small: seconds; qwen05b: about a minute and 1.1 GB).
 --quick runs the small cases only.
 """
 from __future__ import annotations
