@@ -29,7 +29,7 @@ growing at most 4x from T = 512 to 2048; load time at most PyTorch's.
     /opt/golden-venv/bin/python bench/memory_compare.py --data /tmp/membench \\
         --cli build/examples/entropy-probe [--quick] [--rounds 1] [--json out.json]
 
-Missing checkpoints are generated first (small: seconds; qwen05b: about a minute and 1.1 GB).
+Missing checkpoints are generated first (small: under a minute; qwen05b: about a minute and 1.1 GB).
 --quick runs the small cases only.
 """
 from __future__ import annotations
@@ -60,13 +60,14 @@ CASES = {
 }
 
 
-def make_data(data: str, quick: bool) -> None:
-    """Writes the checkpoints and batches that are not there yet."""
+def make_data(data: str, names: list[str]) -> None:
+    """Writes the checkpoints and batches of the cases `names` that are not there yet."""
     import torch
 
     small = os.path.join(data, "small")
     files = ["optimizer.safetensors"] + [f"{n}{T}.safetensors" for T in (512, 2048) for n in "EU"]
-    if not all(os.path.exists(os.path.join(small, f)) for f in files):
+    wanted = {CASES[n]["ckpt"] for n in names}
+    if "small" in wanted and not all(os.path.exists(os.path.join(small, f)) for f in files):
         gen = cp.write_checkpoint(small, SMALL, dict(B=2, G=2, T=128), steps=2)
         for T in (512, 2048):
             for n in "EU":
@@ -74,7 +75,7 @@ def make_data(data: str, quick: bool) -> None:
                                SMALL["vocab_size"], gen, full=True)
         print(f"wrote {small}", flush=True)
     big = os.path.join(data, "qwen05b")
-    if not quick and not os.path.exists(os.path.join(big, "U.safetensors")):
+    if "qwen05b" in wanted and not os.path.exists(os.path.join(big, "U.safetensors")):
         gen = cp.write_checkpoint(big, QWEN05B, dict(B=1, G=2, T=64), steps=1, base_dtype=torch.bfloat16)
         for n in "EU":
             cp.write_batch(os.path.join(big, f"{n}.safetensors"), dict(B=4, G=4, T=256), QWEN05B["vocab_size"], gen,
@@ -201,20 +202,18 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", help="comma-separated subset of " + ", ".join(CASES))
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians over them")
     ap.add_argument("--max-rss-gib", type=float, default=16.0, help="kill a run whose RSS passes this (default 16)")
-    ap.add_argument("--make-only", action="store_true", help="generate the checkpoints and exit")
+    ap.add_argument("--make-only", action="store_true", help="generate the checkpoints (of the cases chosen) and exit")
     ap.add_argument("--json", help="write all measurements here")
     args = ap.parse_args(argv)
-    make_data(args.data, args.quick)
-    if args.make_only:
-        return 0
-    if not os.access(args.cli, os.X_OK):
-        ap.error(f"--cli {args.cli}: not an executable (build the target entropy-probe)")
     names = args.cases.split(",") if args.cases else (["small512", "small2048"] if args.quick else list(CASES))
     for n in names:
         if n not in CASES:
             ap.error(f"--cases: unknown case '{n}' (one of {', '.join(CASES)})")
-    if "qwen05b" in names:
-        make_data(args.data, quick=False)
+    make_data(args.data, names)
+    if args.make_only:
+        return 0
+    if not os.access(args.cli, os.X_OK):
+        ap.error(f"--cli {args.cli}: not an executable (build the target entropy-probe)")
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
         res = measure(args, names)
