@@ -201,10 +201,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the small model's cases only (T = 512 and 2048)")
     ap.add_argument("--cases", help="comma-separated subset of " + ", ".join(CASES))
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; medians over them")
-    ap.add_argument("--max-rss-gib", type=float, default=16.0, help="kill a run whose RSS passes this (default 16)")
+    ap.add_argument("--max-rss-gib", type=float, help="kill a run whose RSS passes this (default: 3/4 of the "
+                    "memory available at the start, so that the machine's other users keep theirs)")
     ap.add_argument("--make-only", action="store_true", help="generate the checkpoints (of the cases chosen) and exit")
     ap.add_argument("--json", help="write all measurements here")
     args = ap.parse_args(argv)
+    if args.max_rss_gib is None:
+        with open("/proc/meminfo") as f:
+            avail_kb = next(int(ln.split()[1]) for ln in f if ln.startswith("MemAvailable:"))
+        args.max_rss_gib = 0.75 * avail_kb / 2**20
     names = args.cases.split(",") if args.cases else (["small512", "small2048"] if args.quick else list(CASES))
     for n in names:
         if n not in CASES:
@@ -220,7 +225,7 @@ def main(argv=None) -> int:
     rows = summarize(res)
     print()
     print(f"{args.rounds} interleaved round(s); float32, {cp.THREADS} threads; probe {args.cli}; "
-          f"load average at the end {os.getloadavg()[0]:.1f}")
+          f"RSS limit {args.max_rss_gib:.1f} GiB; load average at the end {os.getloadavg()[0]:.1f}")
     head = ("work", "probe", "PyTorch", "ratio", "target", "")
     w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     for r in [head] + rows:
