@@ -5,7 +5,7 @@ Both sides load the same Hugging Face checkpoint directory (base model, PEFT
 LoRA adapter, optimizer.safetensors) and the same E / U batch files, in
 float32 on the CPU with 2 threads, and time:
 
-    sum X   sum over E prompts of X_b = grad LX[b]          (DESIGN.md section 3)
+    sum X   sum over E prompts of X_b = grad LX[b]          (docs/math.md)
     sum Y   sum over U prompts of grad LY[u], Adam-preconditioned, / B_U
     alpha   the alpha trick: s_b = X_b . mu_Y over the LoRA view. PyTorch: the
             original's double backward (per-prompt losses weighted by alpha,
@@ -23,7 +23,7 @@ process's max RSS from os.wait4 (getrusage of that child), also shown as the
 increase over the RSS right after loading (the Python interpreter and torch
 libraries alone take a few hundred MB).
 
-Benchmark checkpoint (DESIGN.md section 7; ~26 MB, not committed):
+Benchmark checkpoint (~26 MB, not committed):
 Qwen2-shaped, 4 layers, width 256 (4 heads of 64, 2 KV heads), intermediate
 1024, vocab 8192, tied embeddings, LoRA r 16 (alpha 32) on q,k,v,o,gate,up,
 down; two real AdamW steps on a GRPO-style loss so LoRA B and the Adam state
