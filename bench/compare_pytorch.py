@@ -12,8 +12,10 @@ float32 on the CPU with 2 threads, and time:
             autograd.grad with create_graph=True, contraction with mu_Y, grad by
             alpha). C++: forward-mode JVP (bench/probe_compare.cpp).
 
-PyTorch side: transformers + peft as a user runs them (default attention
-implementation, no golden patches). C++ side: the probe_compare binary
+PyTorch side: transformers + peft as a user runs them (from_pretrained, eager
+attention, no golden patches); the worker also takes other batch files, sdpa
+attention and microbatches (gradients accumulated), which bench/memory_compare.py
+uses. C++ side: the probe_compare binary
 (bench/probe_compare.cpp, target in bench/CMakeLists.txt). Every measurement is
 a fresh process (one warm-up round, then timed rounds); sides are interleaved,
 alternating which goes first; medians over rounds; peak memory is the
@@ -21,7 +23,7 @@ process's max RSS from os.wait4 (getrusage of that child), also shown as the
 increase over the RSS right after loading (the Python interpreter and torch
 libraries alone take a few hundred MB).
 
-Benchmark checkpoint (docs/performance.md; ~26 MB, not committed):
+Benchmark checkpoint (~26 MB, not committed):
 Qwen2-shaped, 4 layers, width 256 (4 heads of 64, 2 KV heads), intermediate
 1024, vocab 8192, tied embeddings, LoRA r 16 (alpha 32) on q,k,v,o,gate,up,
 down; two real AdamW steps on a GRPO-style loss so LoRA B and the Adam state
@@ -58,8 +60,13 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0,
 SHAPE = dict(B=8, G=4, T=96)
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/status") as f:
+def _rss_kb(pid: int | str = "self") -> int:
+    """VmRSS of a process in kB (-1 when it has none left)."""
+    try:
+        f = open(f"/proc/{pid}/status")
+    except OSError:
+        return -1
+    with f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
@@ -76,19 +83,20 @@ def _torch():
 # ---- the benchmark checkpoint ---------------------------------------------------------------
 
 
-def random_batch(torch, B, G, T, vocab, gen):
+def random_batch(torch, B, G, T, vocab, gen, full=False):
     """Random tokens in the batch layout: prompts of 16-32 tokens with up to 3 left-padding
-    positions inside the prompt region, responses of 32..T-p tokens, right padding."""
+    positions inside the prompt region, responses of 32..T-p tokens, right padding. full: no
+    padding, every response runs to T (the worst case for memory)."""
     seq = torch.randint(2, vocab, (B, G, T), generator=gen)
     mask = torch.zeros((B, G, T), dtype=torch.int64)
     plen = torch.randint(16, 33, (B,), generator=gen)
     t = torch.arange(T)
     for b in range(B):
         p = int(plen[b])
-        lpad = int(torch.randint(0, 4, (1,), generator=gen))
+        lpad = 0 if full else int(torch.randint(0, 4, (1,), generator=gen))
         seq[b, :, :p] = seq[b, 0, :p]  # the group shares its prompt
         for g in range(G):
-            n = int(torch.randint(32, T - p + 1, (1,), generator=gen))
+            n = T - p if full else int(torch.randint(32, T - p + 1, (1,), generator=gen))
             mask[b, g] = ((t >= lpad) & (t < p + n)).long()
     seq = torch.where(mask > 0, seq, torch.ones_like(seq))  # padding id 1 (also the end-of-text id)
     rewards = torch.randn((B, G), generator=gen)
@@ -96,20 +104,27 @@ def random_batch(torch, B, G, T, vocab, gen):
             "advantages": rewards - rewards.mean(dim=1, keepdim=True), "rewards": rewards}
 
 
-def make_bench_checkpoint(out: str) -> None:
+def write_checkpoint(out: str, model_cfg: dict, adam_shape: dict, steps: int = 2, base_dtype=None, seed: int = 7):
+    """A Qwen2 checkpoint directory as transformers + peft write it: random base weights
+    (save_pretrained, in base_dtype when given, e.g. torch.bfloat16), LoRA (LORA) with `steps`
+    real AdamW steps on random batches of adam_shape (B, G, T) so LoRA B and the Adam state are
+    real, and optimizer.safetensors (tools/export_optimizer_state.py). Returns the generator
+    the batches continue from."""
     torch = _torch()
     from make_golden import lmax_of, seq_logprobs, y_losses
     from peft import LoraConfig, get_peft_model
-    from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from export_optimizer_state import export_optimizer_state
 
     os.makedirs(out, exist_ok=True)
-    torch.manual_seed(7)
-    gen = torch.Generator().manual_seed(8)
-    base = Qwen2ForCausalLM(Qwen2Config(**BENCH))
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    base = Qwen2ForCausalLM(Qwen2Config(**model_cfg))
+    if base_dtype is not None:  # the adapter is trained on the weights as saved (rounded)
+        base = base.to(base_dtype)
     base.save_pretrained(out)
+    base = base.float()
     # config.json in the layout of the Qwen2 checkpoints on the Hub (top-level rope_theta);
     # transformers >= 5 writes it inside "rope_parameters"
     with open(os.path.join(out, "config.json")) as f:
@@ -120,8 +135,8 @@ def make_bench_checkpoint(out: str) -> None:
         json.dump(dict(sorted(cfg.items())), f, indent=2)
     model = get_peft_model(base, LoraConfig(**LORA))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    for _ in range(2):  # real steps: LoRA B and the Adam state become non-zero
-        b = random_batch(torch, SHAPE["B"], SHAPE["G"], SHAPE["T"], BENCH["vocab_size"], gen)
+    for _ in range(steps):  # real steps: LoRA B and the Adam state become non-zero
+        b = random_batch(torch, adam_shape["B"], adam_shape["G"], adam_shape["T"], model_cfg["vocab_size"], gen)
         S, L = seq_logprobs(model, b)
         loss = -y_losses(S, lmax_of(b, L), b["advantages"]).mean()
         opt.zero_grad(set_to_none=True)
@@ -129,45 +144,63 @@ def make_bench_checkpoint(out: str) -> None:
         opt.step()
     model.save_pretrained(out)
     export_optimizer_state(opt, model, os.path.join(out, "optimizer.safetensors"))
+    return gen
+
+
+def write_batch(path: str, shape: dict, vocab: int, gen, full: bool = False) -> None:
+    """An E or U batch file (docs/checkpoints.md) of random_batch(shape)."""
+    from safetensors.torch import save_file
+
+    save_file(random_batch(_torch(), shape["B"], shape["G"], shape["T"], vocab, gen, full), path)
+
+
+def make_bench_checkpoint(out: str) -> None:
+    gen = write_checkpoint(out, BENCH, SHAPE)
     for name in ("E", "U"):
-        save_file(random_batch(torch, SHAPE["B"], SHAPE["G"], SHAPE["T"], BENCH["vocab_size"], gen),
-                  os.path.join(out, f"{name}.safetensors"))
+        write_batch(os.path.join(out, f"{name}.safetensors"), SHAPE, BENCH["vocab_size"], gen)
     print(f"wrote {out}")
 
 
 # ---- the PyTorch side (a worker process) -----------------------------------------------------
 
 
-def load_torch_model(ckpt: str):
-    """The checkpoint as a user loads it: the base class from config.json, the base weights,
-    then PeftModel.from_pretrained (trainable adapter), float32."""
+def load_torch_model(ckpt: str, attn: str = "eager"):
+    """The checkpoint as a user loads it: AutoModelForCausalLM.from_pretrained (float32, the
+    given attention implementation), then PeftModel.from_pretrained (trainable adapter). attn:
+    PyTorch's CPU scaled_dot_product_attention (transformers' default "sdpa") has no double
+    backward, which the alpha trick needs: "eager" there."""
     torch = _torch()
     from peft import PeftModel
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, GPT2LMHeadModel, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = AutoConfig.from_pretrained(ckpt)
-    # eager attention: PyTorch's CPU scaled_dot_product_attention (transformers' default "sdpa")
-    # has no double backward, which the alpha trick needs
-    cfg._attn_implementation = "eager"
-    cls = GPT2LMHeadModel if cfg.model_type == "gpt2" else Qwen2ForCausalLM
-    base = cls(cfg)
-    base.load_state_dict(load_file(os.path.join(ckpt, "model.safetensors")), strict=False)
-    base.tie_weights()
+    base = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation=attn)
     model = PeftModel.from_pretrained(base, ckpt, is_trainable=True).float()
     model.eval()
     return torch, model
 
 
+def microbatches(batch: dict, mb: int):
+    """The batch in slices of mb prompts (0: the whole batch); every field is indexed by prompt."""
+    B = batch["sequences"].shape[0]
+    step = mb if mb > 0 else B
+    for i in range(0, B, step):
+        yield {k: v[i:i + step] for k, v in batch.items()}
+
+
 def torch_worker(args) -> None:
-    torch, model = load_torch_model(args.checkpoint)
+    import peft  # noqa: F401  (imports are not load time: the probe's binary has none)
+    import transformers  # noqa: F401
     from make_golden import lmax_of, load_adam, load_batch, seq_logprobs, x_losses, y_losses
 
     from export_optimizer_state import registry_names
 
-    E = load_batch(os.path.join(args.checkpoint, "E.safetensors"))
-    U = load_batch(os.path.join(args.checkpoint, "U.safetensors"))
+    t_load = time.perf_counter()
+    torch, model = load_torch_model(args.checkpoint, args.attn)
+
+    E = load_batch(args.e_batch or os.path.join(args.checkpoint, "E.safetensors"))
+    U = load_batch(args.u_batch or os.path.join(args.checkpoint, "U.safetensors"))
     state, hyper = load_adam(os.path.join(args.checkpoint, "optimizer.safetensors"))
+    load_s = time.perf_counter() - t_load
     names = registry_names(model, check_adapter_state=False)
     params = [p for _, p in model.named_parameters() if p.requires_grad]
     lora = [i for i, n in enumerate(names) if "lora_a" in n.lower() or "lora_b" in n.lower()
@@ -175,12 +208,16 @@ def torch_worker(args) -> None:
     rss_load = _rss_kb()
     B_E, B_U = E["sequences"].shape[0], U["sequences"].shape[0]
     b2, eps = hyper["beta2"], hyper["eps"]
+    mb = args.mb
 
+    # Gradients accumulate over microbatches of args.mb prompts: the sum of the per-prompt
+    # losses, divided by the prompt count at the end.
     def sum_X():
         for p in params:
             p.grad = None
-        S, L = seq_logprobs(model, E)
-        (x_losses(S, L, lmax_of(E, L), "dr_grpo").mean() * B_E).backward()  # mean loss x prompt count
+        for e in microbatches(E, mb):
+            S, L = seq_logprobs(model, e)
+            x_losses(S, L, lmax_of(e, L), "dr_grpo").sum().backward()
         out = [p.grad.detach().clone() / B_E for p in params]
         for p in params:
             p.grad = None
@@ -189,8 +226,9 @@ def torch_worker(args) -> None:
     def mu_Y():
         for p in params:
             p.grad = None
-        S, L = seq_logprobs(model, U)
-        (y_losses(S, lmax_of(U, L), U["advantages"].float()).mean() * B_U).backward()
+        for u in microbatches(U, mb):
+            S, L = seq_logprobs(model, u)
+            y_losses(S, lmax_of(u, L), u["advantages"].float()).sum().backward()
         out = []
         for n, p in zip(names, params):
             st = state[n]
@@ -201,14 +239,18 @@ def torch_worker(args) -> None:
         return out
 
     def alpha(mu):
-        S, L = seq_logprobs(model, E)
-        a = torch.ones(B_E, requires_grad=True)
-        LX = x_losses(S, L, lmax_of(E, L), "dr_grpo")
-        gl = torch.autograd.grad((a * LX).sum(), [params[i] for i in lora], create_graph=True)
-        contraction = sum((g * mu[i]).sum() for g, i in zip(gl, lora))
-        return torch.autograd.grad(contraction, a)[0]
+        s = []
+        for e in microbatches(E, mb):
+            S, L = seq_logprobs(model, e)
+            a = torch.ones(e["sequences"].shape[0], requires_grad=True)
+            LX = x_losses(S, L, lmax_of(e, L), "dr_grpo")
+            gl = torch.autograd.grad((a * LX).sum(), [params[i] for i in lora], create_graph=True)
+            contraction = sum((g * mu[i]).sum() for g, i in zip(gl, lora))
+            s.append(torch.autograd.grad(contraction, a)[0])
+        return torch.cat(s)
 
-    out = {"rss_after_load_kb": rss_load, "dtype": "float32", "attn_implementation": model.config._attn_implementation}
+    out = {"rss_after_load_kb": rss_load, "load_s": load_s, "dtype": "float32",
+           "attn_implementation": model.config._attn_implementation, "mb": mb}
     do_sum, do_alpha = args.phase in ("sumxy", "all"), args.phase in ("alpha", "all")
     mu = None if do_sum else mu_Y()
     t_x, t_y, t_a, c_x, c_y, c_a = [], [], [], [], [], []
@@ -245,17 +287,34 @@ def torch_worker(args) -> None:
 # ---- the orchestrator -----------------------------------------------------------------------------
 
 
-def run_measured(cmd: list[str], env: dict) -> tuple[dict, int]:
-    """Runs `cmd`, returns (its JSON output, its peak RSS in kB from wait4)."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    out = p.stdout.read()
-    err = p.stderr.read()
-    _, status, ru = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{err.decode()[-3000:]}")
-    lines = [ln for ln in out.decode().splitlines() if ln.startswith("{")]
-    return json.loads(lines[-1]), int(ru.ru_maxrss)
+def run_measured(cmd: list[str], env: dict, max_rss_kb: int = 0) -> tuple[dict | None, int, float]:
+    """Runs `cmd` as a fresh process; returns (its last JSON line on stdout, its peak RSS in kB
+    from wait4, its wall time in s). With max_rss_kb, a process whose RSS passes it is killed
+    (the shared machine is protected) and the JSON is None; the peak is then at least the limit."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        killed = False
+        while True:
+            pid, status, ru = os.wait4(p.pid, os.WNOHANG)
+            if pid == p.pid:
+                break
+            if max_rss_kb and not killed and _rss_kb(p.pid) > max_rss_kb:
+                p.kill()
+                killed = True
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if killed:
+            return None, int(ru.ru_maxrss), wall
+        out.seek(0)
+        err.seek(0)
+        if p.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{err.read().decode()[-3000:]}")
+        lines = [ln for ln in out.read().decode().splitlines() if ln.startswith("{")]
+        return (json.loads(lines[-1]) if lines else {}), int(ru.ru_maxrss), wall
 
 
 def compare(args) -> int:
@@ -273,7 +332,7 @@ def compare(args) -> int:
         order = ["pytorch", "cpp"] if rnd % 2 == 0 else ["cpp", "pytorch"]
         for ph in ("sumxy", "alpha"):
             for side in order:
-                out, peak = run_measured(cmds[side](ph), env)
+                out, peak, _ = run_measured(cmds[side](ph), env)
                 out["peak_rss_kb_wait4"] = peak
                 res[side][ph].append(out)
                 t = out.get("alpha") if ph == "alpha" else [a + b for a, b in zip(out["sum_X"], out["sum_Y"])]
@@ -355,6 +414,10 @@ def main(argv=None) -> int:
     ap.add_argument("--phase", default="all", choices=["sumxy", "alpha", "all"], help=argparse.SUPPRESS)
     ap.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--e-batch", help=argparse.SUPPRESS)  # default CHECKPOINT/E.safetensors
+    ap.add_argument("--u-batch", help=argparse.SUPPRESS)
+    ap.add_argument("--attn", default="eager", help=argparse.SUPPRESS)  # transformers' attn_implementation
+    ap.add_argument("--mb", type=int, default=0, help=argparse.SUPPRESS)  # prompts per microbatch, 0 = all
     args = ap.parse_args(argv)
     if args.make_bench_checkpoint:
         make_bench_checkpoint(args.make_bench_checkpoint)
