@@ -365,11 +365,11 @@ TEST_CASE("cli run: bad input files exit 3 naming the file and key", "[cli][erro
   SECTION("an unknown model_type and a broken weight file") {
     const std::string cfg = s.ckpt + "/config.json";
     json j = read_json(cfg);
-    j["model_type"] = "mistral";
+    j["model_type"] = "falcon";
     std::ofstream(cfg) << j.dump();
     const Outcome o = run(args(s.ckpt, s.E, s.U));
     CHECK(o.rc == 3);
-    CHECK_THAT(o.err, Contains(cfg) && Contains("model_type 'mistral'"));
+    CHECK_THAT(o.err, Contains(cfg) && Contains("model_type 'falcon'"));
     j["model_type"] = "gpt2";
     std::ofstream(cfg) << j.dump();
     std::filesystem::resize_file(s.ckpt + "/model.safetensors", 100);
