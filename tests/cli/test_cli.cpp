@@ -192,7 +192,10 @@ TEST_CASE("cli run: --direction both and --influence-csv report both directions 
   REQUIRE(j.contains("directions"));
   CHECK(j["deltaH1"] == j["directions"]["precond_sgd"]["deltaH1"]);  // the first direction's
   const json& a = j["directions"]["adamw"];
-  CHECK(j["config"]["ground_truth"] == "adam");  // adamw is the adam step
+  CHECK(j["config"]["ground_truth"] == "adam");         // adamw is the adam step
+  CHECK(a["deltaH_true_tok"] == j["deltaH_true_tok"]);  // the truth sits beside the prediction it measures
+  CHECK(a["ESS"] == j["ESS"]);
+  CHECK_FALSE(j["directions"]["precond_sgd"].contains("deltaH_true_tok"));
   CHECK(j["influence_direction"] == "adamw");
   REQUIRE(j["influence"].size() == 6);  // U: B = 3, G = 2
   double total = a["momentum_share"].get<double>() + a["decay_share"].get<double>();

@@ -46,6 +46,14 @@ inline nlohmann::json to_json(const ProbeResult& r) {
       nlohmann::json o{{"deltaH1", d.deltaH1}, {"bars_dot", d.bars_dot}};
       if (d.momentum_share) o["momentum_share"] = *d.momentum_share;
       if (d.decay_share) o["decay_share"] = *d.decay_share;
+      // The ground truth beside the prediction it measures: the adam step is
+      // the adamw direction's, precond_sgd's is its own.
+      if (r.truth && r.config.ground_truth &&
+          (*r.config.ground_truth == StepKind::adam) == (d.direction == Direction::adamw)) {
+        o["deltaH_true"] = r.truth->deltaH_true;
+        o["deltaH_true_tok"] = r.truth->deltaH_true_tok;
+        o["ESS"] = r.truth->ESS;
+      }
       dirs[to_string(d.direction)] = o;
     }
     j["directions"] = dirs;
