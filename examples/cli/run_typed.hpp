@@ -93,22 +93,23 @@ inline ep::ProgressCallback progress_printer() {
   };
 }
 
-// The update sequences that push the entropy hardest each way.
+// The update sequences that push the entropy hardest each way: up to five
+// with a negative influence and up to five with a positive one.
 inline void print_top_influences(const ep::ProbeResult& r) {
   constexpr std::size_t kTop = 5;
   std::vector<const ep::SequenceInfluence*> order;
   for (const auto& s : r.influence) order.push_back(&s);
   std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->influence < b->influence; });
-  const std::size_t n = std::min(kTop, order.size());
   auto line = [](const ep::SequenceInfluence& s) {
     fmt::print("    prompt {:>4} completion {:>3}: {:+.3e}  (advantage {:+.3f}{}, length {})\n", s.prompt, s.completion,
                s.influence, s.advantage, s.reward ? fmt::format(", reward {:+.3f}", *s.reward) : "", s.length);
   };
   fmt::print("  influence along {} (eta * mu_X . v_(u,g), {} sequences); most negative:\n",
              ep::to_string(*r.influence_direction), r.influence.size());
-  for (std::size_t i = 0; i < n; ++i) line(*order[i]);
+  for (std::size_t i = 0; i < std::min(kTop, order.size()) && order[i]->influence < 0; ++i) line(*order[i]);
   fmt::print("  most positive:\n");
-  for (std::size_t i = 0; i < n; ++i) line(*order[order.size() - 1 - i]);
+  for (std::size_t i = 0; i < std::min(kTop, order.size()) && order[order.size() - 1 - i]->influence > 0; ++i)
+    line(*order[order.size() - 1 - i]);
 }
 
 inline void print_summary(const ep::ProbeResult& r, const RunOptions& o, const std::string& model_type,

@@ -188,6 +188,11 @@ TEST_CASE("cli run: --direction both and --influence-csv report both directions 
   REQUIRE(o.rc == 0);
   CHECK_THAT(o.out,
              Contains("adamw") && Contains("most negative") && Contains("most positive") && Contains("momentum"));
+  // Each sequence is listed at most once: the negative and the positive lists do not overlap.
+  std::size_t listed = 0;
+  for (auto at = o.out.find(" completion "); at != std::string::npos; at = o.out.find(" completion ", at + 1)) ++listed;
+  CHECK(listed >= 1);
+  CHECK(listed <= 6);
   const json j = read_json(out);
   REQUIRE(j.contains("directions"));
   CHECK(j["deltaH1"] == j["directions"]["precond_sgd"]["deltaH1"]);  // the first direction's
