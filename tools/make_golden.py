@@ -10,7 +10,8 @@ independent PyTorch reference of docs/math.md in float64:
     adapter_config.json, adapter_model.safetensors   PEFT save_pretrained
     optimizer.safetensors                   tools/export_optimizer_state.py
     E.safetensors, U.safetensors            batches (docs/checkpoints.md)
-    golden.json                             every probe quantity (float64)
+    golden.json                             every probe quantity (float64), including the
+                                            adamw direction and the per-sequence influences
     golden_tensors.safetensors              float64: logits_E [B,G,T,V] (zero at
                                             padded query positions), mu_X.<name>,
                                             mu_Y.<name> (registry names)
@@ -505,8 +506,57 @@ class Reference:
             "adam": self.ground_truth(E, U, eta, tau, "adam", sum_Y_raw, B_U, mu_Y),
             "precond_sgd": self.ground_truth(E, U, eta, tau, "precond_sgd", sum_Y_raw, B_U, mu_Y),
         }
+        # ---- update directions and per-sequence influences (after the ground truth, which
+        # restores the parameters, so the keys above do not depend on it)
+        r["adamw"], r["influence_precond_sgd"] = self.adamw_and_influences(U, eta, tau, mu_X, B_U)
         self._tensors = {"mu_X": mu_X, "mu_Y": mu_Y}
         return r
+
+    def adamw_and_influences(self, U, eta, tau, mu_X, B_U):
+        """The adamw direction and the per-sequence influences the straightforward way: one
+        torch.optim.AdamW step from the saved state (parameters restored afterwards) gives
+        v = (theta_after - theta_before) / eta and, from the optimizer's updated state, the
+        step's shared denominator D; one autograd gradient per update sequence (u, g) gives
+        v_(u,g) = ((1 - beta1) / D) W[u,g] grad S[u,g] / B_U (adamw) or P W[u,g] grad S[u,g] / B_U
+        (precond_sgd); influence = eta mu_X . v_(u,g)."""
+        h = self.hyper
+        b1, b2, eps, wd = h["beta1"], h["beta2"], h["eps"], h["weight_decay"]
+        S_U, L_U = seq_logprobs(self.model, U, tau)
+        B, G = S_U.shape
+        W = U["advantages"].to(torch.float64) / lmax_of(U, L_U)[:, None] / G  # the Y loss weights
+        # per-sequence gradients first: the step below changes the parameters in place
+        seq_grads = [self.grad(W[u, g] * S_U[u, g]) for u in range(B) for g in range(G)]
+        snapshot = [p.detach().clone() for p in self.params]
+        opt = torch.optim.AdamW(self.params, lr=eta, betas=(b1, b2), eps=eps, weight_decay=wd, foreach=False)
+        for n, p in zip(self.names, self.params):
+            st = self.state[n]
+            opt.state[p] = {"step": torch.tensor(float(st["step"]), dtype=torch.float32),
+                            "exp_avg": st["exp_avg"].clone(), "exp_avg_sq": st["exp_avg_sq"].clone()}
+        opt.zero_grad(set_to_none=True)
+        (-(W * S_U).sum() / B_U).backward()
+        opt.step()
+        with torch.no_grad():
+            direction = [(p - s) / eta for p, s in zip(self.params, snapshot)]
+            scale, momentum, decay = [], [], []
+            for n, p, s in zip(self.names, self.params, snapshot):
+                st = opt.state[p]
+                t = float(st["step"])
+                D = (1 - b1 ** t) * (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** t) + eps)
+                scale.append((1 - b1) / D)
+                momentum.append(-b1 * self.state[n]["exp_avg"] / D)
+                decay.append(-wd * s)
+            for p, s in zip(self.params, snapshot):
+                p.copy_(s)
+        opt.zero_grad(set_to_none=True)
+        out = {"bars_dot": self.dot(mu_X, direction)}
+        out["deltaH1"] = eta * out["bars_dot"]
+        out["momentum_share"] = eta * self.dot(mu_X, momentum)
+        out["decay_share"] = eta * self.dot(mu_X, decay)
+        out["influence"] = [eta * self.dot(mu_X, [c * x for c, x in zip(scale, gs)]) / B_U for gs in seq_grads]
+        total = sum(out["influence"]) + out["momentum_share"] + out["decay_share"]
+        assert abs(total - out["deltaH1"]) <= 1e-10 * abs(out["deltaH1"]), (total, out["deltaH1"])
+        precond = [eta * self.dot(mu_X, self.precondition(gs)) / B_U for gs in seq_grads]
+        return out, precond
 
     @torch.no_grad()
     def _S(self, E, tau):

@@ -70,7 +70,13 @@ inline const ep_cli::CommandSpec& run_spec() {
               {"--dtype", "D", "f32 (default) or f64: the scalar type the model runs in"},
               {"--device", "DEV", "cpu (default) or cuda: where the model and the probe run (cuda: a CUDA build)"},
               {"--variance", "V", "none, conditional or full (default full)"},
-              {"--ground-truth", "G", "none (default), adam or precond_sgd: take the real step and measure"},
+              {"--ground-truth", "G",
+               "none (default), adam (alias adamw) or precond_sgd: take the real step and measure"},
+              {"--direction", "D",
+               "precond_sgd (default), adamw (the next AdamW step, with momentum and weight decay)\n"
+               "or both: the update direction(s) deltaH1 is predicted along"},
+              {"--influence", "", "per-sequence entropy influence of every U sequence (adamw when computed)"},
+              {"--influence-csv", "OUT", "write the per-sequence influences as CSV to OUT (implies --influence)"},
               {"--is", "E", "importance sampling for the ground truth: snis (default) or clip"},
               {"--clip-c", "C", "weight clip for --is clip (default 10)"},
               {"--temperature", "T", "sampling temperature of the log-probabilities (default 1)"},
@@ -130,9 +136,10 @@ inline RunOptions parse_run_args(const std::vector<std::string>& args) {
                                                          {"conditional", ep::VarianceMode::conditional},
                                                          {"full", ep::VarianceMode::full}})
                    .value_or(o.variance);
-  if (auto g = a.choice<std::optional<ep::StepKind>>(
-          "--ground-truth",
-          {{"none", std::nullopt}, {"adam", ep::StepKind::adam}, {"precond_sgd", ep::StepKind::precond_sgd}}))
+  if (auto g = a.choice<std::optional<ep::StepKind>>("--ground-truth", {{"none", std::nullopt},
+                                                                        {"adam", ep::StepKind::adam},
+                                                                        {"adamw", ep::StepKind::adam},
+                                                                        {"precond_sgd", ep::StepKind::precond_sgd}}))
     o.ground_truth = *g;
   o.is = a.choice<ep::ISEstimator>("--is", {{"snis", ep::ISEstimator::snis}, {"clip", ep::ISEstimator::clip}})
              .value_or(o.is);
@@ -145,11 +152,19 @@ inline RunOptions parse_run_args(const std::vector<std::string>& args) {
                      "--log-level",
                      {{"debug", ep::LogLevel::debug}, {"info", ep::LogLevel::info}, {"warning", ep::LogLevel::warning}})
                     .value_or(o.log_level);
-  if (o.json_out) {
-    const auto parent = std::filesystem::path(*o.json_out).parent_path();
+  using Dirs = std::vector<ep::Direction>;
+  o.directions = a.choice<Dirs>("--direction", {{"precond_sgd", Dirs{ep::Direction::precond_sgd}},
+                                                {"adamw", Dirs{ep::Direction::adamw}},
+                                                {"both", Dirs{ep::Direction::precond_sgd, ep::Direction::adamw}}})
+                     .value_or(o.directions);
+  o.influence_csv = a.path("--influence-csv", "a file name");
+  o.influence = a.has_flag("--influence") || o.influence_csv.has_value();
+  for (const auto& [name, out] : {std::pair{"--json", o.json_out}, std::pair{"--influence-csv", o.influence_csv}}) {
+    if (!out) continue;
+    const auto parent = std::filesystem::path(*out).parent_path();
     std::error_code ec;
     if (!parent.empty() && !std::filesystem::is_directory(parent, ec))
-      throw a.failure(fmt::format("--json {}: the directory '{}' does not exist", *o.json_out, parent.string()));
+      throw a.failure(fmt::format("{} {}: the directory '{}' does not exist", name, *out, parent.string()));
   }
   return o;
 }

@@ -16,6 +16,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -26,6 +27,7 @@
 #include <string>
 #include <string_view>
 #include <variant>
+#include <vector>
 
 namespace ep_run {
 
@@ -60,6 +62,9 @@ struct RunOptions {
   double clip_c = 10.0;
   double temperature = 1.0;
   std::optional<std::string> json_out;
+  std::vector<ep::Direction> directions{ep::Direction::precond_sgd};
+  bool influence = false;
+  std::optional<std::string> influence_csv;
   ep::AlphaRoute alpha_route = ep::AlphaRoute::jvp;
   ep::LogLevel log_level = ep::LogLevel::info;
   bool help = false;
@@ -88,6 +93,25 @@ inline ep::ProgressCallback progress_printer() {
   };
 }
 
+// The update sequences that push the entropy hardest each way: up to five
+// with a negative influence and up to five with a positive one.
+inline void print_top_influences(const ep::ProbeResult& r) {
+  constexpr std::size_t kTop = 5;
+  std::vector<const ep::SequenceInfluence*> order;
+  for (const auto& s : r.influence) order.push_back(&s);
+  std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->influence < b->influence; });
+  auto line = [](const ep::SequenceInfluence& s) {
+    fmt::print("    prompt {:>4} completion {:>3}: {:+.3e}  (advantage {:+.3f}{}, length {})\n", s.prompt, s.completion,
+               s.influence, s.advantage, s.reward ? fmt::format(", reward {:+.3f}", *s.reward) : "", s.length);
+  };
+  fmt::print("  influence along {} (eta * mu_X . v_(u,g), {} sequences); most negative:\n",
+             ep::to_string(*r.influence_direction), r.influence.size());
+  for (std::size_t i = 0; i < std::min(kTop, order.size()) && order[i]->influence < 0; ++i) line(*order[i]);
+  fmt::print("  most positive:\n");
+  for (std::size_t i = 0; i < std::min(kTop, order.size()) && order[order.size() - 1 - i]->influence > 0; ++i)
+    line(*order[order.size() - 1 - i]);
+}
+
 inline void print_summary(const ep::ProbeResult& r, const RunOptions& o, const std::string& model_type,
                           const ep::TokenBatch& E, const ep::TokenBatch& U, bool have_optimizer) {
   // The device only when it is not the default, so a CPU run prints what it always did.
@@ -112,7 +136,22 @@ inline void print_summary(const ep::ProbeResult& r, const RunOptions& o, const s
     fmt::print("  deltaH1  = {:+.6e}  (no variance: --variance none)\n", r.deltaH1);
   fmt::print("  bars_dot = {:+.6e}  (mu_X . mu_Y; |mu_X| {:.3e}, |mu_Y| {:.3e})\n", r.bars_dot, r.mu_X_norm,
              r.mu_Y_norm);
+  if (r.directions.size() > 1 || r.directions.front().direction != ep::Direction::precond_sgd) {
+    fmt::print("  directions (the SE above is along precond_sgd):\n");
+    for (const ep::DirectionResult& d : r.directions) {
+      fmt::print("    {:<11} deltaH1 = {:+.6e}", ep::to_string(d.direction), d.deltaH1);
+      if (d.momentum_share)
+        fmt::print("  (momentum {:+.3e}, decay {:+.3e}, gradient {:+.3e})", *d.momentum_share, *d.decay_share,
+                   d.deltaH1 - *d.momentum_share - *d.decay_share);
+      fmt::print("\n");
+    }
+  }
   fmt::print("  B_E = {}, B_U = {}\n", r.B_E, r.B_U);
+  const ep::ZeroSecondMoment& z = r.zero_second_moment;
+  if (z.all > 0)
+    fmt::print("  exp_avg_sq = 0 with a nonzero U gradient: {} entries ({} LoRA), {:.3g} of |mu_Y|^2\n", z.all, z.lora,
+               z.all_share);
+  if (r.influence_direction) print_top_influences(r);
   if (r.conditional) fmt::print("  SE_conditional = {:.3e}\n", r.conditional->se_conditional);
   if (r.full) fmt::print("  V_X = {:.3e}, V_Y = {:.3e}\n", r.full->V_X, r.full->V_Y);
   if (r.truth) {
@@ -124,7 +163,8 @@ inline void print_summary(const ep::ProbeResult& r, const RunOptions& o, const s
                E.rows());
   }
   std::string timing;
-  for (const char* k : {"load", "sum_X", "sum_Y", "conditional_variance", "full_variance", "ground_truth", "total"})
+  for (const char* k :
+       {"load", "sum_X", "sum_Y", "conditional_variance", "full_variance", "influence", "ground_truth", "total"})
     if (auto it = r.timing.find(k); it != r.timing.end())
       timing += fmt::format("{}{} {:.3f}", timing.empty() ? "" : ", ", k, it->second);
   fmt::print("  timing (s): {}\n", timing);
@@ -183,6 +223,8 @@ ProbeOutcome probe_loaded(Model& model, const RunOptions& o, const ep::TokenBatc
   pc.ground_truth = o.ground_truth;
   pc.is = o.is;
   pc.clip_c = o.clip_c;
+  pc.directions = o.directions;
+  pc.influence = o.influence;
   if (progress) pc.progress = progress_printer();
   ep::OfflineEntropyProbe probe(model, pc, &comm);
   const std::string opt_path = optimizer_path(o);
@@ -225,6 +267,10 @@ int run_typed(const RunOptions& o, ep::Communicator& comm) {
             return kExitError;
           }
           fmt::print("  wrote {}\n", *o.json_out);
+        }
+        if (o.influence_csv) {
+          ep::write_influence_csv(r, *o.influence_csv);
+          fmt::print("  wrote {}\n", *o.influence_csv);
         }
         return kExitOk;
       },

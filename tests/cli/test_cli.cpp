@@ -178,6 +178,49 @@ TEST_CASE("cli run: a GPT-2 LoRA checkpoint, every phase, JSON with the document
   CHECK_FALSE(j32.contains("deltaH_true"));
 }
 
+TEST_CASE("cli run: --direction both and --influence-csv report both directions and every U sequence", "[cli]") {
+  Gpt2Setup s;
+  const std::string out = s.dir.file("result.json"), csv = s.dir.file("influence.csv");
+  const Outcome o =
+      run({s.ckpt, "--e-batch", s.E, "--u-batch", s.U, "--json", out, "--direction", "both", "--influence-csv", csv,
+           "--variance", "none", "--ground-truth", "adamw", "--dtype", "f64", "--log-level", "warning"});
+  INFO(o.err);
+  REQUIRE(o.rc == 0);
+  CHECK_THAT(o.out,
+             Contains("adamw") && Contains("most negative") && Contains("most positive") && Contains("momentum"));
+  // Each sequence is listed at most once: the negative and the positive lists do not overlap.
+  std::size_t listed = 0;
+  for (auto at = o.out.find(" completion "); at != std::string::npos; at = o.out.find(" completion ", at + 1)) ++listed;
+  CHECK(listed >= 1);
+  CHECK(listed <= 6);
+  const json j = read_json(out);
+  REQUIRE(j.contains("directions"));
+  CHECK(j["deltaH1"] == j["directions"]["precond_sgd"]["deltaH1"]);  // the first direction's
+  const json& a = j["directions"]["adamw"];
+  CHECK(j["config"]["ground_truth"] == "adam");         // adamw is the adam step
+  CHECK(a["deltaH_true_tok"] == j["deltaH_true_tok"]);  // the truth sits beside the prediction it measures
+  CHECK(a["ESS"] == j["ESS"]);
+  CHECK_FALSE(j["directions"]["precond_sgd"].contains("deltaH_true_tok"));
+  CHECK(j["influence_direction"] == "adamw");
+  REQUIRE(j["influence"].size() == 6);  // U: B = 3, G = 2
+  double total = a["momentum_share"].get<double>() + a["decay_share"].get<double>();
+  for (const auto& e : j["influence"]) total += e["influence"].get<double>();
+  CHECK(total == Approx(a["deltaH1"].get<double>()).epsilon(1e-12));
+  CHECK(j["influence"][3]["prompt"] == 1);
+  CHECK(j["influence"][3]["completion"] == 1);
+  CHECK(j["zero_second_moment"]["all"] == 0);
+
+  std::ifstream in(csv);
+  std::string line;
+  std::vector<std::string> lines;
+  while (std::getline(in, line)) lines.push_back(line);
+  REQUIRE(lines.size() == 7);
+  CHECK(lines[0] == "prompt,completion,advantage,reward,length,influence");
+  CHECK(lines[4].rfind("1,1,", 0) == 0);
+  const double last = std::stod(lines[4].substr(lines[4].rfind(',') + 1));
+  CHECK(last == j["influence"][3]["influence"].get<double>());
+}
+
 TEST_CASE("cli run: a Qwen2 checkpoint without optimizer state takes --lr", "[cli]") {
   TempDir dir;
   nn::Qwen2Config c;
@@ -286,6 +329,9 @@ TEST_CASE("cli run: usage errors exit 2 with a pointer to --help", "[cli][errors
       {with({"--mb-size", "2x"}), "--mb-size"},
       {with({"extra"}), "unexpected argument 'extra'"},
       {with({"--json", s.dir.file("no/such/dir/r.json")}), "does not exist"},
+      {with({"--direction", "sgd"}), "--direction must be one of precond_sgd, adamw, both, got 'sgd'"},
+      {with({"--influence-csv", s.dir.file("no/such/dir/i.csv")}), "--influence-csv"},
+      {with({"--influence=1"}), "option '--influence' takes no value"},
       {with({"--lr", "1", "--lr", "2"}), "'--lr' given twice"},
       {with({"--lr"}), "option '--lr' needs a value"},
       {with({"--device", "gpu"}), "--device must be one of cpu, cuda, got 'gpu'"},

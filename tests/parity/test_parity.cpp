@@ -36,6 +36,8 @@
 #include <map>
 #include <set>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <variant>
 #include <vector>
 
@@ -189,6 +191,12 @@ void check_checkpoint(const std::string& name, M& model, Errors& err) {
         cfg.ground_truth = kind;
         cfg.mb_size = mb;
         cfg.alpha_route = mb == 1 ? ep::AlphaRoute::reverse : ep::AlphaRoute::jvp;
+        // Both directions ride on the adam runs, so the influences are along adamw there
+        // and along precond_sgd on the precond_sgd run.
+        const bool adamw = kind == ep::StepKind::adam;
+        cfg.directions = adamw ? std::vector{ep::Direction::precond_sgd, ep::Direction::adamw}
+                               : std::vector{ep::Direction::precond_sgd};
+        cfg.influence = true;
         ep::OfflineEntropyProbe probe(model, cfg);
         const auto& reg = probe.registry();
 
@@ -266,6 +274,40 @@ void check_checkpoint(const std::string& name, M& model, Errors& err) {
         if (is_float) {  // the plain relative errors, measured and printed, not checked
           err.record(kk + "deltaH_true (plain)", rel(r.truth->deltaH_true, gt["deltaH_true"]));
           err.record(kk + "deltaH_true_tok (plain)", rel(r.truth->deltaH_true_tok, gt["deltaH_true_tok"]));
+        }
+
+        // ---- the adamw direction and the per-sequence influences along it. Checked in
+        // double; in float the step's denominator carries float rounding of v', so the
+        // errors are measured and printed only.
+        std::vector<double> infl;
+        for (const auto& s : r.influence) infl.push_back(s.influence);
+        if (!adamw) {
+          REQUIRE(r.influence_direction == ep::Direction::precond_sgd);
+          const double e = rel_vec(infl, as_vec(variant["influence_precond_sgd"]));
+          if constexpr (std::is_same_v<T, double>)
+            err.check(k + "precond_sgd influence", e, tol);
+          else
+            err.record(k + "precond_sgd influence (plain)", e);
+        }
+        if (adamw) {
+          const json& ga = variant["adamw"];
+          REQUIRE(r.directions.size() == 2);
+          const ep::DirectionResult& d = r.directions[1];
+          REQUIRE(d.direction == ep::Direction::adamw);
+          REQUIRE(r.influence_direction == ep::Direction::adamw);
+          REQUIRE(r.influence.size() == ga["influence"].size());
+          const std::pair<std::string, double> adamw_errors[] = {
+              {"adamw deltaH1", rel(d.deltaH1, ga["deltaH1"])},
+              {"adamw bars_dot", rel(d.bars_dot, ga["bars_dot"])},
+              {"adamw momentum_share", rel(*d.momentum_share, ga["momentum_share"])},
+              {"adamw decay_share", rel(*d.decay_share, ga["decay_share"])},
+              {"adamw influence", rel_vec(infl, as_vec(ga["influence"]))}};
+          for (const auto& [what, e] : adamw_errors) {
+            if constexpr (std::is_same_v<T, double>)
+              err.check(k + what, e, tol);
+            else
+              err.record(k + what + " (plain)", e);
+          }
         }
 
         // ---- mu_X and mu_Y per parameter (the golden holds them for the first variant)

@@ -4,6 +4,7 @@
 
 #include "entropy_probe/probe/probe.hpp"
 
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include <fstream>
@@ -39,7 +40,41 @@ inline nlohmann::json to_json(const ProbeResult& r) {
     j["deltaH_true_tok"] = t.deltaH_true_tok;
     j["ESS"] = t.ESS;
   }
+  if (!r.directions.empty()) {
+    nlohmann::json dirs = nlohmann::json::object();
+    for (const DirectionResult& d : r.directions) {
+      nlohmann::json o{{"deltaH1", d.deltaH1}, {"bars_dot", d.bars_dot}};
+      if (d.momentum_share) o["momentum_share"] = *d.momentum_share;
+      if (d.decay_share) o["decay_share"] = *d.decay_share;
+      // The ground truth beside the prediction it measures: the adam step is
+      // the adamw direction's, precond_sgd's is its own.
+      if (r.truth && r.config.ground_truth &&
+          (*r.config.ground_truth == StepKind::adam) == (d.direction == Direction::adamw)) {
+        o["deltaH_true"] = r.truth->deltaH_true;
+        o["deltaH_true_tok"] = r.truth->deltaH_true_tok;
+        o["ESS"] = r.truth->ESS;
+      }
+      dirs[to_string(d.direction)] = o;
+    }
+    j["directions"] = dirs;
+  }
+  if (r.influence_direction) {
+    nlohmann::json inf = nlohmann::json::array();
+    for (const SequenceInfluence& s : r.influence) {
+      inf.push_back({{"prompt", s.prompt},
+                     {"completion", s.completion},
+                     {"advantage", s.advantage},
+                     {"length", s.length},
+                     {"influence", s.influence}});
+      if (s.reward) inf.back()["reward"] = *s.reward;
+    }
+    j["influence"] = inf;
+    j["influence_direction"] = to_string(*r.influence_direction);
+  }
   j["preconditioner_missing"] = r.preconditioner_missing;
+  const ZeroSecondMoment& z = r.zero_second_moment;
+  j["zero_second_moment"] = {
+      {"lora", z.lora}, {"all", z.all}, {"lora_share", z.lora_share}, {"all_share", z.all_share}};
   j["registry"] = {{"trainable_tensors", r.registry.trainable_tensors},
                    {"lora_tensors", r.registry.lora_tensors},
                    {"trainable_numel", r.registry.trainable_numel},
@@ -57,6 +92,9 @@ inline nlohmann::json to_json(const ProbeResult& r) {
   cfg["ground_truth"] = c.ground_truth ? to_string(*c.ground_truth) : "none";
   cfg["is"] = to_string(c.is);
   cfg["clip_c"] = c.clip_c;
+  cfg["directions"] = nlohmann::json::array();
+  for (Direction d : c.directions) cfg["directions"].push_back(to_string(d));
+  cfg["influence"] = c.influence;
   j["config"] = cfg;
   return j;
 }
@@ -65,6 +103,20 @@ inline void write_json(const ProbeResult& r, const std::string& path) {
   std::ofstream out(path);
   if (!out) fail<InputError>("cannot open '{}' for writing", path);
   out << to_json(r).dump(2) << "\n";
+  if (!out) fail<InputError>("writing '{}' failed", path);
+}
+
+// The per-sequence influences as CSV, one row per update sequence:
+// prompt,completion,advantage,reward,length,influence (reward empty when the
+// U batch has none), at full double precision.
+inline void write_influence_csv(const ProbeResult& r, const std::string& path) {
+  if (!r.influence_direction) fail<UsageError>("write_influence_csv: the result has no influences");
+  std::ofstream out(path);
+  if (!out) fail<InputError>("cannot open '{}' for writing", path);
+  out << "prompt,completion,advantage,reward,length,influence\n";
+  for (const SequenceInfluence& s : r.influence)
+    out << fmt::format("{},{},{:.17g},{},{},{:.17g}\n", s.prompt, s.completion, s.advantage,
+                       s.reward ? fmt::format("{:.17g}", *s.reward) : std::string(), s.length, s.influence);
   if (!out) fail<InputError>("writing '{}' failed", path);
 }
 

@@ -194,6 +194,27 @@ void scale_param_buffer(ParamBuffer<U, B>& buf, double scale) {
   }
 }
 
+// buf *= factor element by element; an entry absent from `factor` is
+// erased from `buf` (a diagonal operator with no entry there has no output).
+template <class U, class V, class B>
+void multiply_param_buffers(ParamBuffer<U, B>& buf, const ParamBuffer<V, B>& factor) {
+  buf.require_same_registry(factor, "multiply_param_buffers");
+  for (index_t i = 0; i < buf.size(); ++i) {
+    Tensor<U, B>* t = buf.entry(i);
+    if (!t) continue;
+    const Tensor<V, B>* f = factor.entry(i);
+    if (!f) {
+      buf.erase(buf.id(i));
+      continue;
+    }
+    U* d = t->data();
+    const V* fp = f->data();
+    B::parallel_for(t->numel(), [=] EP_HOST_DEVICE(index_t k) {
+      d[k] = static_cast<U>(static_cast<double>(d[k]) * static_cast<double>(fp[k]));
+    });
+  }
+}
+
 struct DotStats {
   double value = 0;
   index_t used = 0;     // entries present in both

@@ -138,6 +138,15 @@ ParamBuffer<double, B> preconditioned_mean(const ParamBuffer<double, B>& sum_Y, 
   return mu_Y;
 }
 
+// The bias corrections of an AdamW step that brings the count to `step`:
+// bc1 = 1 - beta1^step, bc2_sqrt = sqrt(1 - beta2^step).
+struct AdamWBiasCorrections {
+  double bc1, bc2_sqrt;
+};
+inline AdamWBiasCorrections adamw_bias_corrections(const AdamHyper& h, double step) {
+  return {1.0 - std::pow(h.beta1, step), std::sqrt(1.0 - std::pow(h.beta2, step))};
+}
+
 // One AdamW step on the registry's parameters that have a gradient, as
 // torch.optim.AdamW does it: decoupled weight decay p *= 1 - lr*wd, then
 // m, v moving averages and p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
@@ -158,8 +167,9 @@ void adamw_step(const Registry<T, B>& registry, AdamState<T, B>& state, double l
     }
     auto* st = state.entry(i);
     st->step += 1;
-    const double bc1 = 1.0 - std::pow(h.beta1, st->step);
-    const double bc2_sqrt = std::sqrt(1.0 - std::pow(h.beta2, st->step));
+    // Plain locals, not a structured binding: the device lambda below captures them.
+    const AdamWBiasCorrections bc = adamw_bias_corrections(h, st->step);
+    const double bc1 = bc.bc1, bc2_sqrt = bc.bc2_sqrt;
     const double step_size = lr / bc1, decay = 1.0 - lr * h.weight_decay;
     const double b1 = h.beta1, b2 = h.beta2, eps = h.eps;
     T* p = e.param->value.data();
@@ -174,6 +184,118 @@ void adamw_step(const Registry<T, B>& registry, AdamState<T, B>& state, double l
       p[k] = static_cast<T>(p[k] - step_size * m[k] / denom);
     });
   }
+}
+
+// The next AdamW step per unit learning rate, from the saved state and the
+// gradient g = -sum_Y_raw / B_U that the ground truth hands to adamw_step
+// (docs/math.md (g)). Per element, with m' = b1 m + (1-b1) g,
+// v' = b2 v + (1-b2) g^2, D = sqrt(v') / bc2_sqrt + eps and the bias
+// corrections of step + 1:
+//   total    = (theta' - theta) / lr = -wd theta - m' / (bc1 D)
+//   momentum = -b1 m / (bc1 D)
+//   decay    = -wd theta
+//   gradient_scale = (1-b1) / (bc1 D)
+// so total = momentum + decay + gradient_scale * sum_Y_raw / B_U, and the
+// gradient part splits over the update sequences with one shared D (the
+// whole batch's). Entries absent from sum_Y_raw get no step (adamw_step
+// skips parameters without a gradient) and stay absent; a parameter
+// without state starts from zero state, as in adamw_step. Computed in
+// double from the stored (type T) state; in T = float the real step rounds
+// m' and v' to float first.
+template <class B>
+struct AdamWDirection {
+  ParamBuffer<double, B> total, momentum, decay, gradient_scale;
+};
+
+template <class T, class B>
+AdamWDirection<B> adamw_direction(const Registry<T, B>& registry, const AdamState<T, B>& state,
+                                  const ParamBuffer<double, B>& sum_Y_raw, index_t B_U) {
+  if (state.info() != registry.info())
+    fail<UsageError>("adamw_direction: Adam state is bound to registry #{}, not #{}",
+                     state.info() ? state.info()->serial : 0, registry.serial());
+  require_bound_to(sum_Y_raw, registry, "adamw_direction");
+  if (B_U <= 0) fail<UsageError>("adamw_direction: the sum is over {} prompts; need at least one", B_U);
+  const AdamHyper h = state.hyper();
+  AdamWDirection<B> d{ParamBuffer<double, B>(registry.info()), ParamBuffer<double, B>(registry.info()),
+                      ParamBuffer<double, B>(registry.info()), ParamBuffer<double, B>(registry.info())};
+  for (index_t i = 0; i < registry.size(); ++i) {
+    const Tensor<double, B>* sum = sum_Y_raw.entry(i);
+    if (!sum) continue;
+    const auto& e = registry.entry(i);
+    const auto* st = state.entry(i);
+    const AdamWBiasCorrections bc = adamw_bias_corrections(h, (st ? st->step : 0.0) + 1);
+    const double bc1 = bc.bc1, bc2_sqrt = bc.bc2_sqrt;
+    const Shape& shape = e.param->value.shape();
+    Tensor<double, B> total(shape), momentum(shape), decay(shape), scale(shape);
+    const T* p = e.param->value.data();
+    const T* m = st ? st->exp_avg.data() : nullptr;
+    const T* v = st ? st->exp_avg_sq.data() : nullptr;
+    const double* s = sum->data();
+    double *tp = total.data(), *mp = momentum.data(), *dp = decay.data(), *sp = scale.data();
+    const double b1 = h.beta1, b2 = h.beta2, eps = h.eps, wd = h.weight_decay, inv_count = 1.0 / double(B_U);
+    B::parallel_for(numel_of(shape), [=] EP_HOST_DEVICE(index_t k) {
+      const double g = -s[k] * inv_count;
+      const double m0 = m ? static_cast<double>(m[k]) : 0.0, v0 = v ? static_cast<double>(v[k]) : 0.0;
+      const double m1 = b1 * m0 + (1 - b1) * g, v1 = b2 * v0 + (1 - b2) * g * g;
+      const double denom = bc1 * (std::sqrt(v1) / bc2_sqrt + eps);
+      dp[k] = -wd * static_cast<double>(p[k]);
+      tp[k] = dp[k] - m1 / denom;
+      mp[k] = -b1 * m0 / denom;
+      sp[k] = (1 - b1) / denom;
+    });
+    d.total.set(e.id, std::move(total));
+    d.momentum.set(e.id, std::move(momentum));
+    d.decay.set(e.id, std::move(decay));
+    d.gradient_scale.set(e.id, std::move(scale));
+  }
+  return d;
+}
+
+// Entries whose saved second moment is exactly zero while the U gradient
+// sum_Y_raw is not (e.g. an embedding row no training batch touched): the
+// preconditioner divides them by eps alone. Counted over the parameters with
+// state, in the LoRA view and over all trainables, with the share of
+// |mu_Y|^2 (over all trainables) that these entries carry.
+struct ZeroSecondMoment {
+  index_t lora = 0, all = 0;
+  double lora_share = 0, all_share = 0;
+};
+
+template <class T, class B>
+ZeroSecondMoment zero_second_moment_entries(const Registry<T, B>& registry, const AdamState<T, B>& state,
+                                            const ParamBuffer<double, B>& sum_Y_raw,
+                                            const ParamBuffer<double, B>& mu_Y) {
+  require_bound_to(sum_Y_raw, registry, "zero_second_moment_entries");
+  require_bound_to(mu_Y, registry, "zero_second_moment_entries");
+  ZeroSecondMoment z;
+  double flagged_lora = 0, flagged_all = 0;
+  const double total = dot_param_buffers(mu_Y, mu_Y);
+  for (index_t i = 0; i < registry.size(); ++i) {
+    const auto* st = state.entry(i);
+    const Tensor<double, B>* sum = sum_Y_raw.entry(i);
+    const Tensor<double, B>* mu = mu_Y.entry(i);
+    if (!st || !sum || !mu) continue;
+    const T* v = st->exp_avg_sq.data();
+    const double* s = sum->data();
+    const double* u = mu->data();
+    const index_t n = sum->numel();
+    const auto count = static_cast<index_t>(
+        B::sum(n, [=] EP_HOST_DEVICE(index_t k) { return v[k] == T(0) && s[k] != 0.0 ? acc_t(1) : acc_t(0); }));
+    if (count == 0) continue;
+    const double sq = B::sum(
+        n, [=] EP_HOST_DEVICE(index_t k) { return v[k] == T(0) && s[k] != 0.0 ? acc_t(u[k] * u[k]) : acc_t(0); });
+    z.all += count;
+    flagged_all += sq;
+    if (registry.entry(i).lora) {
+      z.lora += count;
+      flagged_lora += sq;
+    }
+  }
+  if (total > 0) {
+    z.all_share = flagged_all / total;
+    z.lora_share = flagged_lora / total;
+  }
+  return z;
 }
 
 }  // namespace entropy_probe

@@ -1,6 +1,6 @@
 // The communicator seam: the probe reduces sums and counts through this, so a
 // distributed implementation (MPI, NCCL) slots in without touching the math.
-// Prompts are sharded r::world by rank (docs/math.md, (g) Distributed).
+// Prompts are sharded r::world by rank (docs/math.md, (j) Distributed).
 //
 // Host values (counts, per-prompt statistics, broadcasts) go through
 // allreduce_sum / broadcast. A parameter buffer of a device backend goes

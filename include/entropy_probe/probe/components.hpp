@@ -221,12 +221,12 @@ class ProbeComponents {
                       [](const TokenBatch& mb, std::span<const double>) { return y_loss_weights(mb); });
   }
 
-  // For every prompt b of `batch` (batch order, all ranks): the directional
-  // derivative of its loss along `tangent`,
-  //   d_b = sum_g W[b,g] * (dS[b,g]/dtheta . tangent),
+  // For every sequence (b, g) of `batch` (row b*G + g, all ranks): the
+  // directional derivative of its term of the loss along `tangent`,
+  //   d[b,g] = W[b,g] * (dS[b,g]/dtheta . tangent),
   // by forward mode: one forward and one JVP pass per microbatch.
-  std::vector<double> per_prompt_directional(const TokenBatch& batch, const Buffer& tangent,
-                                             const LossWeightsFn& weights, const char* phase) const {
+  std::vector<double> per_sequence_directional(const TokenBatch& batch, const Buffer& tangent,
+                                               const LossWeightsFn& weights, const char* phase) const {
     require_bound_to(tangent, *registry_, phase);
     // The tangent in T, converted once for every microbatch (jvp() would
     // convert it on each call: 336 casts per microbatch on the GPU bench).
@@ -239,7 +239,7 @@ class ProbeComponents {
         return *converted;
     }
     ();
-    std::vector<double> d(static_cast<std::size_t>(batch.B), 0.0);
+    std::vector<double> d(static_cast<std::size_t>(batch.rows()), 0.0);
     for_each_microbatch(batch, phase, [&](const TokenBatch& mb, std::span<const index_t> prompts) {
       Tape<T, B> tape;
       Var S = record_sequence_logprobs(tape, *model_, mb, settings_.temperature);
@@ -253,14 +253,26 @@ class ProbeComponents {
             "has an entry in the tangent buffer)",
             phase);
       const std::vector<double> sd = to_double(*sdot);
-      for (index_t j = 0; j < mb.B; ++j) {
-        double acc = 0;
-        for (index_t g = 0; g < mb.G; ++g)
-          acc += W[static_cast<std::size_t>(j * mb.G + g)] * sd[static_cast<std::size_t>(j * mb.G + g)];
-        d[static_cast<std::size_t>(prompts[static_cast<std::size_t>(j)])] = acc;
-      }
+      for (index_t j = 0; j < mb.B; ++j)
+        for (index_t g = 0; g < mb.G; ++g) {
+          const auto row = static_cast<std::size_t>(j * mb.G + g);
+          d[static_cast<std::size_t>(prompts[static_cast<std::size_t>(j)] * batch.G + g)] = W[row] * sd[row];
+        }
     });
     comm_->allreduce_sum(std::span<double>(d));
+    return d;
+  }
+
+  // For every prompt b of `batch` (batch order, all ranks): the directional
+  // derivative of its loss along `tangent`, d_b = sum_g d[b,g] of
+  // per_sequence_directional.
+  std::vector<double> per_prompt_directional(const TokenBatch& batch, const Buffer& tangent,
+                                             const LossWeightsFn& weights, const char* phase) const {
+    const std::vector<double> rows = per_sequence_directional(batch, tangent, weights, phase);
+    std::vector<double> d(static_cast<std::size_t>(batch.B), 0.0);
+    for (index_t b = 0; b < batch.B; ++b)
+      for (index_t g = 0; g < batch.G; ++g)
+        d[static_cast<std::size_t>(b)] += rows[static_cast<std::size_t>(b * batch.G + g)];
     return d;
   }
 

@@ -9,6 +9,7 @@
 #include "entropy_probe/probe/ground_truth.hpp"
 #include "entropy_probe/probe/variance.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <map>
 #include <optional>
@@ -21,6 +22,12 @@ inline const char* to_string(VarianceMode v) {
   return v == VarianceMode::none ? "none" : v == VarianceMode::conditional ? "conditional" : "full";
 }
 
+// The update direction v of a first-order prediction eta * mu_X . v
+// (docs/math.md (g)): precond_sgd is mu_Y, adamw the next AdamW step per
+// unit learning rate.
+enum class Direction { precond_sgd, adamw };
+inline const char* to_string(Direction d) { return d == Direction::adamw ? "adamw" : "precond_sgd"; }
+
 struct ProbeConfig {
   std::optional<double> learning_rate;  // eta; else the optimizer state's lr
   Weighting weighting = Weighting::dr_grpo;
@@ -32,6 +39,30 @@ struct ProbeConfig {
   ISEstimator is = ISEstimator::snis;
   double clip_c = 10.0;
   ProgressCallback progress;
+  // The directions to predict along, in order; the first gives the
+  // top-level bars_dot and deltaH1. The variance phases are along mu_Y
+  // (precond_sgd) whatever is listed here.
+  std::vector<Direction> directions{Direction::precond_sgd};
+  // Per-sequence entropy influences along the adamw direction when it is
+  // listed, else along precond_sgd.
+  bool influence = false;
+};
+
+// One direction's first-order prediction; the momentum and decay shares
+// only for adamw (they are zero for precond_sgd by construction).
+struct DirectionResult {
+  Direction direction = Direction::precond_sgd;
+  double bars_dot = 0, deltaH1 = 0;
+  std::optional<double> momentum_share, decay_share;  // eta * mu_X . v_momentum, eta * mu_X . v_decay
+};
+
+// eta * mu_X . v_{u,g}: update sequence (prompt u, completion g)'s share
+// of a direction's deltaH1 (docs/math.md (h)).
+struct SequenceInfluence {
+  index_t prompt = 0, completion = 0, length = 0;
+  double advantage = 0;
+  std::optional<double> reward;
+  double influence = 0;
 };
 
 struct RegistrySummary {
@@ -48,6 +79,10 @@ struct ProbeResult {
   std::optional<FullVariance> full;
   std::optional<GroundTruth> truth;
   index_t preconditioner_missing = 0;
+  ZeroSecondMoment zero_second_moment;
+  std::vector<DirectionResult> directions;   // in the order of ProbeConfig::directions
+  std::vector<SequenceInfluence> influence;  // U batch order (prompt-major); empty unless configured
+  std::optional<Direction> influence_direction;
   RegistrySummary registry;
   std::map<std::string, double> timing;  // seconds per phase, and "total"
   ProbeConfig config;
@@ -104,6 +139,7 @@ class OfflineEntropyProbe {
       fail<UsageError>("OfflineEntropyProbe: learning rate {} ({}) must be positive", r.learning_rate,
                        r.learning_rate_source);
     const double eta = r.learning_rate;
+    if (config_.directions.empty()) fail<UsageError>("OfflineEntropyProbe: no update direction configured");
     r.registry = summary();
 
     auto t0 = clock::now();
@@ -119,10 +155,43 @@ class OfflineEntropyProbe {
     AdamPreconditioner<T, B> precond(state);
     const Buffer mu_Y = preconditioned_mean(sum_Y.sum, r.B_U, precond);
     r.preconditioner_missing = precond.missing();
+    r.zero_second_moment = zero_second_moment_entries(registry_, state, sum_Y.sum, mu_Y);
+    warn_zero_second_moment(r.zero_second_moment);
     r.timing["sum_Y"] = seconds_since(t0);
 
-    r.bars_dot = components_.dot_param_buffers(mu_X, mu_Y);
-    r.deltaH1 = eta * r.bars_dot;
+    // precond_sgd's bars_dot also centres the variance phases below.
+    const double bars_dot_precond = components_.dot_param_buffers(mu_X, mu_Y);
+    const bool want_adamw =
+        std::find(config_.directions.begin(), config_.directions.end(), Direction::adamw) != config_.directions.end();
+    std::optional<AdamWDirection<B>> adamw;
+    if (want_adamw) adamw = adamw_direction(registry_, state, sum_Y.sum, r.B_U);
+    for (Direction d : config_.directions) {
+      DirectionResult dr{d, bars_dot_precond, eta * bars_dot_precond, std::nullopt, std::nullopt};
+      if (d == Direction::adamw) {
+        dr.bars_dot = components_.dot_param_buffers(mu_X, adamw->total);
+        dr.deltaH1 = eta * dr.bars_dot;
+        dr.momentum_share = eta * components_.dot_param_buffers(mu_X, adamw->momentum);
+        dr.decay_share = eta * components_.dot_param_buffers(mu_X, adamw->decay);
+      }
+      r.directions.push_back(dr);
+    }
+    r.bars_dot = r.directions.front().bars_dot;
+    r.deltaH1 = r.directions.front().deltaH1;
+    if (config_.influence) {
+      t0 = clock::now();
+      // v_{u,g} . mu_X = (W[u,g] / B_U) grad S[u,g] . tangent with one tangent
+      // for the whole batch: P mu_X (precond_sgd; P is symmetric) or
+      // gradient_scale * mu_X (adamw).
+      Buffer tangent = mu_X;
+      if (adamw) {
+        multiply_param_buffers(tangent, adamw->gradient_scale);
+      } else {
+        precond.apply(tangent);
+      }
+      r.influence_direction = adamw ? Direction::adamw : Direction::precond_sgd;
+      r.influence = sequence_influences(U, tangent, eta / double(r.B_U));
+      r.timing["influence"] = seconds_since(t0);
+    }
     r.mu_X_norm = norm_param_buffer(mu_X);
     r.mu_Y_norm = norm_param_buffer(mu_Y);
     log_debug("[PROBE] bars_dot={:.6e} deltaH1={:.6e} |mu_X|={:.4e} |mu_Y|={:.4e}", r.bars_dot, r.deltaH1, r.mu_X_norm,
@@ -138,7 +207,7 @@ class OfflineEntropyProbe {
       t0 = clock::now();
       const bool reuse = r.conditional && r.conditional->lora_used == mu_Y.present_count();
       r.full = full_variance(
-          components_, E, U, mu_X, mu_Y, r.bars_dot, eta, [&](Buffer& b) { precond.apply(b); },
+          components_, E, U, mu_X, mu_Y, bars_dot_precond, eta, [&](Buffer& b) { precond.apply(b); },
           reuse ? &r.conditional->s_values : nullptr);
       r.timing["full_variance"] = seconds_since(t0);
     }
@@ -168,6 +237,30 @@ class OfflineEntropyProbe {
     Buffer sum_Y_raw, mu_Y;
     index_t B_U;
   };
+
+  // influence[u,g] = scale * W[u,g] * (grad S[u,g] . tangent) with the Y
+  // loss weights W, for every row of U.
+  std::vector<SequenceInfluence> sequence_influences(const TokenBatch& U, const Buffer& tangent, double scale) const {
+    const std::vector<double> d = components_.per_sequence_directional(
+        U, tangent, [](const TokenBatch& mb, std::span<const double>) { return y_loss_weights(mb); }, "influence");
+    std::vector<SequenceInfluence> out;
+    for (index_t u = 0; u < U.B; ++u)
+      for (index_t g = 0; g < U.G; ++g) {
+        const auto row = static_cast<std::size_t>(u * U.G + g);
+        SequenceInfluence s{u, g, U.gen_length(u, g), U.advantage(u, g), std::nullopt, scale * d[row]};
+        if (U.rewards) s.reward = (*U.rewards)[row];
+        out.push_back(s);
+      }
+    return out;
+  }
+
+  static void warn_zero_second_moment(const ZeroSecondMoment& z) {
+    if (z.all == 0) return;
+    log_warning(
+        "Adam state: {} entries ({} in the LoRA view) have exp_avg_sq = 0 but a nonzero U gradient; the "
+        "preconditioner divides them by eps alone. They carry {:.3g} of |mu_Y|^2 ({:.3g} in the LoRA view)",
+        z.all, z.lora, z.all_share, z.lora_share);
+  }
 
   void require_state_bound(const AdamState<T, B>& state, const char* what) const {
     if (state.info() != registry_.info())

@@ -1,0 +1,230 @@
+// The adamw update direction, its decomposition, the per-sequence entropy
+// influences and the zero-second-moment diagnostics (docs/math.md (g), (h)).
+#include "../support/tiny_models.hpp"
+
+#include <entropy_probe/io/result_json.hpp>
+#include <entropy_probe/probe/probe.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
+using namespace entropy_probe;
+using namespace ep_test;
+
+namespace {
+
+double rel(double a, double b) { return std::abs(a - b) / std::max({std::abs(a), std::abs(b), 1e-300}); }
+
+// max_k |a_k - b_k| / max_k |b_k| over the entries present in b.
+double max_rel_diff(const ParamBuffer<double>& a, const ParamBuffer<double>& b) {
+  double diff = 0, scale = 0;
+  for (index_t i = 0; i < b.size(); ++i) {
+    const auto* y = b.entry(i);
+    if (!y) continue;
+    const auto* x = a.entry(i);
+    REQUIRE(x);
+    for (index_t k = 0; k < y->numel(); ++k) {
+      diff = std::max(diff, std::abs((*x)[k] - (*y)[k]));
+      scale = std::max(scale, std::abs((*y)[k]));
+    }
+  }
+  REQUIRE(scale > 0);
+  return diff / scale;
+}
+
+// A state with unequal step counts (per-parameter bias corrections) and one
+// parameter without state (AdamW's lazy zero initialisation).
+AdamState<double> uneven_state(const Registry<double>& reg) {
+  auto state = random_adam_state(reg, 41, "h.1.mlp.c_fc.lora_A");
+  state.hyper().weight_decay = 0.1;
+  for (index_t i = 0; i < state.size(); ++i)
+    if (auto* e = state.entry(i)) e->step = double(1 + i % 4);
+  return state;
+}
+
+}  // namespace
+
+TEST_CASE("directions: adamw is a real AdamW step per unit lr, and its parts sum to it", "[probe][adamw]") {
+  auto model = tiny_gpt2<double>(40, /*lm_head=*/true);
+  auto reg = Registry<double>::build(model);
+  const TokenBatch U = random_batch(4, 3, 8, 11, 42);
+  SingleProcess comm;
+  ProbeComponents<decltype(model)> c(model, reg, ProbeSettings{Weighting::dr_grpo, 2, 1.0, {}}, comm);
+  const AdamState<double> state = uneven_state(reg);
+  REQUIRE(state.missing_count() == 1);
+  const auto sumY = c.accumulate_sum_Y(U);
+  const auto d = adamw_direction(reg, state, sumY.sum, sumY.count);
+
+  // The real step, on the same mean gradient, from a copy of the state.
+  const double lr = 0.05;
+  const auto before = params_to_buffer<double>(reg);
+  const ParameterSnapshot<double, CpuBackend> snap(reg);
+  AdamState<double> scratch = state;
+  load_param_gradients(reg, sumY.sum, -1.0 / double(sumY.count));
+  adamw_step(reg, scratch, lr);
+  auto step = params_to_buffer<double>(reg);
+  snap.restore();
+  for (index_t i = 0; i < step.size(); ++i)
+    for (index_t k = 0; k < step.entry(i)->numel(); ++k)
+      (*step.entry(i))[k] = ((*step.entry(i))[k] - (*before.entry(i))[k]) / lr;
+  const double step_err = max_rel_diff(d.total, step);
+  CAPTURE(step_err);
+  CHECK(step_err < 1e-12);
+  CHECK(norm_param_buffer(d.momentum) > 0);
+  CHECK(norm_param_buffer(d.decay) > 0);
+
+  // momentum + decay + gradient_scale * sum_Y_raw / B_U = total.
+  auto parts = sumY.sum;
+  multiply_param_buffers(parts, d.gradient_scale);
+  scale_param_buffer(parts, 1.0 / double(sumY.count));
+  for (const auto* term : {&d.momentum, &d.decay})
+    for (index_t i = 0; i < parts.size(); ++i)
+      for (index_t k = 0; k < parts.entry(i)->numel(); ++k) (*parts.entry(i))[k] += (*term->entry(i))[k];
+  const double parts_err = max_rel_diff(parts, d.total);
+  CAPTURE(parts_err);
+  CHECK(parts_err < 1e-12);
+  std::printf("directions: adamw vs a real step %.3e, parts vs total %.3e (max-norm relative)\n", step_err, parts_err);
+}
+
+TEST_CASE("directions: per-sequence influences match brute force and sum to deltaH1", "[probe][influence]") {
+  auto model = tiny_gpt2<double>(43, /*lm_head=*/true);
+  const TokenBatch E = random_batch(4, 2, 8, 11, 44);
+  TokenBatch U = random_batch(3, 3, 8, 11, 45);
+  U.rewards = std::vector<double>{0.5, 1, 0, 1, 1, 0, 0, 0.25, 1};
+  const double eta = 1e-2;
+  for (Direction dir : {Direction::adamw, Direction::precond_sgd}) {
+    CAPTURE(to_string(dir));
+    ProbeConfig cfg;
+    cfg.learning_rate = eta;
+    cfg.variance = VarianceMode::none;
+    cfg.mb_size = 2;
+    cfg.influence = true;
+    cfg.directions = dir == Direction::adamw ? std::vector{Direction::precond_sgd, Direction::adamw}
+                                             : std::vector{Direction::precond_sgd};
+    OfflineEntropyProbe probe(model, cfg);
+    const auto& reg = probe.registry();
+    const AdamState<double> state = uneven_state(reg);
+    set_log_sink([](LogLevel, std::string_view) {});  // the missing state's warning
+    const ProbeResult r = probe.run(E, U, state);
+    set_log_sink({});
+    REQUIRE(r.influence_direction == dir);
+    REQUIRE(r.influence.size() == 9);
+    const DirectionResult& dr = r.directions.back();
+    REQUIRE(dr.direction == dir);
+    CHECK(r.deltaH1 == r.directions.front().deltaH1);  // the first direction is the top level's
+
+    // The influences, with the momentum and decay shares, add up to deltaH1.
+    double total = dr.momentum_share.value_or(0) + dr.decay_share.value_or(0);
+    for (const auto& s : r.influence) total += s.influence;
+    CAPTURE(total, dr.deltaH1);
+    CHECK(rel(total, dr.deltaH1) < 1e-12);
+    double worst = 0;
+    CHECK(dr.momentum_share.has_value() == (dir == Direction::adamw));
+
+    // Brute force, independently of the probe: mu_X, and each sequence's own
+    // Y gradient by a separate backward pass (the batch with every other
+    // advantage zeroed), preconditioned as the direction does.
+    SingleProcess comm;
+    ProbeComponents<decltype(model)> c(model, reg, ProbeSettings{Weighting::dr_grpo, 0, 1.0, {}}, comm);
+    auto mu_X = c.accumulate_sum_X(E).sum;
+    scale_param_buffer(mu_X, 1.0 / double(E.B));
+    const auto sumY = c.accumulate_sum_Y(U);
+    const auto adamw = adamw_direction(reg, state, sumY.sum, sumY.count);
+    for (const auto& s : r.influence) {
+      CAPTURE(s.prompt, s.completion);
+      TokenBatch one = U.select({s.prompt});
+      for (index_t g = 0; g < U.G; ++g)
+        if (g != s.completion) one.advantages[std::size_t(g)] = 0;
+      auto v = c.accumulate_sum_Y(one).sum;  // (A/(G Lmax)) grad S[u,g]
+      if (dir == Direction::adamw) {
+        multiply_param_buffers(v, adamw.gradient_scale);
+      } else {
+        set_log_sink([](LogLevel, std::string_view) {});
+        AdamPreconditioner<double> P(state);
+        P.apply(v);
+        set_log_sink({});
+      }
+      const double brute = eta * dot_param_buffers(mu_X, v) / double(U.B);
+      CAPTURE(s.influence, brute);
+      CHECK(rel(s.influence, brute) < 1e-10);
+      worst = std::max(worst, rel(s.influence, brute));
+      CHECK(s.advantage == U.advantage(s.prompt, s.completion));
+      CHECK(s.length == U.gen_length(s.prompt, s.completion));
+      CHECK(s.reward == (*U.rewards)[std::size_t(s.prompt * U.G + s.completion)]);
+    }
+
+    std::printf("directions: %s influences: sum vs deltaH1 %.3e, worst vs brute force %.3e\n", to_string(dir),
+                rel(total, dr.deltaH1), worst);
+    const nlohmann::json j = to_json(r);
+    CHECK(j["influence"].size() == 9);
+    CHECK(j["influence"][4]["influence"] == r.influence[4].influence);
+    CHECK(j["influence"][4]["reward"] == 1.0);
+    CHECK(j["influence_direction"] == to_string(dir));
+    CHECK(j["directions"][to_string(dir)]["deltaH1"] == dr.deltaH1);
+    CHECK(j["directions"][to_string(dir)].contains("momentum_share") == (dir == Direction::adamw));
+  }
+}
+
+TEST_CASE("directions: precond_sgd alone is the unchanged prediction", "[probe][adamw]") {
+  auto model = tiny_gpt2<double>(46);
+  const TokenBatch E = random_batch(3, 2, 8, 11, 47), U = random_batch(3, 2, 8, 11, 48);
+  ProbeConfig cfg;
+  cfg.learning_rate = 1e-2;
+  cfg.variance = VarianceMode::none;
+  OfflineEntropyProbe probe(model, cfg);
+  const auto state = random_adam_state(probe.registry(), 49);
+  const ProbeResult r = probe.run(E, U, state);
+  REQUIRE(r.directions.size() == 1);
+  CHECK(r.directions[0].direction == Direction::precond_sgd);
+  CHECK(r.directions[0].deltaH1 == r.deltaH1);
+  CHECK(r.deltaH1 == 1e-2 * r.bars_dot);
+  CHECK_FALSE(r.influence_direction);
+  CHECK_FALSE(to_json(r).contains("influence"));
+  cfg.directions = {};
+  OfflineEntropyProbe none(model, cfg);
+  CHECK_THROWS_AS(none.run(E, U, random_adam_state(none.registry(), 49)), UsageError);
+}
+
+TEST_CASE("directions: entries with exp_avg_sq = 0 and a live gradient are counted, with their share",
+          "[probe][adam]") {
+  auto model = tiny_gpt2<double>(50, /*lm_head=*/true);
+  auto reg = Registry<double>::build(model);
+  const TokenBatch U = random_batch(3, 2, 8, 11, 51);
+  SingleProcess comm;
+  ProbeComponents<decltype(model)> c(model, reg, ProbeSettings{Weighting::dr_grpo, 0, 1.0, {}}, comm);
+  auto state = random_adam_state(reg, 52);
+  const auto sumY = c.accumulate_sum_Y(U);
+  // Zero a few second moments in a LoRA tensor and in the position table (not
+  // in the LoRA view, and trainable here); one of them where the gradient is 0.
+  index_t lora = -1, other = -1;
+  for (index_t i = 0; i < reg.size(); ++i) {
+    if (lora < 0 && reg.entry(i).lora) lora = i;
+    if (other < 0 && !reg.entry(i).lora) other = i;
+  }
+  REQUIRE(lora >= 0);
+  std::vector<std::pair<index_t, index_t>> zeroed{{lora, 0}, {lora, 3}};
+  if (other >= 0) zeroed.push_back({other, 1});
+  auto g_at = [&](index_t i, index_t k) { return (*sumY.sum.entry(i))[k]; };
+  for (auto [i, k] : zeroed) state.entry(i)->exp_avg_sq[k] = 0;
+  const auto sum_with_zero = [&] {
+    auto s = sumY.sum;
+    (*s.entry(lora))[3] = 0;  // the second zeroed LoRA entry has no gradient: not counted
+    return s;
+  }();
+  AdamPreconditioner<double> P(state);
+  const auto mu_Y = preconditioned_mean(sum_with_zero, sumY.count, P);
+  const ZeroSecondMoment z = zero_second_moment_entries(reg, state, sum_with_zero, mu_Y);
+  REQUIRE(g_at(lora, 0) != 0);
+  CHECK(z.lora == 1);
+  CHECK(z.all == (other >= 0 ? 2 : 1));
+  // By hand: the flagged entries' share of |mu_Y|^2.
+  const double total = dot_param_buffers(mu_Y, mu_Y);
+  const double lora_sq = std::pow((*mu_Y.entry(lora))[0], 2);
+  const double other_sq = other >= 0 ? std::pow((*mu_Y.entry(other))[1], 2) : 0.0;
+  CHECK(rel(z.lora_share, lora_sq / total) < 1e-12);
+  CHECK(rel(z.all_share, (lora_sq + other_sq) / total) < 1e-12);
+  CHECK(z.all_share > 0.5);  // divided by eps = 1e-8, they dominate
+}
