@@ -55,7 +55,8 @@ TEST_CASE("auto microbatch: the size that fits the budget", "[probe][microbatch]
                     Contains("conditional_variance") && Contains("3.00 MiB") && Contains("2.00 MiB") &&
                         Contains("4.00 MiB") && Contains("--max-memory") && Contains("shorter sequences"));
   CHECK_THROWS_WITH(microbatch_size_for_budget("sum_Y", 0, 5 * MiB, 4 * MiB, 3),
-                    Contains("sum_Y") && Contains("5.00 MiB") && Contains("4.00 MiB"));
+                    Contains("sum_Y: the 5.00 MiB already in use") && Contains("budget of 4.00 MiB before any") &&
+                        Contains("--max-memory"));
   CHECK(bytes_text(512) == "512 B");
   CHECK(bytes_text(3 * (std::size_t(1) << 29)) == "1.50 GiB");
 }
@@ -144,7 +145,7 @@ TEST_CASE("auto microbatch: the driver sizes microbatches from one prompt's meas
   ProbeComponents<Model> spent(model, reg, ProbeSettings{.memory_budget = 1}, comm);
   CHECK_THROWS_WITH(
       spent.for_each_microbatch(batch, "test_phase", [&](const TokenBatch&, std::span<const index_t>) { ++calls; }),
-      Contains("test_phase") && Contains("over the memory budget of 1 B"));
+      Contains("test_phase") && Contains("exceed the memory budget of 1 B before any prompt runs"));
   CHECK(calls == 0);
   // Explicit sizes are kept: 0 the whole batch, N microbatches of N.
   ProbeComponents<Model> whole(model, reg, ProbeSettings{.mb_size = 0}, comm);

@@ -137,7 +137,12 @@ std::size_t default_memory_budget() {
 // Throws when the one prompt alone did not fit: a larger microbatch cannot.
 inline index_t microbatch_size_for_budget(std::string_view phase, std::size_t per_prompt, std::size_t in_use,
                                           std::size_t budget, index_t prompts_left) {
-  if (in_use > budget || per_prompt > budget - in_use)
+  if (in_use > budget)
+    fail<Error>(
+        "{}: the {} already in use (the model, its optimizer state and the probe's buffers) exceed the memory "
+        "budget of {} before any prompt runs; raise the budget (--max-memory, ProbeConfig::memory_budget)",
+        phase, bytes_text(in_use), bytes_text(budget));
+  if (per_prompt > budget - in_use)
     fail<Error>(
         "{}: one prompt needs {} of memory on top of the {} already in use, over the memory budget of {}; "
         "raise the budget (--max-memory, ProbeConfig::memory_budget) or use shorter sequences or fewer "
