@@ -204,8 +204,16 @@ TEST_CASE("auto microbatch: a probe run gives the results of mb_size 1 and 0", "
   }
   require_results_close(s, s1, "auto with a tight budget vs mb_size 1");
 
-  // Below one prompt's cost: the clear error, naming the first phase.
-  ProbeConfig none = config(std::nullopt);
-  none.memory_budget = CpuBackend::memory_in_use() + 1024;
-  CHECK_THROWS_WITH(run(none), Contains("sum_X") && Contains("one prompt needs") && Contains("--max-memory"));
+  // Below one prompt's cost (1 KiB above what sum_X holds before its first
+  // prompt: the model and its sum buffer): the clear error, naming the phase.
+  const Registry<double> reg = Registry<double>::build(model);
+  SingleProcess comm;
+  const std::size_t before = CpuBackend::memory_in_use();
+  std::size_t buffer_bytes = 0;
+  {
+    const auto buffer = zeros_like_params<double>(reg);
+    buffer_bytes = CpuBackend::memory_in_use() - before;
+  }
+  ProbeComponents<Model> c(model, reg, ProbeSettings{.memory_budget = before + buffer_bytes + 1024}, comm);
+  CHECK_THROWS_WITH(c.accumulate_sum_X(E), Contains("sum_X: one prompt needs") && Contains("--max-memory"));
 }
