@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
     auto model = bench_model();
     auto reg = Registry<float>::build(model);
     const TokenBatch E = bench_batch(8, 4, 64, model.vocab_size());
-    ProbeComponents<decltype(model)> c(model, reg, ProbeSettings{Weighting::dr_grpo, 4, 1.0, {}}, comm);
+    ProbeComponents<decltype(model)> c(model, reg, ProbeSettings{.mb_size = 4}, comm);
     using clock = std::chrono::steady_clock;
     const int reps = 7;
     std::vector<double> t_acc, t_red;

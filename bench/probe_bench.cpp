@@ -90,7 +90,7 @@ struct Fixture {
       : s(sh),
         model(config(sh), lora(sh), 1),
         registry(ep::Registry<float>::build(model)),
-        components(model, registry, ep::ProbeSettings{ep::Weighting::dr_grpo, sh.mb_size, 1.0, {}}, comm),
+        components(model, registry, ep::ProbeSettings{.mb_size = sh.mb_size}, comm),
         E(ep_test::random_batch(sh.B, sh.G, sh.T, sh.vocab, 2)),
         U(ep_test::random_batch(sh.B, sh.G, sh.T, sh.vocab, 3)),
         state(ep_test::random_adam_state(registry, 4)),

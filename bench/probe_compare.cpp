@@ -66,7 +66,7 @@ template <class T, class M>
 nlohmann::json run(M& model, const Options& o, const ep::TokenBatch& E, const ep::TokenBatch& U, long rss_load) {
   ep::SingleProcess comm;
   const auto registry = ep::Registry<T>::build(model);
-  ep::ProbeComponents<M> comp(model, registry, ep::ProbeSettings{ep::Weighting::dr_grpo, o.mb, 1.0, {}}, comm);
+  ep::ProbeComponents<M> comp(model, registry, ep::ProbeSettings{.mb_size = o.mb}, comm);
   const auto state =
       ep::hf::load_adam_state<T>((std::filesystem::path(o.dir) / "optimizer.safetensors").string(), registry);
   const double eta = state.hyper().lr;

@@ -124,6 +124,24 @@ class ParsedArgs {
     if (x && !(*x > 0)) throw failure(fmt::format("{} must be positive, got '{}'", name, *value(name)));
     return x;
   }
+  // A byte count: a number with an optional 1024-based suffix K, M, G, T
+  // (or KiB, MiB, GiB, TiB): "8589934592", "512M", "1.5GiB"; at least 1 byte.
+  std::optional<std::uint64_t> bytes(const std::string& name) const {
+    auto v = value(name);
+    if (!v) return std::nullopt;
+    double x = 0;
+    const char* const last = v->data() + v->size();
+    const auto [end, ec] = std::from_chars(v->data(), last, x);
+    const std::string_view suffix(end, static_cast<std::size_t>(last - end));
+    double unit = 0;
+    const char* const units[] = {"", "K", "M", "G", "T"};
+    for (int i = 0; i < 5; ++i)
+      if (suffix == units[i] || (i > 0 && suffix == std::string(units[i]) + "iB")) unit = std::ldexp(1.0, 10 * i);
+    const double n = std::floor(x * unit);
+    if (v->empty() || ec != std::errc() || unit == 0 || !(n >= 1) || !(n < 0x1p63))
+      throw failure(fmt::format("{} expects a size in bytes such as 8589934592, 512M or 1.5GiB, got '{}'", name, *v));
+    return static_cast<std::uint64_t>(n);
+  }
   // One of the named values of `choices`, listed in that order in the error.
   template <class E>
   std::optional<E> choice(const std::string& name, const std::vector<std::pair<std::string, E>>& choices) const {

@@ -66,7 +66,12 @@ inline const ep_cli::CommandSpec& run_spec() {
               {"--u-batch", "FILE", "U batch (safetensors): estimates the Adam-preconditioned update Y (required)"},
               {"--lr", "X", "learning rate eta (default: 'lr' of CHECKPOINT_DIR/optimizer.safetensors)"},
               {"--weighting", "W", "dr_grpo (default) or per_token_avg"},
-              {"--mb-size", "N", "prompts per microbatch; 0 = the whole batch (default 0)"},
+              {"--mb-size", "N",
+               "prompts per microbatch: auto (default: the most that fit --max-memory), N,\n"
+               "or 0 = the whole batch"},
+              {"--max-memory", "BYTES",
+               "memory budget of --mb-size auto, e.g. 6G or 512MiB (default: 50% of the\n"
+               "host's available memory, 80% of the GPU's free memory)"},
               {"--dtype", "D", "f32 (default) or f64: the scalar type the model runs in"},
               {"--device", "DEV", "cpu (default) or cuda: where the model and the probe run (cuda: a CUDA build)"},
               {"--variance", "V", "none, conditional or full (default full)"},
@@ -125,7 +130,11 @@ inline RunOptions parse_run_args(const std::vector<std::string>& args) {
   o.weighting = a.choice<ep::Weighting>("--weighting", {{"dr_grpo", ep::Weighting::dr_grpo},
                                                         {"per_token_avg", ep::Weighting::per_token_avg}})
                     .value_or(o.weighting);
-  if (auto n = a.integer("--mb-size", std::uint64_t{1} << 40)) o.mb_size = static_cast<ep::index_t>(*n);
+  if (a.value("--mb-size") != "auto")
+    if (auto n = a.integer("--mb-size", std::uint64_t{1} << 40)) o.mb_size = static_cast<ep::index_t>(*n);
+  o.max_memory = a.bytes("--max-memory");
+  if (o.max_memory && o.mb_size)
+    throw a.failure(fmt::format("--max-memory sizes --mb-size auto; it has no effect with --mb-size {}", *o.mb_size));
   o.dtype = a.choice<std::string>("--dtype", {{"f32", "f32"}, {"f64", "f64"}}).value_or(o.dtype);
   o.device = a.choice<Device>("--device", {{"cpu", Device::cpu}, {"cuda", Device::cuda}}).value_or(o.device);
   if (o.device == Device::cuda && !kHaveCuda)

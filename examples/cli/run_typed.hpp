@@ -53,7 +53,8 @@ struct RunOptions {
   std::string checkpoint, e_batch, u_batch;
   std::optional<double> lr;
   ep::Weighting weighting = ep::Weighting::dr_grpo;
-  ep::index_t mb_size = 0;
+  std::optional<ep::index_t> mb_size;       // unset: auto
+  std::optional<std::uint64_t> max_memory;  // bytes; unset: the backend's default budget
   std::string dtype = "f32";
   Device device = Device::cpu;
   ep::VarianceMode variance = ep::VarianceMode::full;
@@ -217,6 +218,7 @@ ProbeOutcome probe_loaded(Model& model, const RunOptions& o, const ep::TokenBatc
   pc.learning_rate = o.lr;
   pc.weighting = o.weighting;
   pc.mb_size = o.mb_size;
+  pc.memory_budget = o.max_memory;
   pc.temperature = o.temperature;
   pc.variance = o.variance;
   pc.alpha_route = o.alpha_route;

@@ -327,6 +327,15 @@ TEST_CASE("cli run: usage errors exit 2 with a pointer to --help", "[cli][errors
       {with({"--temperature", "nan"}), "--temperature expects a number"},
       {with({"--mb-size", "-3"}), "--mb-size expects a non-negative integer, got '-3'"},
       {with({"--mb-size", "2x"}), "--mb-size"},
+      {with({"--max-memory", "0"}), "--max-memory expects a size in bytes such as 8589934592, 512M or 1.5GiB, got '0'"},
+      {with({"--max-memory", "-1G"}), "--max-memory expects a size in bytes"},
+      {with({"--max-memory", "12X"}), "got '12X'"},
+      {with({"--max-memory", "4 G"}), "got '4 G'"},
+      {with({"--max-memory", "GiB"}), "got 'GiB'"},
+      {with({"--max-memory", "inf"}), "got 'inf'"},
+      {with({"--max-memory", "1e30"}), "got '1e30'"},
+      {with({"--max-memory", ""}), "got ''"},
+      {with({"--max-memory", "1G", "--mb-size", "2"}), "--max-memory sizes --mb-size auto; it has no effect"},
       {with({"extra"}), "unexpected argument 'extra'"},
       {with({"--json", s.dir.file("no/such/dir/r.json")}), "does not exist"},
       {with({"--direction", "sgd"}), "--direction must be one of precond_sgd, adamw, both, got 'sgd'"},
@@ -441,6 +450,48 @@ TEST_CASE("cli run: --device cpu is the default and --device cuda needs a build 
   CHECK_THAT(cuda.err, Contains("--device cuda: this build of entropy-probe has no CUDA support") &&
                            Contains("-DENTROPY_PROBE_CUDA=ON") && Contains("entropy-probe run --help"));
   CHECK(cuda.out.empty());
+}
+
+TEST_CASE("cli run: --mb-size auto is the default and --max-memory takes a byte count", "[cli][memory]") {
+  const std::vector<std::string> ok{"ckpt", "--e-batch", "E", "--u-batch", "U"};
+  auto parse = [&](std::vector<std::string> extra) {
+    std::vector<std::string> a = ok;
+    a.insert(a.end(), extra.begin(), extra.end());
+    return ep_run::parse_run_args(a);
+  };
+  CHECK_FALSE(parse({}).mb_size);
+  CHECK_FALSE(parse({}).max_memory);
+  CHECK_FALSE(parse({"--mb-size", "auto"}).mb_size);
+  CHECK(parse({"--mb-size", "0"}).mb_size == 0);
+  CHECK(parse({"--mb-size", "3"}).mb_size == 3);
+  const std::uint64_t K = 1024;
+  CHECK(parse({"--max-memory", "8589934592"}).max_memory == 8589934592u);
+  CHECK(parse({"--max-memory", "2K"}).max_memory == 2 * K);
+  CHECK(parse({"--max-memory", "512M"}).max_memory == 512 * K * K);
+  CHECK(parse({"--max-memory=512MiB"}).max_memory == 512 * K * K);
+  CHECK(parse({"--max-memory", "1.5GiB"}).max_memory == 3 * K * K * K / 2);
+  CHECK(parse({"--max-memory", "6G", "--mb-size", "auto"}).max_memory == 6 * K * K * K);
+  CHECK(parse({"--max-memory", "1T"}).max_memory == K * K * K * K);
+}
+
+TEST_CASE("cli run: a --max-memory below what the model holds is a clear error, exit 1", "[cli][memory]") {
+  Gpt2Setup s;
+  const Outcome tight =
+      run({s.ckpt, "--e-batch", s.E, "--u-batch", s.U, "--max-memory", "1K", "--log-level", "warning"});
+  CHECK(tight.rc == 1);
+  CHECK_THAT(tight.err, Contains("sum_X: the") && Contains("exceed the memory budget of 1.00 KiB before any prompt") &&
+                            Contains("--max-memory"));
+  // With a budget that fits: the sizes each phase chose are in the JSON.
+  const std::string out = s.dir.file("auto.json");
+  const Outcome o =
+      run({s.ckpt, "--e-batch", s.E, "--u-batch", s.U, "--max-memory", "4G", "--json", out, "--log-level", "warning"});
+  INFO(o.err);
+  REQUIRE(o.rc == 0);
+  const json j = read_json(out);
+  CHECK(j["config"]["mb_size"] == "auto");
+  CHECK(j["config"]["memory_budget"] == 4 * (std::uint64_t(1) << 30));
+  CHECK(j["microbatch"]["sum_X"] == 3);  // 4 E prompts: one measured, then the other 3 at once
+  CHECK(j["microbatch"]["sum_Y"] == 2);
 }
 
 namespace {

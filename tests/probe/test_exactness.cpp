@@ -154,7 +154,7 @@ TEST_CASE("exactness: mean of mu_X over sampled E batches is within 4 SE of grad
   auto gradH = exact_entropy_gradient(m, reg);
   scale_param_buffer(gradH, 1.0 / double(kLen));
   SingleProcess comm;
-  ProbeComponents<Model> c(m, reg, ProbeSettings{Weighting::dr_grpo, 0, 1.0, {}}, comm);
+  ProbeComponents<Model> c(m, reg, ProbeSettings{.mb_size = 0}, comm);
   const std::vector<ParamBuffer<double>> dirs{random_direction(reg, 1), random_direction(reg, 2), gradH};
   const int batches = 150;
   const index_t B_E = 8;

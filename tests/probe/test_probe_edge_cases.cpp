@@ -400,9 +400,9 @@ TEST_CASE("probe edge: an empty LoRA view is an error for the conditional varian
 TEST_CASE("probe edge: phases that do not run leave their keys out of the result and the JSON", "[probe][edge][json]") {
   auto model = tiny_gpt2<double>(28, /*lm_head=*/true);
   const TokenBatch E = random_batch(4, 2, 8, 11, 15), U = random_batch(3, 2, 8, 11, 16);
-  const std::set<std::string> always = {"bars_dot",  "deltaH1",    "learning_rate",          "B_E",      "B_U",
-                                        "mu_X_norm", "mu_Y_norm",  "preconditioner_missing", "registry", "timing",
-                                        "config",    "directions", "zero_second_moment"};
+  const std::set<std::string> always = {"bars_dot",  "deltaH1",    "learning_rate",          "B_E",       "B_U",
+                                        "mu_X_norm", "mu_Y_norm",  "preconditioner_missing", "registry",  "timing",
+                                        "config",    "directions", "zero_second_moment",     "microbatch"};
   const std::set<std::string> conditional_keys = {"SE_conditional", "s_values"};
   const std::set<std::string> full_keys = {"V_X", "V_Y", "SE_deltaH1"};
   const std::set<std::string> truth_keys = {"H_orig",    "H_upd",           "deltaH_true", "H_orig_tok",
@@ -447,8 +447,19 @@ TEST_CASE("probe edge: phases that do not run leave their keys out of the result
     CHECK(keys_of(j["registry"]) ==
           std::set<std::string>{"trainable_tensors", "lora_tensors", "trainable_numel", "names"});
     CHECK(keys_of(j["config"]) == std::set<std::string>{"learning_rate", "learning_rate_source", "weighting", "mb_size",
-                                                        "temperature", "variance", "alpha_route", "ground_truth", "is",
-                                                        "clip_c", "directions", "influence"});
+                                                        "memory_budget", "temperature", "variance", "alpha_route",
+                                                        "ground_truth", "is", "clip_c", "directions", "influence"});
+    // A microbatch size per loop that ran (full_variance_X only when the
+    // alpha trick's values could not be reused).
+    std::set<std::string> loops = {"sum_X", "sum_Y"};
+    if (k.variance != VarianceMode::none) loops.insert("conditional_variance");
+    if (k.variance == VarianceMode::full) loops.insert("full_variance_Y");
+    if (k.truth) loops.insert("ground_truth");
+    std::set<std::string> ran = keys_of(j["microbatch"]);
+    ran.erase("full_variance_X");
+    CHECK(ran == loops);
+    CHECK(j["microbatch"] == nlohmann::json(r.microbatch));
+    CHECK(j["config"]["mb_size"] == "auto");
     CHECK(j["bars_dot"] == r.bars_dot);
     CHECK(j["deltaH1"] == r.deltaH1);
     CHECK(j["B_E"] == 4);

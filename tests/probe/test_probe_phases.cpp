@@ -20,7 +20,7 @@ TEST_CASE("probe: sums do not depend on the microbatch size", "[probe][microbatc
   SingleProcess comm;
   std::vector<ParamBuffer<double>> sums;
   for (index_t mb : {1, 2, 0}) {
-    ProbeComponents<decltype(model)> c(model, reg, ProbeSettings{Weighting::dr_grpo, mb, 1.0, {}}, comm);
+    ProbeComponents<decltype(model)> c(model, reg, ProbeSettings{.mb_size = mb}, comm);
     auto s = c.accumulate_sum_X(E);
     CHECK(s.count == 5);
     sums.push_back(s.sum);
@@ -44,7 +44,7 @@ TEST_CASE("probe: the alpha-trick routes agree with each other and with brute fo
   const TokenBatch E = random_batch(4, 3, 8, 11, 21);
   const TokenBatch U = random_batch(3, 2, 8, 11, 22);
   SingleProcess comm;
-  ProbeComponents<decltype(model)> c(model, reg, ProbeSettings{Weighting::dr_grpo, 2, 1.0, {}}, comm);
+  ProbeComponents<decltype(model)> c(model, reg, ProbeSettings{.mb_size = 2}, comm);
   auto state = random_adam_state(reg, 9);
   auto sumY = c.accumulate_sum_Y(U);
   AdamPreconditioner<double> P(state);
@@ -55,7 +55,7 @@ TEST_CASE("probe: the alpha-trick routes agree with each other and with brute fo
   REQUIRE(fwd.s_values.size() == 4);
   // Brute force: one full gradient per prompt on its own, dotted with mu_Y.
   for (index_t b = 0; b < 4; ++b) {
-    ProbeComponents<decltype(model)> one(model, reg, ProbeSettings{Weighting::dr_grpo, 0, 1.0, {}}, comm);
+    ProbeComponents<decltype(model)> one(model, reg, ProbeSettings{.mb_size = 0}, comm);
     auto Xb = one.accumulate_sum_X(E.select({b}));
     const double brute = dot_param_buffers(Xb.sum, mu_Y, reg.lora_view());
     CAPTURE(b, fwd.s_values[std::size_t(b)], rev.s_values[std::size_t(b)], brute);

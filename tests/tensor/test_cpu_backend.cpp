@@ -188,3 +188,33 @@ TEST_CASE("host allocator: aligned, zero-filled, freed blocks reused and bounded
   CpuBackend::empty_cache();
   CHECK(CpuBackend::cached_bytes() == 0);
 }
+
+TEST_CASE("host allocator: bytes in use and their peak, cached blocks not in use", "[tensor][allocator][memory]") {
+  detail::MemoryCounter counter;
+  counter.allocated(10);
+  counter.allocated(5);
+  counter.released(10);
+  CHECK(counter.in_use() == 5);
+  CHECK(counter.peak() == 15);
+  counter.reset_peak();
+  CHECK(counter.peak() == 5);
+
+  const std::size_t start = CpuBackend::memory_in_use();
+  CpuBackend::reset_peak_memory();
+  {
+    Tensor<float> a({1024, 256});  // 1 MiB, a size class of its own
+    CHECK(CpuBackend::memory_in_use() == start + (std::size_t(1) << 20));
+  }
+  // Freed into the cache: no longer in use; taken from the cache: in use again.
+  CHECK(CpuBackend::cached_bytes() >= std::size_t(1) << 20);
+  CHECK(CpuBackend::memory_in_use() == start);
+  {
+    Tensor<float> b({256, 1024});
+    CHECK(CpuBackend::memory_in_use() == start + (std::size_t(1) << 20));
+    CpuBackend::empty_cache();  // frees only the cached blocks
+    CHECK(CpuBackend::memory_in_use() == start + (std::size_t(1) << 20));
+  }
+  CHECK(CpuBackend::memory_in_use() == start);
+  CHECK(CpuBackend::peak_memory() == start + (std::size_t(1) << 20));
+  CHECK(CpuBackend::memory_available() > 0);
+}

@@ -80,12 +80,14 @@ inline nlohmann::json to_json(const ProbeResult& r) {
                    {"trainable_numel", r.registry.trainable_numel},
                    {"names", r.registry.names}};
   j["timing"] = r.timing;
+  j["microbatch"] = r.microbatch;
   const ProbeConfig& c = r.config;
   nlohmann::json cfg;
   cfg["learning_rate"] = r.learning_rate;
   cfg["learning_rate_source"] = r.learning_rate_source;
   cfg["weighting"] = to_string(c.weighting);
-  cfg["mb_size"] = c.mb_size;
+  cfg["mb_size"] = c.mb_size ? nlohmann::json(*c.mb_size) : nlohmann::json("auto");
+  cfg["memory_budget"] = c.memory_budget ? nlohmann::json(*c.memory_budget) : nlohmann::json("default");
   cfg["temperature"] = c.temperature;
   cfg["variance"] = to_string(c.variance);
   cfg["alpha_route"] = to_string(c.alpha_route);

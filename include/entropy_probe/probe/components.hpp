@@ -12,11 +12,14 @@
 #include "entropy_probe/probe/sequence_logprob.hpp"
 #include "entropy_probe/tensor/blas.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
+#include <map>
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -99,10 +102,57 @@ inline const char* to_string(Weighting w) { return w == Weighting::dr_grpo ? "dr
 
 struct ProbeSettings {
   Weighting weighting = Weighting::dr_grpo;
-  index_t mb_size = 0;        // prompts per microbatch; 0 = all at once
-  double temperature = 1.0;   // tau
-  ProgressCallback progress;  // called after each microbatch of a long phase
+  // Prompts per microbatch: N, 0 = all at once, or unset (the default) = the
+  // most that fit memory_budget, measured per phase (for_each_microbatch).
+  std::optional<index_t> mb_size{};
+  double temperature = 1.0;     // tau
+  ProgressCallback progress{};  // called after each microbatch of a long phase
+  // Bytes the backend's live tensors may reach when mb_size is unset; unset:
+  // default_memory_budget<B>() when the components are built.
+  std::optional<std::size_t> memory_budget{};
 };
+
+// "1.50 GiB": a byte count for messages.
+inline std::string bytes_text(std::size_t bytes) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(bytes);
+  int u = 0;
+  while (v >= 1024 && u < 4) v /= 1024, ++u;
+  return u == 0 ? fmt::format("{} B", bytes) : fmt::format("{:.2f} {}", v, units[u]);
+}
+
+// The default memory budget: what backend B already holds plus a safe share
+// (B::default_memory_share: 50% on the host, 80% on a GPU) of what it has free.
+template <class B>
+std::size_t default_memory_budget() {
+  return B::memory_in_use() + static_cast<std::size_t>(B::default_memory_share * double(B::memory_available()));
+}
+
+// The automatic microbatch size of a phase, after its first prompt ran alone:
+// that prompt raised the backend's peak bytes in use `per_prompt` above the
+// `in_use` before it, so each microbatch of k prompts is taken to need at most
+// k * per_prompt on top of in_use (its fixed costs counted once per prompt:
+// an overestimate, never an underestimate). Returns the most prompts that fit
+// `budget`, at least 1 and at most `prompts_left` (when any are left).
+// Throws when the one prompt alone did not fit: a larger microbatch cannot.
+inline index_t microbatch_size_for_budget(std::string_view phase, std::size_t per_prompt, std::size_t in_use,
+                                          std::size_t budget, index_t prompts_left) {
+  if (in_use > budget)
+    fail<Error>(
+        "{}: the {} already in use (the model, its optimizer state and the probe's buffers) exceed the memory "
+        "budget of {} before any prompt runs; raise the budget (--max-memory, ProbeConfig::memory_budget)",
+        phase, bytes_text(in_use), bytes_text(budget));
+  if (per_prompt > budget - in_use)
+    fail<Error>(
+        "{}: one prompt needs {} of memory on top of the {} already in use, over the memory budget of {}; "
+        "raise the budget (--max-memory, ProbeConfig::memory_budget) or use shorter sequences or fewer "
+        "responses per prompt",
+        phase, bytes_text(per_prompt), bytes_text(in_use), bytes_text(budget));
+  const index_t most = std::max<index_t>(prompts_left, 1);
+  if (per_prompt == 0) return most;
+  const std::size_t fit = (budget - in_use) / per_prompt;
+  return std::clamp<index_t>(static_cast<index_t>(std::min<std::size_t>(fit, std::size_t(most))), 1, most);
+}
 
 // Loss weights for one batch, given its S values (row-major [B, G]):
 //   X: LX[b] = sum_g W[b,g] S[b,g] with W = -(1/G) c[b,g],
@@ -154,7 +204,12 @@ class ProbeComponents {
     registry.require_trainable("ProbeComponents");
     if (!(settings_.temperature > 0) || !std::isfinite(settings_.temperature))
       fail<UsageError>("ProbeComponents: temperature {} must be positive and finite", settings_.temperature);
-    if (settings_.mb_size < 0) fail<UsageError>("ProbeComponents: mb_size {} is negative", settings_.mb_size);
+    if (settings_.mb_size && *settings_.mb_size < 0)
+      fail<UsageError>("ProbeComponents: mb_size {} is negative", *settings_.mb_size);
+    if (!settings_.mb_size) {
+      budget_ = settings_.memory_budget ? *settings_.memory_budget : default_memory_budget<B>();
+      log_debug("microbatches sized automatically within a memory budget of {}", bytes_text(budget_));
+    }
   }
 
   M& model() const { return *model_; }
@@ -177,32 +232,66 @@ class ProbeComponents {
     return st.value;
   }
 
-  // [begin, end) ranges of at most mb_size prompts covering [0, n).
-  std::vector<std::pair<index_t, index_t>> iter_microbatches(index_t n) const {
+  // [begin, end) ranges of at most `step` prompts covering [first, n)
+  // (step 0: all at once).
+  static std::vector<std::pair<index_t, index_t>> iter_microbatches(index_t n, index_t step, index_t first = 0) {
     std::vector<std::pair<index_t, index_t>> out;
-    const index_t step = settings_.mb_size > 0 ? settings_.mb_size : std::max<index_t>(n, 1);
-    for (index_t b = 0; b < n; b += step) out.emplace_back(b, std::min(n, b + step));
+    if (step <= 0) step = std::max<index_t>(n - first, 1);
+    for (index_t b = first; b < n; b += step) out.emplace_back(b, std::min(n, b + step));
     return out;
   }
 
   // The one microbatch loop every phase runs: this rank's shard of `batch`
-  // (comm.shard) in microbatches of at most mb_size prompts. For each,
-  // body(mb, prompts) gets the selected TokenBatch and its prompts' indices
-  // in `batch` (mb's prompt j is batch's prompts[j]); progress is reported
-  // for `phase` after each. Returns the number of prompts this rank ran.
+  // (comm.shard) in microbatches. For each, body(mb, prompts) gets the
+  // selected TokenBatch and its prompts' indices in `batch` (mb's prompt j is
+  // batch's prompts[j]); progress is reported for `phase` after each. Returns
+  // the number of prompts this rank ran.
+  //
+  // With mb_size set, microbatches of mb_size prompts (0: one of all). Unset,
+  // the first microbatch is one prompt, during which the backend's peak bytes
+  // in use are measured; the rest run in microbatches of as many prompts as
+  // that cost fits in the memory budget (microbatch_size_for_budget), which
+  // fails before a second microbatch when even one prompt does not fit. The
+  // size each phase ran with is kept in microbatch_sizes().
   template <class Body>
   index_t for_each_microbatch(const TokenBatch& batch, const char* phase, Body&& body) const {
     const std::vector<index_t> mine = comm_->shard(batch.B);
     const auto total = static_cast<index_t>(mine.size());
     index_t done = 0;
-    for (auto [b0, b1] : iter_microbatches(total)) {
+    auto run = [&](index_t b0, index_t b1) {
       const std::vector<index_t> prompts(mine.begin() + b0, mine.begin() + b1);
       const TokenBatch mb = batch.select(prompts);
       body(mb, std::span<const index_t>(prompts));
       report(phase, done += mb.B, total);
+    };
+    index_t step = settings_.mb_size.value_or(1);
+    if (!settings_.mb_size && total > 0) {
+      B::reset_peak_memory();
+      const std::size_t in_use = B::peak_memory();  // just reset: the bytes in use now
+      if (in_use > budget_)                         // the model and the phase's buffers alone: no prompt can fit
+        microbatch_size_for_budget(phase, 0, in_use, budget_, total);
+      run(0, 1);
+      const std::size_t per_prompt = B::peak_memory() - in_use;
+      step = microbatch_size_for_budget(phase, per_prompt, in_use, budget_, total - 1);
+      // The one-prompt microbatch's freed blocks are of other size classes
+      // than a larger one's: cached beside its fresh blocks they would exceed
+      // the budget (measured: +1.5 GiB on a 9 GiB budget), so they go back.
+      if (step > 1) B::empty_cache();
+      log_info(
+          "[{}] microbatches of {} prompt(s): one prompt ({} responses x {} tokens) took {} above the {} in use, "
+          "budget {}",
+          phase, step, batch.G, batch.T, bytes_text(per_prompt), bytes_text(in_use), bytes_text(budget_));
     }
+    microbatch_sizes_[phase] = step > 0 ? std::min(step, total) : total;
+    for (auto [b0, b1] : iter_microbatches(total, step, done)) run(b0, b1);
     return total;
   }
+
+  // The prompts per microbatch each phase (for_each_microbatch's `phase`) last
+  // ran with on this rank.
+  const std::map<std::string, index_t>& microbatch_sizes() const { return microbatch_sizes_; }
+  // The memory budget of the automatic microbatch size (0 when mb_size is set).
+  std::size_t memory_budget() const { return budget_; }
 
   struct Sum {
     Buffer sum;         // sum over prompts of the per-prompt gradient
@@ -212,12 +301,12 @@ class ProbeComponents {
   // sum_b X_b over the E batch (this rank's shard, then all-reduced).
   Sum accumulate_sum_X(const TokenBatch& E) const {
     const Weighting w = settings_.weighting;
-    return accumulate("X", "[X] nonzero param.grads", E,
+    return accumulate("sum_X", "[X] nonzero param.grads", E,
                       [w](const TokenBatch& mb, std::span<const double> S) { return x_loss_weights(mb, S, w); });
   }
   // sum_u grad LY[u] over the U batch, raw (the preconditioner comes after).
   Sum accumulate_sum_Y(const TokenBatch& U) const {
-    return accumulate("Y", "[Y] raw nonzero param.grads", U,
+    return accumulate("sum_Y", "[Y] raw nonzero param.grads", U,
                       [](const TokenBatch& mb, std::span<const double>) { return y_loss_weights(mb); });
   }
 
@@ -320,7 +409,7 @@ class ProbeComponents {
     for (index_t c : detail::count_nonzero_entries(out.sum)) k += c > 0;
     log_debug("{} = {}/{}", nonzero_label, k, registry_->size());
     if (log_enabled(LogLevel::debug))  // the norm reads every entry back: only when it is shown
-      log_debug("[{}] ||sum_{}|| = {:.6e} over {} prompts", phase, phase, norm_param_buffer(out.sum), out.count);
+      log_debug("[{}] ||{}|| = {:.6e} over {} prompts", phase, phase, norm_param_buffer(out.sum), out.count);
     if (k == 0)
       fail<Error>(
           "{} = 0/{}: every trainable parameter's gradient sums to zero over the whole {} phase "
@@ -334,6 +423,8 @@ class ProbeComponents {
   const RegistryT* registry_;
   ProbeSettings settings_;
   Communicator* comm_;
+  std::size_t budget_ = 0;
+  mutable std::map<std::string, index_t> microbatch_sizes_;
 };
 
 }  // namespace entropy_probe

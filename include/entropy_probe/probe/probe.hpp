@@ -31,7 +31,10 @@ inline const char* to_string(Direction d) { return d == Direction::adamw ? "adam
 struct ProbeConfig {
   std::optional<double> learning_rate;  // eta; else the optimizer state's lr
   Weighting weighting = Weighting::dr_grpo;
-  index_t mb_size = 0;
+  // Prompts per microbatch: N, 0 = the whole batch at once, or unset (the
+  // default) = sized per phase to fit memory_budget (ProbeSettings).
+  std::optional<index_t> mb_size;
+  std::optional<std::size_t> memory_budget;  // bytes; unset: default_memory_budget<B>()
   double temperature = 1.0;
   VarianceMode variance = VarianceMode::full;
   AlphaRoute alpha_route = AlphaRoute::jvp;
@@ -84,7 +87,8 @@ struct ProbeResult {
   std::vector<SequenceInfluence> influence;  // U batch order (prompt-major); empty unless configured
   std::optional<Direction> influence_direction;
   RegistrySummary registry;
-  std::map<std::string, double> timing;  // seconds per phase, and "total"
+  std::map<std::string, double> timing;       // seconds per phase, and "total"
+  std::map<std::string, index_t> microbatch;  // prompts per microbatch each phase ran with (rank 0's)
   ProbeConfig config;
 };
 
@@ -104,7 +108,12 @@ class OfflineEntropyProbe {
         config_(std::move(config)),
         comm_(comm ? comm : &single_),
         components_(*model_, registry_,
-                    ProbeSettings{config_.weighting, config_.mb_size, config_.temperature, config_.progress}, *comm_) {}
+                    ProbeSettings{.weighting = config_.weighting,
+                                  .mb_size = config_.mb_size,
+                                  .temperature = config_.temperature,
+                                  .progress = config_.progress,
+                                  .memory_budget = config_.memory_budget},
+                    *comm_) {}
 
   // The registry and the components point into this object.
   OfflineEntropyProbe(const OfflineEntropyProbe&) = delete;
@@ -218,6 +227,7 @@ class OfflineEntropyProbe {
       r.timing["ground_truth"] = seconds_since(t0);
     }
     r.timing["total"] = seconds_since(t_start);
+    r.microbatch = components_.microbatch_sizes();
     return r;
   }
 

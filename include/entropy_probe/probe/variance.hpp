@@ -156,11 +156,11 @@ FullVariance full_variance(const ProbeComponents<M>& c, const TokenBatch& E, con
           ? *x_directional
           : c.per_prompt_directional(
                 E, mu_Y, [w](const TokenBatch& mb, std::span<const double> S) { return x_loss_weights(mb, S, w); },
-                "full_variance");
+                "full_variance_X");
   auto p_mu_X = mu_X;
   precondition(p_mu_X);
   const std::vector<double> yd = c.per_prompt_directional(
-      U, p_mu_X, [](const TokenBatch& mb, std::span<const double>) { return y_loss_weights(mb); }, "full_variance");
+      U, p_mu_X, [](const TokenBatch& mb, std::span<const double>) { return y_loss_weights(mb); }, "full_variance_Y");
   auto v = [&](const std::vector<double>& d) {
     const double n = static_cast<double>(d.size());
     double ss = 0;

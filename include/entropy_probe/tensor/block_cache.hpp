@@ -14,6 +14,26 @@
 
 namespace entropy_probe::detail {
 
+// Bytes of the blocks an allocator has handed out and not taken back (cached
+// free blocks are not in use), and their high-water mark since the last
+// reset: what the automatic microbatch size measures a prompt's cost with
+// (ProbeComponents::for_each_microbatch). Not thread-safe by itself: the
+// owner updates it under the same lock as its BlockCache.
+class MemoryCounter {
+ public:
+  void allocated(std::size_t bytes) {
+    in_use_ += bytes;
+    peak_ = std::max(peak_, in_use_);
+  }
+  void released(std::size_t bytes) { in_use_ -= bytes; }
+  void reset_peak() { peak_ = in_use_; }
+  std::size_t in_use() const { return in_use_; }
+  std::size_t peak() const { return peak_; }
+
+ private:
+  std::size_t in_use_ = 0, peak_ = 0;
+};
+
 class BlockCache {
  public:
   // A block's size class: kMinClass bytes, then four classes per power of two,

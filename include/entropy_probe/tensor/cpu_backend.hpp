@@ -22,9 +22,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -58,9 +60,12 @@ class HostAllocator {
   void* allocate(std::size_t bytes) {
     if (bytes == 0) return nullptr;
     const std::size_t size = block_size(bytes);
-    if (size >= kMinCachedBytes) {
+    {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (void* p = cache_.take(size)) return p;
+      if (void* p = size >= kMinCachedBytes ? cache_.take(size) : nullptr) {
+        counter_.allocated(size);
+        return p;
+      }
     }
     void* p = std::aligned_alloc(kAlign, size);
     if (!p) {  // give the cached blocks back and try once more
@@ -68,20 +73,37 @@ class HostAllocator {
       p = std::aligned_alloc(kAlign, size);
     }
     if (!p) fail<Error>("host allocation of {} bytes failed: out of memory", bytes);
+    std::lock_guard<std::mutex> lock(mutex_);
+    counter_.allocated(size);
     return p;
   }
 
   void release(void* p, std::size_t bytes) noexcept {
     if (!p) return;
     const std::size_t size = block_size(bytes);
-    if (size >= kMinCachedBytes) {
+    {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (cache_.cached_bytes() + size <= limit_) {
+      counter_.released(size);
+      if (size >= kMinCachedBytes && cache_.cached_bytes() + size <= limit_) {
         cache_.put(size, p);
         return;
       }
     }
     std::free(p);
+  }
+
+  // Bytes of live blocks, and their high-water mark since reset_peak().
+  std::size_t in_use() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return counter_.in_use();
+  }
+  std::size_t peak() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return counter_.peak();
+  }
+  void reset_peak() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    counter_.reset_peak();
   }
 
   void empty_cache() {
@@ -116,6 +138,7 @@ class HostAllocator {
 
   mutable std::mutex mutex_;
   detail::BlockCache cache_;
+  detail::MemoryCounter counter_;
   std::size_t limit_ = kDefaultLimit;
 };
 
@@ -208,6 +231,32 @@ class HostThreads {
   std::unique_ptr<Eigen::ThreadPool> pool_;
 };
 
+// The bytes /proc/meminfo's MemAvailable reports, or those left under the
+// cgroup (v2) memory limit when that is less: in a container MemAvailable
+// describes the whole machine.
+inline std::size_t host_memory_available() {
+  auto read_number = [](const char* path, const char* key) -> std::optional<std::size_t> {
+    std::ifstream in(path);
+    std::string word;
+    if (!key) {  // the file holds one number (or "max")
+      std::size_t n = 0;
+      return in >> n ? std::optional<std::size_t>(n) : std::nullopt;
+    }
+    while (in >> word)
+      if (word == key) {
+        std::size_t kib = 0;
+        return in >> kib ? std::optional<std::size_t>(kib * 1024) : std::nullopt;
+      }
+    return std::nullopt;
+  };
+  const auto available = read_number("/proc/meminfo", "MemAvailable:");
+  if (!available) fail<Error>("cannot read MemAvailable from /proc/meminfo: give the memory budget explicitly");
+  const auto limit = read_number("/sys/fs/cgroup/memory.max", nullptr);
+  const auto current = read_number("/sys/fs/cgroup/memory.current", nullptr);
+  if (limit && current) return std::min(*available, *limit > *current ? *limit - *current : std::size_t(0));
+  return *available;
+}
+
 }  // namespace cpu_detail
 
 struct CpuBackend {
@@ -245,6 +294,18 @@ struct CpuBackend {
   static std::size_t cached_bytes() { return cpu_detail::HostAllocator::instance().cached_bytes(); }
   static void set_cache_limit(std::size_t bytes) { cpu_detail::HostAllocator::instance().set_limit(bytes); }
   static void empty_cache() { cpu_detail::HostAllocator::instance().empty_cache(); }
+
+  // Bytes of live tensor storage, and its high-water mark since the last
+  // reset_peak_memory(): the automatic microbatch size measures with them.
+  static std::size_t memory_in_use() { return cpu_detail::HostAllocator::instance().in_use(); }
+  static std::size_t peak_memory() { return cpu_detail::HostAllocator::instance().peak(); }
+  static void reset_peak_memory() { cpu_detail::HostAllocator::instance().reset_peak(); }
+  // What more tensors could take: the kernel's MemAvailable (less when a
+  // cgroup limit is nearer) plus the allocator's cached free blocks. The
+  // default memory budget is default_memory_share of it: the host also holds
+  // the process's other memory and the cache's size-class slack.
+  static constexpr double default_memory_share = 0.5;
+  static std::size_t memory_available() { return cpu_detail::host_memory_available() + cached_bytes(); }
 
   template <class T>
   static void fill(T* dst, index_t n, T value) {

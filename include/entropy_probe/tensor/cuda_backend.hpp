@@ -144,7 +144,10 @@ class CudaContext {
     const std::size_t size = detail::BlockCache::size_class(bytes);
     if (cuda_detail::settings().cache_allocations) {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (void* p = cache_.take(size)) return p;
+      if (void* p = cache_.take(size)) {
+        counter_.allocated(size);
+        return p;
+      }
     }
     void* p = nullptr;
     cudaError_t e = cudaMalloc(&p, size);
@@ -154,6 +157,8 @@ class CudaContext {
       e = cudaMalloc(&p, size);
     }
     cuda_detail::check(e, "cudaMalloc({})", cuda_detail::bytes_str(bytes));
+    std::lock_guard<std::mutex> lock(mutex_);
+    counter_.allocated(size);
     return p;
   }
 
@@ -163,12 +168,29 @@ class CudaContext {
   void release(void* p, std::size_t bytes) noexcept {
     if (!p) return;
     const std::size_t size = detail::BlockCache::size_class(bytes);
-    if (cuda_detail::settings().cache_allocations) {
+    {
       std::lock_guard<std::mutex> lock(mutex_);
-      cache_.put(size, p);
-      return;
+      counter_.released(size);
+      if (cuda_detail::settings().cache_allocations) {
+        cache_.put(size, p);
+        return;
+      }
     }
     (void)cudaFree(p);  // synchronises with the device; errors here cannot be reported
+  }
+
+  // Bytes of live blocks on this device, and their high-water mark since reset_peak().
+  std::size_t in_use() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return counter_.in_use();
+  }
+  std::size_t peak() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return counter_.peak();
+  }
+  void reset_peak() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    counter_.reset_peak();
   }
 
   // Frees every cached block.
@@ -207,6 +229,7 @@ class CudaContext {
   cublasHandle_t cublas_ = nullptr;
   mutable std::mutex mutex_;
   detail::BlockCache cache_;  // blocks by size class (tensor/block_cache.hpp)
+  detail::MemoryCounter counter_;
   acc_t* sum_scratch_ = nullptr;
   acc_t* sum_host_ = nullptr;
   std::mutex sum_mutex_;
@@ -366,6 +389,22 @@ struct CudaBackend {
   // Frees the cached device blocks (cudaFree), e.g. before handing the GPU
   // to another library.
   static void empty_cache() { context().empty_cache(); }
+
+  // Bytes of live tensor storage on the current device, and its high-water
+  // mark since the last reset_peak_memory() (the automatic microbatch size).
+  static std::size_t memory_in_use() { return context().in_use(); }
+  static std::size_t peak_memory() { return context().peak(); }
+  static void reset_peak_memory() { context().reset_peak(); }
+  // What more tensors could take: the device's free memory (cudaMemGetInfo)
+  // plus the allocator's cached blocks; the default budget is
+  // default_memory_share of it (the rest: cuBLAS workspaces, fragmentation).
+  static constexpr double default_memory_share = 0.8;
+  static std::size_t memory_available() {
+    CudaContext& ctx = context();
+    std::size_t free = 0, total = 0;
+    cuda_detail::check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+    return free + ctx.cached_bytes();
+  }
 
   // Zero-initialised storage of n elements.
   template <class T>
