@@ -321,6 +321,7 @@ TEST_CASE("flash_causal_attention: usage errors name the problem", "[ops][attent
                     Catch::Contains("not a positive multiple of n_heads"));
   CHECK_THROWS_WITH(flash_causal_attention(t, q, k, v, mask, 0, 1), Catch::Contains("must be positive"));
   CHECK_THROWS_WITH(flash_causal_attention(t, q, k, v, mask, 4, 2, 0.0, 0), Catch::Contains("tile 0 must be positive"));
-  CHECK_THROWS_WITH(flash_causal_attention(t, q, k, v, mask, 4, 2, HUGE_VAL), Catch::Contains("must be finite and positive"));
+  CHECK_THROWS_WITH(flash_causal_attention(t, q, k, v, mask, 4, 2, HUGE_VAL),
+                    Catch::Contains("must be finite and positive"));
   CHECK_THROWS_AS(flash_causal_attention(t, q, k, v, short_mask, 4, 2), UsageError);
 }

@@ -12,16 +12,16 @@
 #include "entropy_probe/nn/layers.hpp"
 #include "entropy_probe/nn/lora_config.hpp"
 #include "entropy_probe/nn/packing.hpp"
-#include "entropy_probe/tape/ops/flash_attention.hpp"
 #include "entropy_probe/tape/ops/elementwise.hpp"
+#include "entropy_probe/tape/ops/flash_attention.hpp"
 #include "entropy_probe/tape/ops/gather.hpp"
 #include "entropy_probe/tape/ops/slice.hpp"
 #include "entropy_probe/tape/ops/view.hpp"
 
 #include <fmt/format.h>
 
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
 #include <optional>
 #include <random>
 #include <string>
