@@ -7,6 +7,7 @@
 // device path of run_typed runs on the emulated device backend).
 #include "../../examples/cli/run_command.hpp"
 #include "../cuda/emulated_backend.hpp"
+#include "../support/files.hpp"
 #include "../support/tiny_models.hpp"
 
 #include <catch2/catch.hpp>
@@ -27,21 +28,6 @@ using Catch::Contains;
 using nlohmann::json;
 
 namespace {
-
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    static int counter = 0;
-    path = std::filesystem::temp_directory_path() / fmt::format("ep_test_cli_{}_{}", ::getpid(), counter++);
-    std::filesystem::remove_all(path);
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 // Runs `run_command` with stdout and stderr captured.
 struct Outcome {

@@ -2,6 +2,7 @@
 // writing and loading each family, the layout differences between them, the
 // sliding-window rule, and the config.json fields honoured or refused by
 // name. Numerical agreement with transformers is in tests/parity.
+#include "../support/files.hpp"
 #include "../support/tiny_models.hpp"
 
 #include <entropy_probe/io/hf.hpp>
@@ -21,29 +22,7 @@ using namespace ep_test;
 using Catch::Contains;
 using nlohmann::json;
 
-#define CHECK_INPUT_ERROR(expr, matcher) \
-  do {                                   \
-    CHECK_THROWS_AS(expr, InputError);   \
-    CHECK_THROWS_WITH(expr, matcher);    \
-  } while (0)
-
 namespace {
-
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    static int counter = 0;
-    path = std::filesystem::temp_directory_path() / fmt::format("ep_test_families_{}_{}", ::getpid(), counter++);
-    std::filesystem::remove_all(path);
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  std::string str() const { return path.string(); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 json read_json(const std::string& path) {
   std::ifstream in(path);

@@ -7,6 +7,7 @@
 // [in, out], Qwen2 under "model.", PEFT adapters keyed by registry name.
 // Loading them back must reproduce every parameter and the logits, and every
 // bad input must be an InputError naming the file and the key.
+#include "../support/files.hpp"
 #include "../support/tiny_models.hpp"
 
 #include <entropy_probe/io/hf.hpp>
@@ -31,29 +32,7 @@ using Catch::Contains;
 using nlohmann::json;
 namespace st = entropy_probe::safetensors;
 
-#define CHECK_INPUT_ERROR(expr, matcher) \
-  do {                                   \
-    CHECK_THROWS_AS(expr, InputError);   \
-    CHECK_THROWS_WITH(expr, matcher);    \
-  } while (0)
-
 namespace {
-
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    static int counter = 0;
-    path = std::filesystem::temp_directory_path() / fmt::format("ep_test_hf_{}_{}", ::getpid(), counter++);
-    std::filesystem::remove_all(path);
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  std::string str() const { return path.string(); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 void write_json(const std::string& path, const json& j) {
   std::ofstream out(path);

@@ -5,6 +5,7 @@
 // sizes checked against the weight headers before anything is allocated.
 // Checkpoints are written by the library's own writer (hf::save_pretrained)
 // and edited by hand where a test needs another adapter_config.json.
+#include "../support/files.hpp"
 #include "../support/tiny_models.hpp"
 
 #include <entropy_probe/io/hf.hpp>
@@ -28,29 +29,7 @@ using namespace ep_test;
 using Catch::Contains;
 using nlohmann::json;
 
-#define CHECK_INPUT_ERROR(expr, matcher) \
-  do {                                   \
-    CHECK_THROWS_AS(expr, InputError);   \
-    CHECK_THROWS_WITH(expr, matcher);    \
-  } while (0)
-
 namespace {
-
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    static int counter = 0;
-    path = std::filesystem::temp_directory_path() / fmt::format("ep_test_peft_{}_{}", ::getpid(), counter++);
-    std::filesystem::remove_all(path);
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  std::string str() const { return path.string(); }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 json read_json(const std::string& path) { return json::parse(std::ifstream(path)); }
 void edit_adapter_config(const TempDir& dir, const std::function<void(json&)>& edit) {

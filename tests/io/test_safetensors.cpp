@@ -5,6 +5,7 @@
 // crash or a silent default).
 #include "../fuzz/fuzz_safetensors.hpp"
 #include "../fuzz/seeds.hpp"
+#include "../support/files.hpp"
 
 #include <entropy_probe/io/safetensors.hpp>
 
@@ -23,12 +24,6 @@
 using namespace entropy_probe;
 using namespace entropy_probe::safetensors;
 using Catch::Contains;
-
-#define CHECK_INPUT_ERROR(expr, matcher) \
-  do {                                   \
-    CHECK_THROWS_AS(expr, InputError);   \
-    CHECK_THROWS_WITH(expr, matcher);    \
-  } while (0)
 
 namespace {
 

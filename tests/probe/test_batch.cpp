@@ -1,6 +1,7 @@
 // TokenBatch: validation (every error names the batch, the field and the
 // index), generated lengths and Lmax, the causal shift of the scored targets,
 // select/slice and GRPO advantages (docs/math.md, docs/checkpoints.md).
+#include "../support/files.hpp"
 #include "../support/tiny_models.hpp"
 
 #include <entropy_probe/probe/batch.hpp>
@@ -14,13 +15,6 @@
 
 using namespace entropy_probe;
 using Catch::Contains;
-
-// The exception type and the message, in one check.
-#define CHECK_INPUT_ERROR(expr, matcher) \
-  do {                                   \
-    CHECK_THROWS_AS(expr, InputError);   \
-    CHECK_THROWS_WITH(expr, matcher);    \
-  } while (0)
 
 namespace {
 
