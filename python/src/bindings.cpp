@@ -219,7 +219,9 @@ class LoadedT final : public Loaded {
   ep::index_t vocab_size() override {
     return std::visit([](auto& model) { return model.vocab_size(); }, models_);
   }
-  std::string model_type() const override { return models_.index() == 0 ? "gpt2" : "qwen2"; }
+  std::string model_type() const override {
+    return std::visit([](const auto& model) { return std::string(model.model_type()); }, models_);
+  }
 
  private:
   std::string path_, dtype_;

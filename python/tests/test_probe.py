@@ -85,7 +85,8 @@ def test_run_equals_golden(name, checkpoints):
             for k, want in truth.items():
                 assert close(r[k], want, GOLDEN_REL), (kind, k, r[k], want)
             assert (r["B_E"], r["B_U"]) == (v["B_E"], v["B_U"])
-            assert r["registry"]["names"] == g["registry"]["names"]
+            # The same parameters; the registry lists them in the model's declaration order, PyTorch in its own.
+            assert sorted(r["registry"]["names"]) == sorted(g["registry"]["names"])
 
 
 class DLPackOnly:
