@@ -166,6 +166,10 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
   const index_t n_rows = dims.rows, n_tok = dims.tok, hq = dims.hq, hkv = dims.hkv, dh = dims.dh, group = dims.group;
   const index_t ldq = dims.ldq, ldk = dims.ldk;
   if (tile < 1) fail<UsageError>("flash_causal_attention: tile {} must be positive", tile);
+  // A tile longer than the sequence is the sequence: the row passes and exp
+  // run over whole [tile, tile] blocks, so a short sequence must not pay for
+  // a long tile.
+  tile = std::min(tile, std::max<index_t>(n_tok, 1));
   const T sc = static_cast<T>(detail::attention_scale("flash_causal_attention", scale, dh));
 
   const index_t tt = tile * tile, n_tiles = (n_tok + tile - 1) / tile, n_stats = n_rows * hq * n_tok;
