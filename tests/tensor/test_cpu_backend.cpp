@@ -7,6 +7,7 @@
 
 #include <catch2/catch.hpp>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -217,4 +218,31 @@ TEST_CASE("host allocator: bytes in use and their peak, cached blocks not in use
   CHECK(CpuBackend::memory_in_use() == start);
   CHECK(CpuBackend::peak_memory() == start + (std::size_t(1) << 20));
   CHECK(CpuBackend::memory_available() > 0);
+}
+
+namespace {
+// A backend missing one member of the contract (no gemm_batched).
+struct IncompleteBackend {
+  static constexpr const char* name = "incomplete";
+};
+}  // namespace
+
+TEST_CASE("backend contract: CpuBackend meets it, an incomplete type does not", "[tensor][backend]") {
+  STATIC_REQUIRE(Backend<CpuBackend>);
+  STATIC_REQUIRE_FALSE(Backend<IncompleteBackend>);
+  STATIC_REQUIRE_FALSE(Backend<int>);
+}
+
+TEST_CASE("gemm: sizes beyond the BLAS's int are a usage error, not a truncated call", "[tensor][gemm]") {
+  const index_t big = index_t(INT_MAX) + 1;
+  CHECK_THROWS_WITH(
+      detail::check_blas_sizes("cblas_sgemm", 2, 3, 4, big, 3, 3),
+      Catch::Contains("cblas_sgemm(m=2, n=3, k=4, lda=2147483648") && Catch::Contains("outside [0, INT_MAX]"));
+  CHECK_THROWS_AS(detail::check_blas_sizes("f", -1, 1, 1, 1, 1, 1), UsageError);
+  CHECK_NOTHROW(detail::check_blas_sizes("f", 1, 1, 1, INT_MAX, 1, 1, INT_MAX));
+#if defined(ENTROPY_PROBE_USE_CBLAS)
+  // The check runs before the call reads any operand.
+  float a = 1, b = 1, c = 0;
+  CHECK_THROWS_AS(CpuBackend::gemm(false, false, 1, 1, 1, 1.0f, &a, big, &b, 1, 0.0f, &c, 1), UsageError);
+#endif
 }

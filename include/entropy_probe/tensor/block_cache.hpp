@@ -11,6 +11,7 @@
 #include <bit>
 #include <cstddef>
 #include <map>
+#include <mutex>
 
 namespace entropy_probe::detail {
 
@@ -70,6 +71,65 @@ class BlockCache {
  private:
   std::multimap<std::size_t, void*> free_;
   std::size_t cached_bytes_ = 0;
+};
+
+// The part both caching allocators share: a BlockCache and a MemoryCounter
+// behind one mutex. take() and put() count a block as handed out or taken
+// back; the owner allocates from the system when take() misses and frees what
+// put() refuses.
+class CountingBlockCache {
+ public:
+  // A cached block of `size` (counted as in use), or nullptr.
+  void* take(std::size_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    void* p = cache_.take(size);
+    if (p) counter_.allocated(size);
+    return p;
+  }
+  // Counts a block the owner got from the system as in use.
+  void allocated(std::size_t size) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    counter_.allocated(size);
+  }
+  // Counts a block as taken back and keeps it when `keep(cached_bytes)`
+  // allows; false when the owner must free it.
+  template <class Keep>
+  bool put(std::size_t size, void* p, Keep&& keep) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    counter_.released(size);
+    if (!keep(cache_.cached_bytes())) return false;
+    cache_.put(size, p);
+    return true;
+  }
+  // Hands every cached block to release(p, size) under the lock.
+  template <class Release>
+  void drain(Release&& release) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    cache_.drain(release);
+  }
+
+  // Bytes of live blocks, and their high-water mark since reset_peak().
+  std::size_t in_use() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return counter_.in_use();
+  }
+  std::size_t peak() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return counter_.peak();
+  }
+  void reset_peak() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    counter_.reset_peak();
+  }
+  std::size_t cached_bytes() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cache_.cached_bytes();
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  BlockCache cache_;
+  MemoryCounter counter_;
 };
 
 }  // namespace entropy_probe::detail

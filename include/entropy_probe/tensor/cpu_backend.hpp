@@ -10,6 +10,7 @@
 
 #include "entropy_probe/core/config.hpp"
 #include "entropy_probe/core/error.hpp"
+#include "entropy_probe/tensor/backend.hpp"
 #include "entropy_probe/tensor/batch_grid.hpp"
 #include "entropy_probe/tensor/block_cache.hpp"
 #include "entropy_probe/tensor/owned_buffer.hpp"
@@ -18,6 +19,7 @@
 #include <unsupported/Eigen/CXX11/ThreadPool>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -60,72 +62,40 @@ class HostAllocator {
   void* allocate(std::size_t bytes) {
     if (bytes == 0) return nullptr;
     const std::size_t size = block_size(bytes);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (void* p = size >= kMinCachedBytes ? cache_.take(size) : nullptr) {
-        counter_.allocated(size);
-        return p;
-      }
-    }
+    if (void* p = size >= kMinCachedBytes ? cache_.take(size) : nullptr) return p;
     void* p = std::aligned_alloc(kAlign, size);
     if (!p) {  // give the cached blocks back and try once more
       empty_cache();
       p = std::aligned_alloc(kAlign, size);
     }
     if (!p) fail<Error>("host allocation of {} bytes failed: out of memory", bytes);
-    std::lock_guard<std::mutex> lock(mutex_);
-    counter_.allocated(size);
+    cache_.allocated(size);
     return p;
   }
 
   void release(void* p, std::size_t bytes) noexcept {
     if (!p) return;
     const std::size_t size = block_size(bytes);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      counter_.released(size);
-      if (size >= kMinCachedBytes && cache_.cached_bytes() + size <= limit_) {
-        cache_.put(size, p);
-        return;
-      }
-    }
-    std::free(p);
+    const std::size_t limit = limit_.load();
+    if (!cache_.put(size, p, [&](std::size_t cached) { return size >= kMinCachedBytes && cached + size <= limit; }))
+      std::free(p);
   }
 
   // Bytes of live blocks, and their high-water mark since reset_peak().
-  std::size_t in_use() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return counter_.in_use();
-  }
-  std::size_t peak() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return counter_.peak();
-  }
-  void reset_peak() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    counter_.reset_peak();
-  }
+  std::size_t in_use() const { return cache_.in_use(); }
+  std::size_t peak() const { return cache_.peak(); }
+  void reset_peak() { cache_.reset_peak(); }
 
   void empty_cache() {
-    std::lock_guard<std::mutex> lock(mutex_);
     cache_.drain([](void* p, std::size_t) { std::free(p); });
   }
-  std::size_t cached_bytes() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return cache_.cached_bytes();
-  }
+  std::size_t cached_bytes() const { return cache_.cached_bytes(); }
   // At most `bytes` are kept cached (0: none); blocks beyond it are freed.
   void set_limit(std::size_t bytes) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      limit_ = bytes;
-    }
+    limit_ = bytes;
     if (cached_bytes() > bytes) empty_cache();
   }
-  std::size_t limit() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return limit_;
-  }
+  std::size_t limit() const { return limit_.load(); }
 
  private:
   HostAllocator() = default;
@@ -136,10 +106,8 @@ class HostAllocator {
     return c >= kMinCachedBytes ? c : (bytes + kAlign - 1) / kAlign * kAlign;
   }
 
-  mutable std::mutex mutex_;
-  detail::BlockCache cache_;
-  detail::MemoryCounter counter_;
-  std::size_t limit_ = kDefaultLimit;
+  detail::CountingBlockCache cache_;
+  std::atomic<std::size_t> limit_ = kDefaultLimit;
 };
 
 // Host memory for HostBuffer (tensor/owned_buffer.hpp): the caching
@@ -506,6 +474,7 @@ struct CpuBackend {
     }
 #if defined(ENTROPY_PROBE_USE_CBLAS)
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      detail::check_blas_sizes(std::is_same_v<T, float> ? "cblas_sgemm" : "cblas_dgemm", m, n, k, lda, ldb, ldc);
       const auto ta = trans_a ? CblasTrans : CblasNoTrans;
       const auto tb = trans_b ? CblasTrans : CblasNoTrans;
       if constexpr (std::is_same_v<T, float>) {
@@ -595,5 +564,7 @@ struct CpuBackend {
       for (index_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
   }
 };
+
+static_assert(Backend<CpuBackend>, "CpuBackend must meet the backend contract (tensor/backend.hpp)");
 
 }  // namespace entropy_probe

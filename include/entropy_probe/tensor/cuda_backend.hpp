@@ -27,6 +27,7 @@
 
 #include "entropy_probe/core/config.hpp"
 #include "entropy_probe/core/error.hpp"
+#include "entropy_probe/tensor/backend.hpp"
 #include "entropy_probe/tensor/batch_grid.hpp"
 #include "entropy_probe/tensor/block_cache.hpp"
 #include "entropy_probe/tensor/owned_buffer.hpp"
@@ -142,13 +143,8 @@ class CudaContext {
   void* allocate(std::size_t bytes) {
     if (bytes == 0) return nullptr;
     const std::size_t size = detail::BlockCache::size_class(bytes);
-    if (cuda_detail::settings().cache_allocations) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (void* p = cache_.take(size)) {
-        counter_.allocated(size);
-        return p;
-      }
-    }
+    if (cuda_detail::settings().cache_allocations)
+      if (void* p = cache_.take(size)) return p;
     void* p = nullptr;
     cudaError_t e = cudaMalloc(&p, size);
     if (e == cudaErrorMemoryAllocation) {
@@ -157,8 +153,7 @@ class CudaContext {
       e = cudaMalloc(&p, size);
     }
     cuda_detail::check(e, "cudaMalloc({})", cuda_detail::bytes_str(bytes));
-    std::lock_guard<std::mutex> lock(mutex_);
-    counter_.allocated(size);
+    cache_.allocated(size);
     return p;
   }
 
@@ -168,41 +163,22 @@ class CudaContext {
   void release(void* p, std::size_t bytes) noexcept {
     if (!p) return;
     const std::size_t size = detail::BlockCache::size_class(bytes);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      counter_.released(size);
-      if (cuda_detail::settings().cache_allocations) {
-        cache_.put(size, p);
-        return;
-      }
-    }
-    (void)cudaFree(p);  // synchronises with the device; errors here cannot be reported
+    const bool keep = cuda_detail::settings().cache_allocations;
+    if (!cache_.put(size, p, [&](std::size_t) { return keep; }))
+      (void)cudaFree(p);  // synchronises with the device; errors here cannot be reported
   }
 
   // Bytes of live blocks on this device, and their high-water mark since reset_peak().
-  std::size_t in_use() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return counter_.in_use();
-  }
-  std::size_t peak() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return counter_.peak();
-  }
-  void reset_peak() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    counter_.reset_peak();
-  }
+  std::size_t in_use() const { return cache_.in_use(); }
+  std::size_t peak() const { return cache_.peak(); }
+  void reset_peak() { cache_.reset_peak(); }
 
   // Frees every cached block.
   void empty_cache() {
-    std::lock_guard<std::mutex> lock(mutex_);
-    (void)cudaStreamSynchronize(stream_);
+    (void)cudaStreamSynchronize(stream_);  // cudaFree synchronises too; this makes the order explicit
     cache_.drain([](void* p, std::size_t) { (void)cudaFree(p); });
   }
-  std::size_t cached_bytes() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return cache_.cached_bytes();
-  }
+  std::size_t cached_bytes() const { return cache_.cached_bytes(); }
 
   // Scratch of CudaBackend::sum: kMaxSumBlocks partial sums and the total on
   // the device, the total again in pinned host memory; sum_mutex() guards it.
@@ -227,9 +203,7 @@ class CudaContext {
   cudaDeviceProp props_{};
   cudaStream_t stream_ = nullptr;
   cublasHandle_t cublas_ = nullptr;
-  mutable std::mutex mutex_;
-  detail::BlockCache cache_;  // blocks by size class (tensor/block_cache.hpp)
-  detail::MemoryCounter counter_;
+  detail::CountingBlockCache cache_;  // blocks by size class (tensor/block_cache.hpp)
   acc_t* sum_scratch_ = nullptr;
   acc_t* sum_host_ = nullptr;
   std::mutex sum_mutex_;
@@ -629,7 +603,7 @@ struct CudaBackend {
     }
     static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>, "CudaBackend::gemm: float or double");
     const char* fn = std::is_same_v<T, float> ? "cublasSgemmBatched" : "cublasDgemmBatched";
-    check_sizes(fn, m, n, k, lda, ldb, ldc, items);
+    detail::check_blas_sizes(fn, m, n, k, lda, ldb, ldc, items);
     Storage<T*> ptrs = allocate_uninitialized<T*>(3 * items);  // A, B, C pointers of every item
     T** p = ptrs.data();
     T* ma = const_cast<T*>(a);
@@ -685,7 +659,7 @@ struct CudaBackend {
     }
     const char* fn = std::is_same_v<T, float> ? (batch == 1 ? "cublasSgemm" : "cublasSgemmStridedBatched")
                                               : (batch == 1 ? "cublasDgemm" : "cublasDgemmStridedBatched");
-    check_sizes(fn, m, n, k, lda, ldb, ldc, batch);
+    detail::check_blas_sizes(fn, m, n, k, lda, ldb, ldc, batch);
     cublasHandle_t h = set_math_mode<T>();
     const cublasOperation_t op_a = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, op_b = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
     const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
@@ -705,13 +679,6 @@ struct CudaBackend {
     after_launch(fn);
   }
 
-  static void check_sizes(const char* fn, index_t m, index_t n, index_t k, index_t lda, index_t ldb, index_t ldc,
-                          index_t batch) {
-    for (index_t v : {m, n, k, lda, ldb, ldc, batch})
-      if (v < 0 || v > INT_MAX)
-        fail<UsageError>("{}(m={}, n={}, k={}, lda={}, ldb={}, ldc={}, batch={}): a size is outside [0, INT_MAX]", fn,
-                         m, n, k, lda, ldb, ldc, batch);
-  }
   // The cuBLAS handle with the math mode of T's products (TF32 only for float, on request).
   template <class T>
   static cublasHandle_t set_math_mode() {
@@ -751,5 +718,7 @@ struct CudaBackend {
       cuda_detail::check(cudaStreamSynchronize(context().stream()), "CUDA {} (synchronised after launch)", what);
   }
 };
+
+static_assert(Backend<CudaBackend>, "CudaBackend must meet the backend contract (tensor/backend.hpp)");
 
 }  // namespace entropy_probe
