@@ -2,7 +2,7 @@
 // MPI for mpirun and once without, for a single rank) and its test cases.
 #pragma once
 
-#include <entropy_probe/probe/comm.hpp>
+#include <entropy_probe/comm/comm.hpp>
 
 #include <string>
 

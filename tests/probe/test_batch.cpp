@@ -4,7 +4,7 @@
 #include "../support/files.hpp"
 #include "../support/tiny_models.hpp"
 
-#include <entropy_probe/probe/batch.hpp>
+#include <entropy_probe/data/batch.hpp>
 #include <entropy_probe/probe/sequence_logprob.hpp>
 
 #include <catch2/catch.hpp>

@@ -1,4 +1,4 @@
-// The communicator seam for parameter buffers (probe/comm.hpp,
+// The communicator seam for parameter buffers (comm/comm.hpp,
 // allreduce_param_buffer in probe/components.hpp): a buffer leaves as one
 // contiguous message; a host backend's through allreduce_sum, a device
 // backend's through allreduce_sum_device, whose default stages it through

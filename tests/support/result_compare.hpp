@@ -14,7 +14,7 @@
 // both describe how a run was executed, and each rank sizes its own shard.
 #pragma once
 
-#include <entropy_probe/probe/comm.hpp>
+#include <entropy_probe/comm/comm.hpp>
 
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>

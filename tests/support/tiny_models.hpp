@@ -1,10 +1,10 @@
 // Small seeded models and batches shared by the probe tests.
 #pragma once
 
+#include <entropy_probe/data/batch.hpp>
 #include <entropy_probe/nn/gpt2.hpp>
 #include <entropy_probe/nn/qwen2.hpp>
-#include <entropy_probe/probe/adam.hpp>
-#include <entropy_probe/probe/batch.hpp>
+#include <entropy_probe/optim/adam.hpp>
 
 #include <random>
 

@@ -8,9 +8,9 @@
 // every rank of the job with the error printed once.
 #pragma once
 
+#include "entropy_probe/comm/comm.hpp"
 #include "entropy_probe/core/error.hpp"
 #include "entropy_probe/core/log.hpp"
-#include "entropy_probe/probe/comm.hpp"
 
 #include <mpi.h>
 

@@ -22,8 +22,8 @@
     "entropy_probe/dist/nccl.hpp needs the CUDA compiler: include it from a .cu source built by nvcc (docs/distributed.md)"
 #endif
 
+#include "entropy_probe/comm/comm.hpp"
 #include "entropy_probe/core/error.hpp"
-#include "entropy_probe/probe/comm.hpp"
 #include "entropy_probe/tensor/cuda_backend.hpp"
 
 #include <cuda_runtime.h>

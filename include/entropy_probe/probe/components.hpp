@@ -6,9 +6,9 @@
 // Everything iterates the one registry the components were built with.
 #pragma once
 
+#include "entropy_probe/comm/comm.hpp"
 #include "entropy_probe/core/log.hpp"
 #include "entropy_probe/module/bind.hpp"
-#include "entropy_probe/probe/comm.hpp"
 #include "entropy_probe/probe/sequence_logprob.hpp"
 #include "entropy_probe/tensor/blas.hpp"
 

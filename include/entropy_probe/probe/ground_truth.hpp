@@ -5,7 +5,7 @@
 // also when anything in between throws.
 #pragma once
 
-#include "entropy_probe/probe/adam.hpp"
+#include "entropy_probe/optim/adam.hpp"
 #include "entropy_probe/probe/components.hpp"
 
 #include <algorithm>

@@ -4,7 +4,7 @@
 // fields stay empty.
 #pragma once
 
-#include "entropy_probe/probe/adam.hpp"
+#include "entropy_probe/optim/adam.hpp"
 #include "entropy_probe/probe/components.hpp"
 #include "entropy_probe/probe/ground_truth.hpp"
 #include "entropy_probe/probe/variance.hpp"

@@ -5,8 +5,8 @@
 // then top-p on the renormalized rest.
 #pragma once
 
+#include "entropy_probe/data/batch.hpp"
 #include "entropy_probe/module/module.hpp"
-#include "entropy_probe/probe/batch.hpp"
 
 #include <algorithm>
 #include <cmath>

@@ -5,8 +5,8 @@
 // Token t is scored by the logits at position t-1 (the causal shift).
 #pragma once
 
+#include "entropy_probe/data/batch.hpp"
 #include "entropy_probe/module/module.hpp"
-#include "entropy_probe/probe/batch.hpp"
 #include "entropy_probe/tape/ops/gather.hpp"
 #include "entropy_probe/tape/ops/lm_head_logprob.hpp"
 #include "entropy_probe/tape/ops/logprob.hpp"

@@ -3,8 +3,8 @@
 
 #include "entropy_probe/core/error.hpp"
 #include "entropy_probe/core/log.hpp"
+#include "entropy_probe/data/batch.hpp"
 #include "entropy_probe/io/safetensors.hpp"
-#include "entropy_probe/probe/batch.hpp"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>

@@ -7,7 +7,7 @@
 #include "entropy_probe/io/hf/json_fields.hpp"
 #include "entropy_probe/io/safetensors.hpp"
 #include "entropy_probe/module/registry.hpp"
-#include "entropy_probe/probe/adam.hpp"
+#include "entropy_probe/optim/adam.hpp"
 
 #include <fmt/format.h>
 
