@@ -17,38 +17,51 @@ Var use(Tape<T, B>& tape, Parameter<T, B>& p) {
   return tape.leaf_ref(p.value, p.id().value, [ptr](Tensor<T, B>&& g) { ptr->accumulate_grad(std::move(g)); });
 }
 
-// Every trainable parameter the forward pass used must be in the registry:
+// A trainable parameter the forward pass used that registry `info` lacks:
 // one that named_parameters() does not list would receive gradients and
 // tangents that no buffer ever sees (the silent-skip bug this library exists
 // to rule out).
+[[noreturn]] inline void fail_unregistered_leaf(LeafKey key, const RegistryInfo& info, const char* phase) {
+  fail<UsageError>(
+      "{}: the forward pass used trainable parameter id {} that registry #{} does not hold; "
+      "does the model's named_parameters() list every parameter its forward() uses?",
+      phase, key, info.serial);
+}
+
+// Every trainable parameter the forward pass used must be in the registry.
 template <class T, class B>
 void require_leaves_in_registry(const Tape<T, B>& tape, const RegistryInfo& info, const char* phase) {
   for (LeafKey key : tape.leaf_keys())
-    if (info.find(ParamId{key}) < 0)
-      fail<UsageError>(
-          "{}: the forward pass used trainable parameter id {} that registry #{} does not hold; "
-          "does the model's named_parameters() list every parameter its forward() uses?",
-          phase, key, info.serial);
+    if (info.find(ParamId{key}) < 0) fail_unregistered_leaf(key, info, phase);
 }
 
-// Forward-mode pass with parameter tangents taken from `tangents` (absent
-// entries are zero tangents). The buffer's element type converts to T. A
-// trainable parameter of the forward pass outside the buffer's registry is an
-// error, not a zero tangent.
+// Parameter tangents from `tangents` (absent entries are zero tangents) as a
+// tape's TangentSource, borrowing the buffer's tensors. A trainable parameter
+// outside the buffer's registry is an error, not a zero tangent. For a
+// forward-tangent tape, Tape(forward_tangents, param_tangents(buf, phase)),
+// the buffer must outlive the tape.
+template <class T, class B>
+typename Tape<T, B>::TangentSource param_tangents(const ParamBuffer<T, B>& tangents, const char* phase) {
+  tangents.require_bound(phase);
+  return [&tangents, phase](LeafKey key) -> const Tensor<T, B>* {
+    const RegistryInfo& info = *tangents.info();
+    const index_t i = info.find(ParamId{key});
+    if (i < 0) fail_unregistered_leaf(key, info, phase);
+    return tangents.entry(i);
+  };
+}
+
+// Forward-mode pass over a recorded tape with parameter tangents taken from
+// `tangents` (as param_tangents). The buffer's element type converts to T.
 template <class T, class B, class U>
 void jvp(Tape<T, B>& tape, const ParamBuffer<U, B>& tangents) {
   tangents.require_bound("jvp");
   require_leaves_in_registry(tape, *tangents.info(), "jvp");
   if constexpr (std::is_same_v<T, U>) {
-    tape.jvp([&](LeafKey key) -> const Tensor<T, B>* { return tangents.entry(tangents.info()->find(ParamId{key})); });
+    tape.jvp(param_tangents(tangents, "jvp"));
   } else {
-    std::vector<std::optional<Tensor<T, B>>> converted(static_cast<std::size_t>(tangents.size()));
-    for (index_t i = 0; i < tangents.size(); ++i)
-      if (const auto* t = tangents.entry(i)) converted[static_cast<std::size_t>(i)] = t->template cast<T>();
-    tape.jvp([&](LeafKey key) -> const Tensor<T, B>* {
-      const auto& c = converted[static_cast<std::size_t>(tangents.info()->find(ParamId{key}))];
-      return c ? &*c : nullptr;
-    });
+    const ParamBuffer<T, B> converted = cast_param_buffer<T>(tangents);
+    tape.jvp(param_tangents(converted, "jvp"));
   }
 }
 

@@ -240,6 +240,9 @@ class DecoderForCausalLM {
     const auto table = make_rotary_table<T, B>(std::span<const std::int32_t>(positions), dh, config_.rope(), seq_len);
     const index_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads;
     const std::span<const std::uint8_t> mask(in.key_mask);
+    // A forward-tangent tape frees each finished layer's values and tangents
+    // but h (a no-op when recording): the pass holds about one layer.
+    const TapeMark start = tape.mark();
     Var h = embedding(tape, use(tape, embed_tokens_), std::span<const std::int32_t>(tokens));
     if (!pack) h = reshape(tape, h, {r, t, d});
     auto grid = [&](Var x) { return pack ? pack->to_grid(tape, x) : x; };
@@ -270,6 +273,7 @@ class DecoderForCausalLM {
       Var gated =
           mul(tape, activate(tape, l.gate_proj.forward(tape, m), config_.hidden_act), l.up_proj.forward(tape, m));
       h = add(tape, h, l.down_proj.forward(tape, gated));
+      tape.release_since(start, {h});
     }
     if (!selected) h = select_read(h);
     return {norm_.forward(tape, h), use(tape, lm_head_ ? *lm_head_ : embed_tokens_)};

@@ -162,6 +162,9 @@ class Gpt2LMHeadModel {
     const std::optional<PackedPositions> pack = pack_positions(in);
     const std::vector<std::int32_t> tokens = pack ? pack->select(in.tokens) : in.tokens;
     const std::vector<std::int32_t> positions = pack ? pack->select(in.positions) : in.positions;
+    // A forward-tangent tape frees each finished layer's values and tangents
+    // but h (a no-op when recording): the pass holds about one layer.
+    const TapeMark start = tape.mark();
     Var h = add(tape, embedding(tape, use(tape, wte_), std::span<const std::int32_t>(tokens)),
                 embedding(tape, use(tape, wpe_), std::span<const std::int32_t>(positions)));
     if (!pack) h = reshape(tape, h, {r, t, d});
@@ -188,6 +191,7 @@ class Gpt2LMHeadModel {
       h = add(tape, h, b.attn_c_proj.forward(tape, att));
       Var m = b.ln_2.forward(tape, h);
       h = add(tape, h, b.mlp_c_proj.forward(tape, activate(tape, b.c_fc.forward(tape, m), config_.activation)));
+      tape.release_since(start, {h});
     }
     if (!selected) h = select_read(h);
     return {ln_f_.forward(tape, h), use(tape, lm_head_ ? *lm_head_ : wte_)};

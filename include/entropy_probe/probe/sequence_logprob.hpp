@@ -77,6 +77,7 @@ Var record_sequence_logprobs(Tape<T, B>& tape, M& model, const TokenBatch& batch
   if (!scored.empty()) in.logit_positions = scored;  // none scored: the plain forward (S = 0)
   const index_t n = batch.rows() * batch.T;
   const auto m = static_cast<index_t>(scored.size());
+  const TapeMark start = tape.mark();  // the model's intermediates end with tok
 
   // Token log-probs [R*T] from a model output `x` ([..., width]) whose rows
   // are all R*T positions or the m scored ones; score(targets) gives one
@@ -106,17 +107,19 @@ Var record_sequence_logprobs(Tape<T, B>& tape, M& model, const TokenBatch& batch
       return log_softmax_gather(tape, logits, targets, temperature);
     });
   }
+  tape.release_since(start, {tok});
   return masked_seq_sum(tape, tok, std::span<const double>(st.weights), batch.rows());
 }
 
-// S values of every row of `batch` from one forward pass, without gradients.
-// Phases that split a batch into microbatches go through
-// ProbeComponents::for_each_microbatch.
+// S values of every row of `batch` from one forward pass, without gradients:
+// a forward-tangent tape without tangents keeps no nodes and frees each
+// finished layer, so this costs inference memory. Phases that split a batch
+// into microbatches go through ProbeComponents::for_each_microbatch.
 template <CausalLM M>
 std::vector<double> sequence_logprobs(M& model, const TokenBatch& batch, double temperature) {
   using T = typename M::scalar_type;
   using B = typename M::backend_type;
-  Tape<T, B> tape;
+  Tape<T, B> tape(forward_tangents, {});
   Var S = record_sequence_logprobs(tape, model, batch, temperature);
   std::vector<double> s;
   s.reserve(static_cast<std::size_t>(batch.rows()));

@@ -2,6 +2,11 @@
 // VJP rules in reverse from any output cotangent, `jvp` pushes leaf tangents
 // forward through the same nodes.
 //
+// A tape constructed with ForwardTangents keeps no nodes instead: each op's
+// JVP rule runs as the op is recorded, so values and tangents flow forward
+// together, and release_since() frees what a finished layer no longer needs.
+// Peak memory is then that of inference plus one layer, not of training.
+//
 // The tape knows nothing of parameters or registries (those live one layer
 // up): a leaf carries an opaque key, used to look its tangent up in `jvp`, and
 // an optional gradient sink that receives its gradient after `backward`.
@@ -76,6 +81,15 @@ void add_into(OutRef<T> out, const T* src, index_t n) {
 using LeafKey = std::uint64_t;
 inline constexpr LeafKey kNoLeafKey = 0;
 
+// Selects the tape's forward-tangent mode (see the top of this file).
+struct ForwardTangents {};
+inline constexpr ForwardTangents forward_tangents{};
+
+// The slots created after a point of a forward pass (Tape::mark).
+struct TapeMark {
+  index_t first_slot = 0;
+};
+
 template <class T, class B = CpuBackend>
 class Tape {
  public:
@@ -85,6 +99,9 @@ class Tape {
   using TangentSource = std::function<const TensorT*(LeafKey)>;
 
   Tape() = default;
+  // Forward-tangent mode: keyed leaves borrow their tangent from `source` as
+  // they are created (it must outlive the tape; nullptr = zero tangent).
+  Tape(ForwardTangents, TangentSource source) : eager_(true), source_(std::move(source)) {}
   Tape(const Tape&) = delete;
   Tape& operator=(const Tape&) = delete;
   Tape(Tape&&) = delete;  // nodes capture the tape's address
@@ -98,8 +115,8 @@ class Tape {
   Var constant_ref(const TensorT& value) { return add_slot(make_slot({}, &value, false)); }
 
   // A leaf whose gradient stays on the tape (read it with grad()); its tangent
-  // is set with set_tangent(). Used by tests and by callers that differentiate
-  // with respect to inputs.
+  // is set with set_tangent() (in forward-tangent mode before any op uses
+  // it). Used by tests and by callers that differentiate w.r.t. inputs.
   Var input(TensorT value, bool requires_grad = true) {
     return add_slot(make_slot(std::move(value), nullptr, requires_grad));
   }
@@ -110,6 +127,7 @@ class Tape {
     Slot s = make_slot({}, &value, true);
     s.key = key;
     s.sink = std::move(sink);
+    if (eager_) s.tangent_ref = leaf_tangent(key, value, "Tape (forward tangents)");
     return add_slot(std::move(s));
   }
 
@@ -120,15 +138,56 @@ class Tape {
   // (grad_accum); `jvp` reads input tangents (tangent_data, nullptr = zero)
   // and writes the output tangent (tangent_out). Both are skipped when no
   // input needs a gradient or carries a tangent.
+  //
+  // In forward-tangent mode the jvp rule runs here, at once, and the node is
+  // not kept: its closures, and the op state they saved, die on return.
   Var record(const char* name, TensorT out, std::initializer_list<Var> inputs, std::function<void(Var)> backward,
              std::function<void(Var)> jvp) {
     bool needs = false;
-    for (Var v : inputs) needs = needs || slot(v).requires_grad;
+    for (Var v : inputs) {
+      Slot& in = slot_mut(v);  // also refuses a released input
+      in.consumed = true;
+      // forward tangents: only an input carrying a tangent makes derivative work
+      needs = needs || (eager_ ? in.tangent_ref || in.tangent : in.requires_grad);
+    }
     Var result = add_slot(make_slot(std::move(out), nullptr, needs));
+    if (eager_) {
+      slot_mut(result).node = kEagerNode;
+      if (needs) jvp(result);
+      return result;
+    }
     nodes_.push_back(Node{name, std::vector<Var>(inputs), result, std::move(backward), std::move(jvp)});
     slot_mut(result).node = static_cast<index_t>(nodes_.size()) - 1;
     return result;
   }
+
+  // ---- lifetime (forward-tangent mode) --------------------------------------
+
+  // Model code holds Var indices, so the tape cannot see when a value dies:
+  // a layer loop marks where it starts and releases what it created but
+  // returns no further.
+  TapeMark mark() const { return {num_slots()}; }
+
+  // Frees the values and tangents of every slot created since `m` except
+  // `keep`; any later use of a released var is a UsageError. A no-op on a
+  // recording tape, whose backward pass still needs them.
+  void release_since(TapeMark m, std::initializer_list<Var> keep) {
+    if (!eager_) return;
+    for (index_t i = m.first_slot; i < num_slots(); ++i) {
+      bool kept = false;
+      for (Var v : keep) kept = kept || v.id == i;
+      Slot& s = slots_[static_cast<std::size_t>(i)];
+      if (kept || s.released) continue;
+      s.owned = TensorT{};
+      s.ref = nullptr;
+      s.tangent.reset();
+      s.input_tangent.reset();
+      s.tangent_ref = nullptr;
+      s.released = true;
+    }
+  }
+
+  bool forward_tangent_mode() const { return eager_; }
 
   const TensorT& value(Var v) const {
     const Slot& s = slot(v);
@@ -155,8 +214,8 @@ class Tape {
   OutRef<T> grad_into(Var v) { return into(slot_mut(v).grad, v); }
 
   const T* tangent_data(Var v) const {
-    const Slot& s = slot(v);
-    return s.tangent ? s.tangent->data() : nullptr;
+    const TensorT* t = tangent(v);
+    return t ? t->data() : nullptr;
   }
   // Output tangent buffer, zero-filled.
   T* tangent_out(Var v) {
@@ -186,6 +245,10 @@ class Tape {
   // hand theirs to their sink, which accumulates. May be called repeatedly on
   // one forward with different cotangents; each call starts from zero.
   void backward(Var out, const TensorT& cotangent) {
+    if (eager_)
+      fail<UsageError>(
+          "Tape::backward: this tape is in forward-tangent mode, which keeps no nodes to run backward; record the "
+          "forward on a default-constructed Tape for reverse mode");
     const TensorT& y = value(out);
     if (cotangent.shape() != y.shape())
       fail<UsageError>("Tape::backward: cotangent shape {} does not match output shape {}",
@@ -220,48 +283,60 @@ class Tape {
   // Sets the tangent of an input leaf (for jvp); shapes must agree.
   void set_tangent(Var v, TensorT tangent) {
     Slot& s = slot_mut(v);
-    if (s.node >= 0) fail<UsageError>("Tape::set_tangent: var {} is not a leaf", v.id);
+    if (s.node != kLeaf) fail<UsageError>("Tape::set_tangent: var {} is not a leaf", v.id);
     if (tangent.shape() != value(v).shape())
       fail<UsageError>("Tape::set_tangent: tangent shape {} does not match value shape {}", shape_str(tangent.shape()),
                        shape_str(value(v).shape()));
+    if (eager_) {
+      if (s.key != kNoLeafKey || s.ref)
+        fail<UsageError>("Tape::set_tangent: var {} is not an input leaf (keyed leaves take the tape's source)", v.id);
+      if (!s.requires_grad)
+        fail<UsageError>("Tape::set_tangent: input var {} was created with requires_grad = false", v.id);
+      if (s.consumed)
+        fail<UsageError>(
+            "Tape::set_tangent: input var {} was already used by an op; in forward-tangent mode its tangent must be "
+            "set before",
+            v.id);
+    }
     s.input_tangent = std::move(tangent);
+    if (eager_) s.tangent_ref = &*s.input_tangent;
   }
 
   // Pushes tangents forward through every node. Keyed leaves take theirs from
   // `source` (nullptr = zero), input leaves from set_tangent. Afterwards
   // tangent(v) is the directional derivative of v (nullptr = exactly zero).
   void jvp(const TangentSource& source = {}) {
-    for (Slot& s : slots_) s.tangent.reset();
+    if (eager_)
+      fail<UsageError>(
+          "Tape::jvp: this tape is in forward-tangent mode; its tangents were pushed as the forward ran (read them "
+          "with tangent())");
+    clear_tangents();
     for (Slot& s : slots_) {
-      if (s.node >= 0 || !s.requires_grad) continue;
+      if (s.node != kLeaf || !s.requires_grad) continue;
       if (s.key != kNoLeafKey) {
-        const TensorT* t = source ? source(s.key) : nullptr;
-        if (t) {
-          const TensorT& v = s.ref ? *s.ref : s.owned;
-          if (t->shape() != v.shape())
-            fail<UsageError>("Tape::jvp: tangent for leaf key {} has shape {}, value has {}", s.key,
-                             shape_str(t->shape()), shape_str(v.shape()));
-          s.tangent = *t;
-        }
+        const TensorT* t =
+            source ? checked_tangent(source(s.key), s.key, s.ref ? *s.ref : s.owned, "Tape::jvp") : nullptr;
+        if (t) s.tangent = *t;
       } else if (s.input_tangent) {
         s.tangent = *s.input_tangent;
       }
     }
     for (Node& node : nodes_) {
       bool any = false;
-      for (Var v : node.inputs) any = any || slot(v).tangent.has_value();
+      for (Var v : node.inputs) any = any || tangent(v) != nullptr;
       if (any) node.jvp(node.output);
     }
   }
 
   const TensorT* tangent(Var v) const {
     const Slot& s = slot(v);
+    if (s.tangent_ref) return s.tangent_ref;
     return s.tangent ? &*s.tangent : nullptr;
   }
 
   // Frees all tangents (they double the activation memory while held).
   void clear_tangents() {
-    for (Slot& s : slots_) s.tangent.reset();
+    for (Slot& s : slots_) s.tangent.reset();  // a forward-tangent leaf's borrowed tangent_ref costs nothing
   }
 
  private:
@@ -271,11 +346,16 @@ class Tape {
     bool requires_grad = false;
     LeafKey key = kNoLeafKey;
     GradSink sink;
-    index_t node = -1;  // producing node, -1 for leaves
+    index_t node = kLeaf;  // producing node, kLeaf for leaves, kEagerNode when not kept
     std::optional<TensorT> grad;
-    std::optional<TensorT> tangent;
+    std::optional<TensorT> tangent;        // an op's output tangent, owned
+    const TensorT* tangent_ref = nullptr;  // forward-tangent mode: a leaf's tangent, borrowed
     std::optional<TensorT> input_tangent;
+    bool consumed = false;  // an op used it (forward-tangent mode: too late for set_tangent)
+    bool released = false;  // release_since freed it
   };
+  static constexpr index_t kLeaf = -1;
+  static constexpr index_t kEagerNode = -2;
   struct Node {
     const char* name;
     std::vector<Var> inputs;
@@ -298,7 +378,23 @@ class Tape {
   const Slot& slot(Var v) const {
     if (v.id < 0 || v.id >= static_cast<index_t>(slots_.size()))
       fail<UsageError>("Tape: var {} does not belong to this tape ({} values)", v.id, slots_.size());
-    return slots_[static_cast<std::size_t>(v.id)];
+    const Slot& s = slots_[static_cast<std::size_t>(v.id)];
+    if (s.released)
+      fail<UsageError>(
+          "Tape: var {} was released by release_since (its layer had finished); keep it in the release's keep list "
+          "to use it later",
+          v.id);
+    return s;
+  }
+  // A keyed leaf's tangent from `t` (nullptr = zero), its shape checked.
+  static const TensorT* checked_tangent(const TensorT* t, LeafKey key, const TensorT& value, const char* who) {
+    if (t && t->shape() != value.shape())
+      fail<UsageError>("{}: tangent for leaf key {} has shape {}, value has {}", who, key, shape_str(t->shape()),
+                       shape_str(value.shape()));
+    return t;
+  }
+  const TensorT* leaf_tangent(LeafKey key, const TensorT& value, const char* who) const {
+    return source_ ? checked_tangent(source_(key), key, value, who) : nullptr;
   }
   Slot& slot_mut(Var v) { return const_cast<Slot&>(std::as_const(*this).slot(v)); }
   // The buffer behind grad_into / tangent_into: allocated unfilled (fresh)
@@ -313,6 +409,8 @@ class Tape {
   // slots (a vector would reallocate under them).
   std::deque<Slot> slots_;
   std::vector<Node> nodes_;
+  bool eager_ = false;  // forward-tangent mode
+  TangentSource source_;
 };
 
 }  // namespace entropy_probe
