@@ -152,6 +152,33 @@ TEST_CASE("flash_causal_attention: all rows per batched call, as on a device", "
   }
 }
 
+TEST_CASE("flash_causal_attention: CPU results do not depend on the thread count", "[ops][attention][flash]") {
+  // The CPU form hands tasks to whichever thread is free; each task writes
+  // only its own rows, so 1 and 3 threads give the same bits.
+  std::mt19937_64 rng(29);
+  const int saved_threads = CpuBackend::num_threads();
+  for (const AttnCase& c : parity_cases()) {
+    const std::vector<std::uint8_t> mask = mask_of(c);
+    const std::vector<TensorD> qkv = random_qkv(c, rng);
+    const TensorD cot = random_tensor({c.r, c.t, c.hq * c.dh}, rng);
+    const std::vector<TensorD> tan = random_qkv(c, rng);
+    auto flash = [&](Tape<float>& t, Var q, Var k, Var v) {
+      return flash_causal_attention(t, q, k, v, mask, c.hq, c.hkv, 0.0, 3);
+    };
+    CpuBackend::set_num_threads(1);
+    const AttnResult one = run<float>(qkv, cot, tan, flash);
+    CpuBackend::set_num_threads(3);
+    const AttnResult three = run<float>(qkv, cot, tan, flash);
+    CAPTURE(c.r, c.t, c.hq, c.hkv, c.dh);
+    CHECK(one.out == three.out);
+    CHECK(one.gq == three.gq);
+    CHECK(one.gk == three.gk);
+    CHECK(one.gv == three.gv);
+    CHECK(one.tout == three.tout);
+  }
+  CpuBackend::set_num_threads(saved_threads);
+}
+
 TEST_CASE("flash_causal_attention: float agrees with double as closely as causal_attention",
           "[ops][attention][flash]") {
   // Both ops in float against causal_attention in double on the same

@@ -36,6 +36,9 @@
 #include <vector>
 
 #if defined(ENTROPY_PROBE_USE_CBLAS)
+// OpenBLAS's thread count, weak: absent (null) with another BLAS.
+extern "C" __attribute__((weak)) void openblas_set_num_threads(int);
+extern "C" __attribute__((weak)) int openblas_get_num_threads(void);
 #include <cblas.h>
 #endif
 
@@ -307,6 +310,26 @@ struct CpuBackend {
     });
   }
 
+  // f(slot, i) for i in [0, n), where each i is a large task (a tile of
+  // products and its row passes): tasks are handed out one at a time, in
+  // index order, to the calling thread and the pool's; slot in
+  // [0, num_threads()) names the running thread's scratch. Meanwhile the BLAS
+  // runs single-threaded in each task: small products handed to OpenBLAS's
+  // own threads spent most of their time waking and yielding them
+  // (docs/performance.md). Outputs of task i must depend on i alone, so
+  // results do not depend on which thread ran it.
+  template <class F>
+  static void parallel_tasks(index_t n, F&& f) {
+    const SerialBlas serial;
+    std::atomic<index_t> next{0};
+    threads().run(std::min<index_t>(num_threads(), n), 1, [&](index_t lo, index_t hi) {
+      for (index_t slot = lo; slot < hi; ++slot)
+        for (index_t i = next.fetch_add(1, std::memory_order_relaxed); i < n;
+             i = next.fetch_add(1, std::memory_order_relaxed))
+          f(slot, i);
+    });
+  }
+
   // f(r, j) for r in [0, rows), j in [0, cols): element-parallel work on
   // rows (no index division on either backend).
   template <class F>
@@ -530,6 +553,26 @@ struct CpuBackend {
   }
 
  private:
+  // OpenBLAS on one thread for the guard's lifetime (nothing with another BLAS).
+  struct SerialBlas {
+    int saved = 0;
+#if defined(ENTROPY_PROBE_USE_CBLAS)
+    SerialBlas() {
+      if (openblas_set_num_threads && openblas_get_num_threads) {
+        saved = openblas_get_num_threads();
+        if (saved > 1) openblas_set_num_threads(1);
+      }
+    }
+    ~SerialBlas() {
+      if (saved > 1) openblas_set_num_threads(saved);
+    }
+#else
+    SerialBlas() = default;
+#endif
+    SerialBlas(const SerialBlas&) = delete;
+    SerialBlas& operator=(const SerialBlas&) = delete;
+  };
+
   // Chunks small enough that a chunk's inputs, outputs and array temporaries
   // stay in L1/L2 between the passes an array expression makes.
   static constexpr index_t kChunk = 2048;

@@ -27,6 +27,7 @@
 #include "entropy_probe/tape/ops/attention.hpp"
 #include "entropy_probe/tape/tape.hpp"
 #include "entropy_probe/tensor/batch_grid.hpp"
+#include "entropy_probe/tensor/cpu_backend.hpp"
 #include "entropy_probe/tensor/functors.hpp"
 
 #include <algorithm>
@@ -34,6 +35,8 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <type_traits>
+#include <vector>
 
 namespace entropy_probe {
 
@@ -152,6 +155,141 @@ void flash_recompute_probs(const FlashTile& f, const acc_t* lse, const std::uint
       f, mask, [=] EP_HOST_DEVICE(index_t i) { return lse[f.stat(i)]; }, p);
 }
 
+// The CPU form of the op: tasks over (row, head, query tile) -- (row, KV
+// head, key tile) for dK and dV -- each doing its tile products as
+// single-threaded BLAS calls and its row passes (exp as Eigen array maps, so
+// SIMD) in a per-thread scratch, one task per thread
+// (CpuBackend::parallel_tasks). Per-tile batched calls on both threads spent
+// most of the time waking OpenBLAS's threads (docs/performance.md). A task
+// writes only its own output rows, so the VJP takes two passes: dK and dV
+// over key tiles, then dQ over query tiles, each recomputing P and dS.
+template <class T>
+struct FlashCpu {
+  using Row = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
+  using ConstRow = Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>>;
+  index_t rows, tok, hq, group, dh, ldq, ldk, tile, n_tiles;
+  T sc;
+  const std::uint8_t* mask;         // [R, T]
+  std::vector<std::uint8_t> dense;  // [R, n_tiles]: every key of the tile is kept
+
+  FlashCpu(index_t rows_, index_t tok_, index_t hq_, index_t group_, index_t dh_, index_t ldq_, index_t ldk_,
+           index_t tile_, T sc_, const std::uint8_t* mask_)
+      : rows(rows_),
+        tok(tok_),
+        hq(hq_),
+        group(group_),
+        dh(dh_),
+        ldq(ldq_),
+        ldk(ldk_),
+        tile(tile_),
+        n_tiles((tok_ + tile_ - 1) / tile_),
+        sc(sc_),
+        mask(mask_),
+        dense(static_cast<std::size_t>(rows_ * n_tiles)) {
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t j = 0; j < n_tiles; ++j) {
+        const std::uint8_t* m = mask + r * tok + j * tile;
+        dense[r * n_tiles + j] = std::all_of(m, m + extent(j), [](std::uint8_t x) { return x != 0; });
+      }
+  }
+
+  index_t extent(index_t t) const { return std::min(tile, tok - t * tile); }
+  index_t q_off(index_t r, index_t h, index_t qi) const { return (r * tok + qi * tile) * ldq + h * dh; }
+  index_t kv_off(index_t r, index_t g, index_t kj) const { return (r * tok + kj * tile) * ldk + g * dh; }
+  index_t stat(index_t r, index_t h, index_t qi) const { return (r * hq + h) * tok + qi * tile; }
+
+  // One (query tile, key tile) pair of a (row, head): the row passes over
+  // its [bq, bk] scratch tiles (leading dimension tile).
+  struct Pair {
+    index_t q0, bq, k0, bk;
+    const std::uint8_t* m;  // the key tile's mask
+    bool dense;
+
+    // Keys [0, n) of the tile at or before query t.
+    index_t causal_keys(index_t t) const { return std::min(q0 + t - k0 + 1, bk); }
+    bool kept(index_t s) const { return dense || m[s]; }
+    // Max of x over query t's allowed keys (-inf if none).
+    acc_t row_max(const T* x, index_t t) const {
+      const index_t n = causal_keys(t);
+      if (dense) return n > 0 ? static_cast<acc_t>(ConstRow(x, n).maxCoeff()) : -HUGE_VAL;
+      acc_t mx = -HUGE_VAL;
+      for (index_t s = 0; s < n; ++s)
+        if (m[s]) mx = std::fmax(mx, static_cast<acc_t>(x[s]));
+      return mx;
+    }
+    // x <- exp(x - shift) at query t's allowed keys, exactly 0 elsewhere (all
+    // of it for an infinite shift: no allowed key); returns its sum. The
+    // shift is subtracted as hi + lo parts so that x - shift is as exact as
+    // in acc_t.
+    acc_t exp_row(T* x, index_t t, acc_t shift) const {
+      const index_t n = std::isinf(shift) ? 0 : causal_keys(t);
+      std::fill(x + n, x + bk, T(0));
+      if (n == 0) return 0;
+      const T hi = static_cast<T>(shift), lo = static_cast<T>(shift - static_cast<acc_t>(hi));
+      Row a(x, n);
+      a = ((a - hi) - lo).exp();
+      if (!dense)
+        for (index_t s = 0; s < n; ++s)
+          if (!m[s]) x[s] = T(0);
+      return a.template cast<acc_t>().sum();
+    }
+    // dS = P o (dP - d) in place over dP (0 where P is).
+    void ds_row(const T* p, T* x, acc_t d) const {
+      const T hi = static_cast<T>(d), lo = static_cast<T>(d - static_cast<acc_t>(hi));
+      Row(x, bk) = ConstRow(p, bk) * ((Row(x, bk) - hi) - lo);
+    }
+  };
+  Pair pair(index_t r, index_t qi, index_t kj) const {
+    return {qi * tile, extent(qi), kj * tile, extent(kj), mask + r * tok + kj * tile, dense[r * n_tiles + kj] != 0};
+  }
+
+  // s[bq, bk] = alpha A_q(tile qi) B_kv(tile kj)^T + beta s, A at a_q (offset applied), B at b_kv
+  void scores(const Pair& f, T alpha, const T* a_q, const T* b_kv, T beta, T* s) const {
+    CpuBackend::gemm(false, true, f.bq, f.bk, dh, alpha, a_q, ldq, b_kv, ldk, beta, s, tile);
+  }
+  // P = exp(S - lse) of a (row, head) pair tile, S computed here.
+  void probs(const Pair& f, const T* q, const T* k, const acc_t* lse, T* p) const {
+    scores(f, sc, q, k, T(0), p);
+    for (index_t t = 0; t < f.bq; ++t) f.exp_row(p + t * tile, t, lse[t]);
+  }
+  // dS = P o (dO V^T - D) of a pair tile, from P.
+  void dscores(const Pair& f, const T* p, const T* go, const T* v, const acc_t* d, T* ds) const {
+    scores(f, T(1), go, v, T(0), ds);
+    for (index_t t = 0; t < f.bq; ++t) f.ds_row(p + t * tile, ds + t * tile, d[t]);
+  }
+
+  // body(scratch, acc, r, h, qi) over every (row, head, query tile), the
+  // longest (last) query tiles first so that the threads end together;
+  // scratch holds two [tile, tile] tiles and acc two [tile] of the thread.
+  template <class F>
+  void query_tasks(F body) const {
+    run_tasks(hq, [&](T* scratch, acc_t* acc, index_t a, index_t r, index_t h) {
+      body(scratch, acc, r, h, n_tiles - 1 - a);
+    });
+  }
+  // body(scratch, r, g, kj) over every (row, KV head, key tile), the longest
+  // (first) key tiles first.
+  template <class F>
+  void key_tasks(F body) const {
+    run_tasks(hq / group, [&](T* scratch, acc_t*, index_t a, index_t r, index_t g) { body(scratch, r, g, a); });
+  }
+
+ private:
+  template <class F>
+  void run_tasks(index_t heads, F body) const {
+    const index_t tt = tile * tile, slots = CpuBackend::num_threads();
+    auto scratch = Tensor<T, CpuBackend>::uninitialized({slots * 2 * tt});
+    auto acc = Tensor<acc_t, CpuBackend>::uninitialized({slots * 2 * tile});
+    T* sp = scratch.data();
+    acc_t* ap = acc.data();
+    const index_t per_tile = rows * heads;
+    CpuBackend::parallel_tasks(per_tile * n_tiles, [&](index_t slot, index_t i) {
+      const index_t rh = i % per_tile;
+      body(sp + slot * 2 * tt, ap + slot * 2 * tile, i / per_tile, rh / heads, rh % heads);
+    });
+  }
+};
+
 }  // namespace detail
 
 // Causal attention over q/k/v in projection layout, tiled; see the file
@@ -200,7 +338,52 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
   saved->mask = Tensor<std::uint8_t, B>::from_host({n_rows, n_tok}, key_mask);
   saved->lse = Tensor<acc_t, B>::uninitialized({n_rows, hq, n_tok});  // written by the last pass of each query tile
   auto out = Tensor<T, B>::uninitialized(qs);                         // every query tile's first product has beta = 0
-  {
+  if constexpr (std::is_same_v<B, CpuBackend>) {
+    using Row = typename detail::FlashCpu<T>::Row;
+    const T* qv = tape.value(q).data();
+    const T* kv = tape.value(k).data();
+    const T* vv = tape.value(v).data();
+    acc_t* lse = saved->lse.data();
+    T* o = out.data();
+    const detail::FlashCpu<T> cpu(n_rows, n_tok, hq, group, dh, ldq, ldk, tile, sc, saved->mask.data());
+    cpu.query_tasks([&](T* p, acc_t* st, index_t r, index_t h, index_t qi) {
+      // Running max m and sum l of exp(S - m) of each query over the key
+      // tiles so far; O (in place in the output) rescales by exp(m_old - m_new).
+      acc_t* m_run = st;
+      acc_t* l_run = st + tile;
+      std::fill(m_run, m_run + tile, -HUGE_VAL);
+      std::fill(l_run, l_run + tile, 0.0);
+      const index_t g = h / group, qo = cpu.q_off(r, h, qi);
+      T* op = o + qo;
+      for (index_t kj = 0; kj <= qi; ++kj) {
+        const auto f = cpu.pair(r, qi, kj);
+        const index_t ko = cpu.kv_off(r, g, kj);
+        cpu.scores(f, sc, qv + qo, kv + ko, T(0), p);
+        for (index_t t = 0; t < f.bq; ++t) {
+          T* x = p + t * tile;
+          const acc_t m_old = m_run[t], m_new = std::fmax(m_old, f.row_max(x, t));
+          const acc_t sum = f.exp_row(x, t, m_new);
+          // No allowed key yet: l stays 0 and the output (0 so far) keeps its scale.
+          const acc_t c = m_new == -HUGE_VAL ? 1.0 : std::exp(m_old - m_new);
+          l_run[t] = l_run[t] * c + sum;
+          m_run[t] = m_new;
+          if (kj > 0 && c != 1.0) Row(op + t * ldq, dh) *= static_cast<T>(c);
+        }
+        CpuBackend::gemm(false, false, f.bq, dh, f.bk, T(1), p, tile, vv + ko, ldk, kj == 0 ? T(0) : T(1), op, ldq);
+      }
+      // O /= l and lse = m + log l; a query with no allowed key keeps O = 0.
+      acc_t* ls = lse + cpu.stat(r, h, qi);
+      for (index_t t = 0, bq = cpu.extent(qi); t < bq; ++t) {
+        const acc_t l = l_run[t];
+        Row x(op + t * ldq, dh);
+        if (l > 0)
+          x = (x.template cast<acc_t>() / l).template cast<T>();
+        else
+          x.setZero();
+        ls[t] = l > 0 ? m_run[t] + std::log(l) : HUGE_VAL;
+      }
+    });
+  } else {
     const T* qv = tape.value(q).data();
     const T* kv = tape.value(k).data();
     const T* vv = tape.value(v).data();
@@ -271,7 +454,7 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
   }
 
   auto backward = [&tape, q, k, v, saved, n_rows, n_tok, hq, dh, sc, n_tiles, n_stats, chunk, scratch_elems, prod,
-                   tile_of](Var self) {
+                   tile_of, tile](Var self) {
     const T* go = tape.grad_data(self);
     const T* o = tape.value(self).data();
     const T* qd = tape.value(q).data();
@@ -304,6 +487,45 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
           d_row.data());
     }
     const acc_t* dd = d_row.data();
+    if constexpr (std::is_same_v<B, CpuBackend>) {
+      const index_t ldq = prod.ldq, ldk = prod.ldk, group = prod.group, tt = tile * tile;
+      const detail::FlashCpu<T> cpu(n_rows, n_tok, hq, group, dh, ldq, ldk, tile, sc, mask);
+      if (gk.data || gv.data)  // dV_j += P^T dO, dK_j += scale dS^T Q over the group's heads and query tiles
+        cpu.key_tasks([&](T* scratch, index_t r, index_t g, index_t kj) {
+          T* p = scratch;
+          T* ds = scratch + tt;
+          const index_t ko = cpu.kv_off(r, g, kj);
+          bool first = true;  // a fresh gradient's first term assigns
+          for (index_t h = g * group; h < (g + 1) * group; ++h)
+            for (index_t qi = kj; qi < n_tiles; ++qi, first = false) {
+              const auto f = cpu.pair(r, qi, kj);
+              const index_t qo = cpu.q_off(r, h, qi), st = cpu.stat(r, h, qi);
+              cpu.probs(f, qd + qo, kd + ko, lse + st, p);
+              if (gv.data)
+                CpuBackend::gemm(true, false, f.bk, dh, f.bq, T(1), p, tile, go + qo, ldq,
+                                 gv.fresh && first ? T(0) : T(1), gv.data + ko, ldk);
+              if (!gk.data) continue;
+              cpu.dscores(f, p, go + qo, vd + ko, dd + st, ds);
+              CpuBackend::gemm(true, false, f.bk, dh, f.bq, sc, ds, tile, qd + qo, ldq, gk.fresh && first ? T(0) : T(1),
+                               gk.data + ko, ldk);
+            }
+        });
+      if (gq.data)  // dQ_i += scale dS K over the key tiles
+        cpu.query_tasks([&](T* scratch, acc_t*, index_t r, index_t h, index_t qi) {
+          T* p = scratch;
+          T* ds = scratch + tt;
+          const index_t qo = cpu.q_off(r, h, qi), st = cpu.stat(r, h, qi);
+          for (index_t kj = 0; kj <= qi; ++kj) {
+            const auto f = cpu.pair(r, qi, kj);
+            const index_t ko = cpu.kv_off(r, h / group, kj);
+            cpu.probs(f, qd + qo, kd + ko, lse + st, p);
+            cpu.dscores(f, p, go + qo, vd + ko, dd + st, ds);
+            CpuBackend::gemm(false, false, f.bq, dh, f.bk, sc, ds, tile, kd + ko, ldk,
+                             gq.fresh && kj == 0 ? T(0) : T(1), gq.data + qo, ldq);
+          }
+        });
+      return;
+    }
     auto p_tile = Tensor<T, B>::uninitialized({scratch_elems});
     Tensor<T, B> ds_tile;
     if (need_s) ds_tile = Tensor<T, B>::uninitialized({scratch_elems});  // dP by gemm (beta = 0), then dS
@@ -339,8 +561,8 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
         }
   };
 
-  auto jvp = [&tape, q, k, v, saved, n_rows, n_tok, hq, dh, sc, n_tiles, n_stats, chunk, scratch_elems, prod,
-              tile_of](Var self) {
+  auto jvp = [&tape, q, k, v, saved, n_rows, n_tok, hq, dh, sc, n_tiles, n_stats, chunk, scratch_elems, prod, tile_of,
+              tile](Var self) {
     const OutRef<T> to = tape.tangent_into(self);
     const T* tq = tape.tangent_data(q);
     const T* tk = tape.tangent_data(k);
@@ -352,6 +574,50 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
     const acc_t* lse = saved->lse.data();
     const std::uint8_t* mask = saved->mask.data();
     const bool need_s = tq || tk;
+    if constexpr (std::is_same_v<B, CpuBackend>) {
+      using Row = typename detail::FlashCpu<T>::Row;
+      using ConstRow = typename detail::FlashCpu<T>::ConstRow;
+      const index_t ldq = prod.ldq, ldk = prod.ldk, group = prod.group, tt = tile * tile;
+      const detail::FlashCpu<T> cpu(n_rows, n_tok, hq, group, dh, ldq, ldk, tile, sc, mask);
+      T* tod = to.data;
+      cpu.query_tasks([&](T* scratch, acc_t* c_run, index_t r, index_t h, index_t qi) {
+        T* p = scratch;
+        T* ts = scratch + tt;
+        const index_t qo = cpu.q_off(r, h, qi), bq = cpu.extent(qi);
+        T* top = tod + qo;
+        for (index_t kj = 0; kj <= qi; ++kj) {
+          const auto f = cpu.pair(r, qi, kj);
+          const index_t ko = cpu.kv_off(r, h / group, kj);
+          cpu.probs(f, qd + qo, kd + ko, lse + cpu.stat(r, h, qi), p);
+          T beta = to.fresh && kj == 0 ? T(0) : T(1);  // the query tile's first term assigns
+          if (tv) {                                    // tO += P tV
+            CpuBackend::gemm(false, false, f.bq, dh, f.bk, T(1), p, tile, tv + ko, ldk, beta, top, ldq);
+            beta = T(1);
+          }
+          if (!need_s) continue;
+          T beta_s(0);  // tS = scale (tQ K^T + Q tK^T)
+          if (tq) {
+            cpu.scores(f, sc, tq + qo, kd + ko, beta_s, ts);
+            beta_s = T(1);
+          }
+          if (tk) cpu.scores(f, sc, qd + qo, tk + ko, beta_s, ts);
+          for (index_t t = 0; t < bq; ++t) {  // ts <- P o tS (0 where P is); c += its row sum
+            Row x(ts + t * tile, f.bk);
+            x *= Row(p + t * tile, f.bk);
+            const acc_t sum = x.template cast<acc_t>().sum();
+            c_run[t] = kj == 0 ? sum : c_run[t] + sum;
+          }
+          CpuBackend::gemm(false, false, f.bq, dh, f.bk, T(1), ts, tile, vd + ko, ldk, beta, top,
+                           ldq);  // tO += (P o tS) V
+        }
+        if (!need_s) return;
+        for (index_t t = 0; t < bq; ++t) {  // tO -= c o O
+          Row x(top + t * ldq, dh);
+          x -= (c_run[t] * ConstRow(o + qo + t * ldq, dh).template cast<acc_t>()).template cast<T>();
+        }
+      });
+      return;
+    }
     // c = rowsum(P o tS) per (row, head, query), summed over its key tiles.
     Tensor<acc_t, B> c_row;
     if (need_s) c_row = Tensor<acc_t, B>::uninitialized({n_stats});  // assigned at key tile 0
