@@ -46,6 +46,7 @@ struct OptionSpec {
   std::string name;        // "--seed"
   std::string value_name;  // "N"; empty for a flag
   std::string help;
+  bool repeated = false;  // may be given more than once (its values in order: ParsedArgs::list)
 };
 
 struct PositionalSpec {
@@ -77,9 +78,10 @@ struct CommandSpec {
 // names the subcommand and the option.
 class ParsedArgs {
  public:
-  std::string command;                        // "demo"
-  std::map<std::string, std::string> values;  // options with a value, by name
-  std::vector<std::string> flags;             // flags given
+  std::string command;                                    // "demo"
+  std::map<std::string, std::string> values;              // options with a value, by name
+  std::map<std::string, std::vector<std::string>> lists;  // repeated options' values, in order
+  std::vector<std::string> flags;                         // flags given
   std::vector<std::string> positionals;
   bool help = false;
 
@@ -109,6 +111,21 @@ class ParsedArgs {
     if (v->empty() || ec != std::errc() || end != v->data() + v->size() || n > max)
       throw failure(fmt::format("{} expects a non-negative integer, got '{}'", name, *v));
     return n;
+  }
+  // Every value of a repeated option, each a non-negative integer.
+  std::vector<std::uint64_t> integers(const std::string& name,
+                                      std::uint64_t max = std::numeric_limits<std::uint64_t>::max()) const {
+    std::vector<std::uint64_t> out;
+    auto it = lists.find(name);
+    if (it == lists.end()) return out;
+    for (const std::string& v : it->second) {
+      std::uint64_t n = 0;
+      const auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), n);
+      if (v.empty() || ec != std::errc() || end != v.data() + v.size() || n > max)
+        throw failure(fmt::format("{} expects a non-negative integer, got '{}'", name, v));
+      out.push_back(n);
+    }
+    return out;
   }
   std::optional<double> number(const std::string& name) const {
     auto v = value(name);
@@ -179,13 +196,17 @@ inline ParsedArgs parse_args(const CommandSpec& cmd, const std::vector<std::stri
       if (!spec) throw out.failure(fmt::format("unknown option '{}'", name));
       // A repeated option is a mistake, never a silent choice of one of them.
       if (out.has_flag(name) || out.values.count(name)) throw out.failure(fmt::format("option '{}' given twice", name));
+      auto slot = [&]() -> std::string& {
+        if (!spec->repeated) return out.values[name];
+        return out.lists[name].emplace_back();
+      };
       if (spec->value_name.empty()) {
         if (eq != std::string::npos) throw out.failure(fmt::format("option '{}' takes no value", name));
         out.flags.push_back(name);
       } else if (eq != std::string::npos) {
-        out.values[name] = a.substr(eq + 1);
+        slot() = a.substr(eq + 1);
       } else if (i + 1 < args.size()) {
-        out.values[name] = args[++i];
+        slot() = args[++i];
       } else {
         throw out.failure(fmt::format("option '{}' needs a value ({})", name, spec->value_name));
       }

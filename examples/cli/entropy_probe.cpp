@@ -2,6 +2,8 @@
 //
 //   entropy-probe demo [--seed N] [--out DIR] [--quick]
 //   entropy-probe run CHECKPOINT_DIR --e-batch E --u-batch U [OPTIONS]   (run_command.hpp)
+//   entropy-probe sample CHECKPOINT_DIR --prompts P --G N --max-new-tokens M --out OUT [OPTIONS]
+//                                                                         (sample_command.hpp)
 //
 // Subcommands are entries of one table (spec, entry point); each parses its
 // arguments with the parser they share (args.hpp), so a new subcommand is one
@@ -12,6 +14,7 @@
 #include "../demo.hpp"
 #include "args.hpp"
 #include "run_command.hpp"
+#include "sample_command.hpp"
 
 #include <entropy_probe/entropy_probe.hpp>
 
@@ -80,6 +83,7 @@ int demo_main(const std::vector<std::string>& args) {
 // `run` parses with the same parser but keeps its own error handling (exit 3
 // for a bad file, MPI), all in run_command.hpp.
 int run_main(const std::vector<std::string>& args) { return ep_run::run_command(args); }
+int sample_main(const std::vector<std::string>& args) { return ep_sample::sample_command(args); }
 
 struct Entry {
   const CommandSpec* spec;
@@ -87,7 +91,8 @@ struct Entry {
 };
 
 const std::vector<Entry>& subcommands() {
-  static const std::vector<Entry> table{{&kDemo, demo_main}, {&ep_run::run_spec(), run_main}};
+  static const std::vector<Entry> table{
+      {&kDemo, demo_main}, {&ep_run::run_spec(), run_main}, {&ep_sample::sample_spec(), sample_main}};
   return table;
 }
 
@@ -101,8 +106,8 @@ std::string program_help() {
   s += fmt::format(
       "\noptions:\n  -h, --help   show this help\n  --version    print the version\n\n"
       "'{} COMMAND --help' describes a command's arguments and options.\n"
-      "Exit status: 0 success, 1 an error while running, 2 a usage error, 3 a bad input file (run),\n"
-      "4 no CUDA device found (run --device cuda).\n",
+      "Exit status: 0 success, 1 an error while running, 2 a usage error, 3 a bad input file (run, sample),\n"
+      "4 no CUDA device found (--device cuda).\n",
       kProgram);
   return s;
 }

@@ -179,13 +179,14 @@ inline RunOptions parse_run_args(const std::vector<std::string>& args) {
 }
 
 // Runs fn(); an exception becomes its message on stderr and an exit status:
-// 2 usage, 3 bad input file, 4 no CUDA device, 1 anything else.
+// 2 usage (pointing at `entropy-probe COMMAND --help`), 3 bad input file, 4 no
+// CUDA device, 1 anything else.
 template <class F>
-int guarded(F&& fn, const std::string& who) {
+int guarded(F&& fn, const std::string& who, const char* command = "run") {
   try {
     return fn();
   } catch (const UsageFailure& e) {
-    fmt::print(stderr, "{}\nsee 'entropy-probe run --help'\n", e.what());
+    fmt::print(stderr, "{}\nsee 'entropy-probe {} --help'\n", e.what(), command);
     return kExitUsage;
   } catch (const ep::InputError& e) {
     fmt::print(stderr, "{}: bad input: {}\n", who, e.what());

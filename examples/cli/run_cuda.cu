@@ -1,8 +1,10 @@
-// `entropy-probe run --device cuda`: run_typed on CudaBackend. Compiled by
+// `entropy-probe run --device cuda` and `sample --device cuda`: run_typed and
+// sample_typed on CudaBackend. Compiled by
 // nvcc (--extended-lambda, through entropy_probe::cuda) and only in a build
 // with CUDA, where examples/CMakeLists.txt defines ENTROPY_PROBE_CLI_CUDA so
 // run_command.hpp calls this instead of refusing the option.
 #include "run_typed.hpp"
+#include "sample_typed.hpp"
 
 #include <entropy_probe/tensor/cuda_backend.hpp>
 #if defined(ENTROPY_PROBE_HAVE_NCCL)
@@ -15,7 +17,11 @@
 
 namespace ep_run::detail {
 
-int run_on_cuda(const RunOptions& o, ep::Communicator& comm, int local_rank) {
+namespace {
+
+// Selects CUDA device local_rank modulo the device count; returns the count.
+// Throws DeviceUnavailable when CUDA finds no device.
+int use_cuda_device(int local_rank) {
   int count = 0;
   const cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess || count == 0)
@@ -30,6 +36,13 @@ int run_on_cuda(const RunOptions& o, ep::Communicator& comm, int local_rank) {
   if (cudaGetDeviceProperties(&p, device) == cudaSuccess)
     ep::log_info("[device] CUDA device {} of {}: {}, compute capability {}.{}, {:.1f} GiB", device, count, p.name,
                  p.major, p.minor, static_cast<double>(p.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0));
+  return count;
+}
+
+}  // namespace
+
+int run_on_cuda(const RunOptions& o, ep::Communicator& comm, int local_rank) {
+  const int count = use_cuda_device(local_rank);
   auto run = [&](ep::Communicator& c) {
     return o.dtype == "f64" ? run_typed<double, ep::CudaBackend>(o, c) : run_typed<float, ep::CudaBackend>(o, c);
   };
@@ -50,3 +63,9 @@ int run_on_cuda(const RunOptions& o, ep::Communicator& comm, int local_rank) {
 }
 
 }  // namespace ep_run::detail
+
+// `entropy-probe sample --device cuda`: the sampler on CudaBackend, on device 0.
+int ep_sample::sample_on_cuda(const SampleOptions& o) {
+  ep_run::detail::use_cuda_device(0);
+  return o.dtype == "f64" ? sample_typed<double, ep::CudaBackend>(o) : sample_typed<float, ep::CudaBackend>(o);
+}

@@ -1,5 +1,5 @@
 # cmake -DEXE=<entropy-probe> -DCUDA_BUILD=ON|OFF -P check_cli_usage.cmake
-# Usage errors of `demo` and `run` (one parser, examples/cli/args.hpp) exit 2 with a
+# Usage errors of `demo`, `run` and `sample` (one parser, examples/cli/args.hpp) exit 2 with a
 # message naming the culprit; --help exits 0. CUDA_BUILD: whether the program was built
 # with `run --device cuda` (else that option must be the 'no CUDA support' usage error).
 function(expect_run expected_rc expected_text)
@@ -37,6 +37,11 @@ expect_run(2 "missing required option --u-batch" run ckpt --e-batch E)
 expect_run(2 "missing CHECKPOINT_DIR" run)
 expect_run(0 "--device DEV" run --help)
 expect_run(0 "--device DEV" help run)
+
+# `sample` too (the prompts file is read only after the arguments are checked).
+expect_run(2 "see 'entropy-probe sample --help'" sample ckpt --prompts P --G 2 --max-new-tokens 4 --out O --bogus)
+expect_run(2 "missing required option --G" sample ckpt --prompts P --max-new-tokens 4 --out O)
+expect_run(0 "--stop-token ID" sample --help)
 
 # --device: a choice of cpu or cuda; cuda only in a build with CUDA.
 expect_run(2 "--device must be one of cpu, cuda, got 'foo'" run ckpt --e-batch E --u-batch U --device foo)

@@ -1,4 +1,5 @@
-// `entropy-probe run` (examples/cli/run_command.hpp), called in-process on
+// `entropy-probe run` (examples/cli/run_command.hpp) and `entropy-probe sample`
+// (examples/cli/sample_command.hpp), called in-process on
 // checkpoint directories and batch files written here from C++: exit codes
 // 0 (success), 2 (usage error, with a pointer to --help), 3 (bad input file,
 // naming the file and key), the JSON keys of docs/checkpoints.md, the
@@ -6,6 +7,7 @@
 // program is built without CUDA: `--device cuda` is a usage error here; the
 // device path of run_typed runs on the emulated device backend).
 #include "../../examples/cli/run_command.hpp"
+#include "../../examples/cli/sample_command.hpp"
 #include "../cuda/emulated_backend.hpp"
 #include "../support/files.hpp"
 #include "../support/tiny_models.hpp"
@@ -63,19 +65,29 @@ class Capture {
   std::string path_;
 };
 
-Outcome run(const std::vector<std::string>& args) {
+// The exit status of command(), its stdout and stderr.
+template <class F>
+Outcome captured(F&& command) {
   TempDir tmp;
-  std::vector<std::string> copy = args;
-  std::vector<char*> argv;
-  for (auto& a : copy) argv.push_back(a.data());
-  argv.push_back(nullptr);
   Outcome o;
   Capture out(1, tmp.file("stdout")), err(2, tmp.file("stderr"));
-  o.rc = run_command(static_cast<int>(args.size()), argv.data());
+  o.rc = command();
   o.err = err.finish();
   o.out = out.finish();
   set_log_sink({});
   return o;
+}
+
+Outcome run(const std::vector<std::string>& args) {
+  std::vector<std::string> copy = args;
+  std::vector<char*> argv;
+  for (auto& a : copy) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  return captured([&] { return run_command(static_cast<int>(args.size()), argv.data()); });
+}
+
+Outcome sample(const std::vector<std::string>& args) {
+  return captured([&] { return ep_sample::sample_command(args); });
 }
 
 json read_json(const std::string& path) {
@@ -530,4 +542,167 @@ TEST_CASE("cli run: run_typed on a device-style backend reports the CPU backend'
     CHECK(jd["s_values"][i].get<double>() == Approx(jc["s_values"][i].get<double>()).epsilon(1e-10).margin(1e-12));
   CHECK(jd["registry"] == jc["registry"]);
   CHECK(jd["preconditioner_missing"] == jc["preconditioner_missing"]);
+}
+
+namespace {
+
+void write_lines(const std::string& path, const std::vector<std::string>& lines) {
+  std::ofstream f(path);
+  for (const auto& l : lines) f << l << "\n";
+}
+
+// A GPT-2 checkpoint and a prompts file of three prompts of unequal length.
+struct SampleSetup {
+  Gpt2Setup s{false};
+  std::string prompts = s.dir.file("prompts.jsonl"), out = s.dir.file("sampled.safetensors");
+  std::vector<std::vector<std::int32_t>> tokens{{3, 1, 4}, {9}, {2, 6}};
+  SampleSetup() { write_lines(prompts, {"[3, 1, 4]", "[9]", "[2,6]"}); }
+  std::vector<std::string> args(std::vector<std::string> extra = {}) const {
+    std::vector<std::string> a{s.ckpt, "--prompts",    prompts, "--G",     "2",  "--max-new-tokens",
+                               "4",    "--out",        out,     "--seed",  "3",  "--stop-token",
+                               "5",    "--stop-token", "7",     "--dtype", "f64"};
+    a.insert(a.end(), extra.begin(), extra.end());
+    return a;
+  }
+  SamplingConfig config() const {
+    SamplingConfig c;
+    c.G = 2;
+    c.max_new_tokens = 4;
+    c.seed = 3;
+    c.stop_tokens = {5, 7};
+    return c;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("cli sample: the batch file is the library's sampled batch, advantages zero", "[cli][sample]") {
+  SampleSetup t;
+  const Outcome o = sample(t.args());
+  INFO(o.err);
+  REQUIRE(o.rc == 0);
+  CHECK_THAT(o.out, Contains("gpt2 checkpoint") && Contains("tokens/s") && Contains("advantages: zero") &&
+                        Contains("wrote " + t.out));
+  const TokenBatch got = hf::load_batch(t.out);
+  auto model = hf::load_gpt2<double>(t.s.ckpt);
+  const TokenBatch want = sample_responses(model, t.tokens, t.config());
+  CHECK(got.B == 3);
+  CHECK(got.G == 2);
+  CHECK(got.T == 3 + 4);
+  CHECK(got.sequences == want.sequences);
+  CHECK(got.attention_mask == want.attention_mask);
+  CHECK(got.prompt_lens == std::vector<std::int32_t>{3, 1, 2});
+  CHECK(got.advantages == std::vector<double>(6, 0.0));
+  CHECK_FALSE(got.rewards);
+  CHECK_NOTHROW(got.validate(11, t.out));
+  // Other sampling options, another batch.
+  const Outcome other = sample(t.args({"--top-k", "5", "--top-p", "0.9", "--temperature", "0.7"}));
+  REQUIRE(other.rc == 0);
+  CHECK(hf::load_batch(t.out).sequences != want.sequences);
+}
+
+TEST_CASE("cli sample: --rewards gives GRPO advantages, and the batch runs through the probe", "[cli][sample]") {
+  SampleSetup t;
+  const std::string rewards = t.s.dir.file("rewards.jsonl");
+  write_lines(rewards, {"[1, 0]", "[0.5, 0.25]", "[-1, 3]"});
+  const Outcome o = sample(t.args({"--rewards", rewards}));
+  INFO(o.err);
+  REQUIRE(o.rc == 0);
+  CHECK_THAT(o.out, Contains("advantages: GRPO") && Contains(rewards));
+  const TokenBatch b = hf::load_batch(t.out);
+  REQUIRE(b.rewards);
+  CHECK(*b.rewards == std::vector<double>{1, 0, 0.5, 0.25, -1, 3});
+  CHECK(b.advantages == std::vector<double>{0.5, -0.5, 0.125, -0.125, -2, 2});
+  const Outcome r = run({t.s.ckpt, "--e-batch", t.out, "--u-batch", t.out, "--lr", "1e-3", "--dtype", "f64",
+                         "--variance", "none", "--log-level", "warning"});
+  INFO(r.err);
+  CHECK(r.rc == 0);
+  CHECK_THAT(r.out, Contains("deltaH1"));
+}
+
+TEST_CASE("cli sample: usage errors exit 2, bad input files exit 3 naming the file and line", "[cli][sample][errors]") {
+  SampleSetup t;
+  struct Case {
+    std::vector<std::string> args;
+    std::string message;
+  };
+  const std::vector<Case> usage{
+      {{t.s.ckpt, "--G", "2", "--max-new-tokens", "4", "--out", t.out}, "missing required option --prompts"},
+      {{t.s.ckpt, "--prompts", t.prompts, "--max-new-tokens", "4", "--out", t.out}, "missing required option --G"},
+      {{t.s.ckpt, "--prompts", t.prompts, "--G", "2", "--max-new-tokens", "4"}, "missing required option --out"},
+      {t.args({"--top-p", "1.5"}), "--top-p must be in (0, 1]"},
+      {t.args({"--temperature", "0"}), "--temperature must be positive"},
+      {t.args({"--stop-token", "x"}), "--stop-token expects a non-negative integer, got 'x'"},
+      {t.args({"--seed", "4"}), "option '--seed' given twice"},
+      {t.args({"--device", "cuda"}), "--device cuda: this build of entropy-probe has no CUDA support"},
+      {{t.s.ckpt, "--prompts", t.prompts, "--G", "0", "--max-new-tokens", "4", "--out", t.out},
+       "--G must be at least 1"},
+  };
+  for (const Case& c : usage) {
+    CAPTURE(c.message);
+    const Outcome o = sample(c.args);
+    CHECK(o.rc == 2);
+    CHECK_THAT(o.err, Contains(c.message) && Contains("see 'entropy-probe sample --help'"));
+  }
+  const std::string rewards = t.s.dir.file("rewards.jsonl");
+  const std::vector<std::pair<std::vector<std::string>, std::string>> bad_prompts{
+      {{"[1, 2]", "[3, oops]"}, "line 2: not JSON"},
+      {{"[1, 2]", ""}, "line 2: not JSON"},
+      {{"[1, 2]", "[]"}, "line 2: expected a non-empty JSON array of token ids"},
+      {{"{\"a\": 1}"}, "line 1: expected a non-empty JSON array"},
+      {{"[1, 11]"}, "line 1: token 1 = 11 is not a token id in the vocabulary [0, 11)"},
+      {{"[1, -2]"}, "line 1: token 1 = -2 is not a token id"},
+      {{"[1.5]"}, "line 1: token 0 = 1.5 is not a token id"},
+  };
+  for (const auto& [lines, message] : bad_prompts) {
+    CAPTURE(message);
+    write_lines(t.prompts, lines);
+    const Outcome o = sample(t.args());
+    CHECK(o.rc == 3);
+    CHECK_THAT(o.err, Contains(t.prompts + " " + message));
+  }
+  write_lines(t.prompts, {"[3, 1, 4]", "[9]", "[2,6]"});
+  const std::vector<std::pair<std::vector<std::string>, std::string>> bad_rewards{
+      {{"[1, 0]", "[0, 1]"}, ": 2 lines for 3 prompts"},
+      {{"[1, 0]", "[0, 1, 2]", "[0, 0]"}, " line 2: 3 rewards, expected G = 2"},
+      {{"[1, 0]", "[0, \"x\"]", "[0, 0]"}, " line 2: reward 1 = \"x\" is not a finite number"},
+  };
+  for (const auto& [lines, message] : bad_rewards) {
+    CAPTURE(message);
+    write_lines(rewards, lines);
+    const Outcome o = sample(t.args({"--rewards", rewards}));
+    CHECK(o.rc == 3);
+    CHECK_THAT(o.err, Contains(rewards + message));
+  }
+  const Outcome missing = sample(t.args({"--rewards", t.s.dir.file("absent.jsonl")}));
+  CHECK(missing.rc == 3);
+  CHECK_THAT(missing.err, Contains("absent.jsonl: cannot open the file"));
+}
+
+TEST_CASE("cli sample: a Qwen2 checkpoint on a device-style backend samples the CPU backend's batch",
+          "[cli][sample][device]") {
+  TempDir dir;
+  nn::Qwen2ForCausalLM<double> model(tiny_qwen2_config(false), std::nullopt, 51);
+  const std::string ckpt = dir.file("qwen"), prompts = dir.file("p.jsonl");
+  hf::save_pretrained(model, ckpt, safetensors::Dtype::F64);
+  write_lines(prompts, {"[1, 2, 3, 4]", "[5]"});
+  ep_sample::SampleOptions o;
+  o.checkpoint = ckpt;
+  o.prompts = prompts;
+  o.dtype = "f64";
+  o.sampling.G = 3;
+  o.sampling.max_new_tokens = 5;
+  o.sampling.seed = 9;
+  o.out = dir.file("cpu.safetensors");
+  const Outcome c = captured([&] { return ep_sample::sample_typed<double, CpuBackend>(o); });
+  o.out = dir.file("device.safetensors");
+  const Outcome d = captured([&] { return ep_sample::sample_typed<double, ep_parity::EmulatedDeviceBackend>(o); });
+  INFO(c.err << d.err);
+  REQUIRE(c.rc == 0);
+  REQUIRE(d.rc == 0);
+  CHECK_THAT(c.out, Contains("qwen2 checkpoint"));
+  const TokenBatch bc = hf::load_batch(dir.file("cpu.safetensors")), bd = hf::load_batch(o.out);
+  CHECK(bc.sequences == bd.sequences);
+  CHECK(bc.attention_mask == bd.attention_mask);
+  CHECK(bc.sequences == sample_responses(model, {{1, 2, 3, 4}, {5}}, o.sampling).sequences);
 }

@@ -9,6 +9,7 @@
 // sit where PEFT puts them and only what PEFT trains is trainable.
 #pragma once
 
+#include "entropy_probe/nn/kv_cache.hpp"
 #include "entropy_probe/nn/layers.hpp"
 #include "entropy_probe/nn/lora_config.hpp"
 #include "entropy_probe/nn/packing.hpp"
@@ -246,40 +247,98 @@ class DecoderForCausalLM {
     Var h = embedding(tape, use(tape, embed_tokens_), std::span<const std::int32_t>(tokens));
     if (!pack) h = reshape(tape, h, {r, t, d});
     auto grid = [&](Var x) { return pack ? pack->to_grid(tape, x) : x; };
-    // Qwen3: RMS norm of each head's head_dim features (rows of [N * heads, Dh])
-    auto head_norm = [&](std::optional<RmsNorm<T, B>>& norm, Var x) {
-      if (!norm) return x;
-      const Shape s = tape.shape(x);
-      return reshape(tape, norm->forward(tape, reshape(tape, x, {numel_of(s) / dh, dh})), s);
-    };
     // The rows of h whose logits are read, once past the last attention.
     bool selected = !in.logit_positions;
     auto select_read = [&](Var x) {
       return gather_rows(tape, x, std::span<const std::int32_t>(pack ? pack->logits : *in.logit_positions));
     };
     for (Layer& l : layers_) {
-      Var a = l.input_layernorm.forward(tape, h);
-      Var q = rotary(tape, head_norm(l.q_norm, l.q_proj.forward(tape, a)), table, hq);
-      Var k = rotary(tape, head_norm(l.k_norm, l.k_proj.forward(tape, a)), table, hkv);
-      Var att = flash_causal_attention(tape, grid(q), grid(k), grid(l.v_proj.forward(tape, a)), mask, hq, hkv);
+      const AttentionInputs x = attention_inputs(tape, l, h, table);
+      Var att = flash_causal_attention(tape, grid(x.q), grid(x.k), grid(x.v), mask, hq, hkv);
       if (pack) att = pack->from_grid(tape, att);
       if (&l == &layers_.back() && !selected) {
         att = select_read(att);
         h = select_read(h);
         selected = true;
       }
-      h = add(tape, h, l.o_proj.forward(tape, att));
-      Var m = l.post_attention_layernorm.forward(tape, h);
-      Var gated =
-          mul(tape, activate(tape, l.gate_proj.forward(tape, m), config_.hidden_act), l.up_proj.forward(tape, m));
-      h = add(tape, h, l.down_proj.forward(tape, gated));
+      h = layer_output(tape, l, h, att);
       tape.release_since(start, {h});
     }
     if (!selected) h = select_read(h);
     return {norm_.forward(tape, h), use(tape, lm_head_ ? *lm_head_ : embed_tokens_)};
   }
 
+  // Logits [R, V] of the tokens in.read after feeding in's new tokens through
+  // the layers with a key/value cache (nn/kv_cache.hpp): the same layer
+  // pieces as forward(), attention over the cache. Forward only; the tape
+  // holds one call's activations. A cache comes from make_cache().
+  KvCache<T, B> make_cache(index_t rows, index_t capacity) const {
+    return KvCache<T, B>(config_.num_hidden_layers, rows, capacity, config_.num_key_value_heads * config_.head_dim());
+  }
+  Var forward_cached(Tape<T, B>& tape, KvCache<T, B>& cache, const CachedInput& in) {
+    in.check(model_type(), cache.capacity());
+    const index_t end = in.end();
+    // Within the window every key is seen, as in forward(); beyond it forward() refuses, and so does this.
+    if (!config_.sliding_layers.empty() && end > config_.sliding_window)
+      fail<InputError>(
+          "{} forward_cached: position {} is sliding_window {} or more past position 0 (layers [{}]); "
+          "sliding-window attention is not implemented, only sequences within the window are exact",
+          model_type(), end - 1, config_.sliding_window, fmt::join(config_.sliding_layers, ", "));
+    const RopeParameters rope = config_.rope();
+    // Dynamic rope rescales every position once the sequence outgrows max_position_embeddings; cached keys cannot.
+    if (rope.type == RopeParameters::Type::dynamic && end > rope.max_position_embeddings)
+      fail<InputError>(
+          "{} forward_cached: position {} exceeds max_position_embeddings {} under dynamic rope "
+          "scaling, which rescales the cached keys",
+          model_type(), end - 1, rope.max_position_embeddings);
+    const std::vector<std::int32_t> positions = in.positions();
+    const auto table = make_rotary_table<T, B>(std::span<const std::int32_t>(positions), config_.head_dim(), rope);
+    const index_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads;
+    const std::vector<std::int32_t> read = in.read_rows();
+    Var h = embedding(tape, use(tape, embed_tokens_), std::span<const std::int32_t>(in.tokens));
+    for (std::size_t i = 0; i < layers_.size(); ++i) {
+      Layer& l = layers_[i];
+      const AttentionInputs x = attention_inputs(tape, l, h, table);
+      Var att = tape.constant(
+          cache.attend(static_cast<index_t>(i), in, tape.value(x.q), tape.value(x.k), tape.value(x.v), hq, hkv));
+      if (i + 1 == layers_.size()) {  // past the last attention only the read rows matter
+        att = gather_rows(tape, att, std::span<const std::int32_t>(read));
+        h = gather_rows(tape, h, std::span<const std::int32_t>(read));
+      }
+      h = layer_output(tape, l, h, att);
+    }
+    if (layers_.empty()) h = gather_rows(tape, h, std::span<const std::int32_t>(read));
+    return linear(tape, norm_.forward(tape, h), use(tape, lm_head_ ? *lm_head_ : embed_tokens_));
+  }
+
  private:
+  struct AttentionInputs {
+    Var q, k, v;
+  };
+  // A layer up to attention: the normed input's q, k (per-head normed for
+  // Qwen3, then rotated) and v, as [N, heads * head_dim].
+  AttentionInputs attention_inputs(Tape<T, B>& tape, Layer& l, Var h,
+                                   const std::shared_ptr<const RotaryTable<T, B>>& table) {
+    const index_t dh = config_.head_dim();
+    // Qwen3: RMS norm of each head's head_dim features (rows of [N * heads, Dh])
+    auto head_norm = [&](std::optional<RmsNorm<T, B>>& norm, Var x) {
+      if (!norm) return x;
+      const Shape s = tape.shape(x);
+      return reshape(tape, norm->forward(tape, reshape(tape, x, {numel_of(s) / dh, dh})), s);
+    };
+    Var a = l.input_layernorm.forward(tape, h);
+    return {rotary(tape, head_norm(l.q_norm, l.q_proj.forward(tape, a)), table, config_.num_attention_heads),
+            rotary(tape, head_norm(l.k_norm, l.k_proj.forward(tape, a)), table, config_.num_key_value_heads),
+            l.v_proj.forward(tape, a)};
+  }
+  // A layer after attention: the residual of o_proj, then the SwiGLU MLP's.
+  Var layer_output(Tape<T, B>& tape, Layer& l, Var h, Var att) {
+    h = add(tape, h, l.o_proj.forward(tape, att));
+    Var m = l.post_attention_layernorm.forward(tape, h);
+    Var gated = mul(tape, activate(tape, l.gate_proj.forward(tape, m), config_.hidden_act), l.up_proj.forward(tape, m));
+    return add(tape, h, l.down_proj.forward(tape, gated));
+  }
+
   // A sliding window changes attention only when a real query sees a real key
   // at least `sliding_window` positions back (transformers masks key s for
   // query t when t - s >= sliding_window); that is refused, since these

@@ -9,6 +9,7 @@
 // base weights are frozen.
 #pragma once
 
+#include "entropy_probe/nn/kv_cache.hpp"
 #include "entropy_probe/nn/layers.hpp"
 #include "entropy_probe/nn/lora_config.hpp"
 #include "entropy_probe/nn/packing.hpp"
@@ -188,16 +189,53 @@ class Gpt2LMHeadModel {
         h = select_read(h);
         selected = true;
       }
-      h = add(tape, h, b.attn_c_proj.forward(tape, att));
-      Var m = b.ln_2.forward(tape, h);
-      h = add(tape, h, b.mlp_c_proj.forward(tape, activate(tape, b.c_fc.forward(tape, m), config_.activation)));
+      h = block_output(tape, b, h, att);
       tape.release_since(start, {h});
     }
     if (!selected) h = select_read(h);
     return {ln_f_.forward(tape, h), use(tape, lm_head_ ? *lm_head_ : wte_)};
   }
 
+  // Logits [R, V] of the tokens in.read after feeding in's new tokens through
+  // the blocks with a key/value cache (nn/kv_cache.hpp): the same block
+  // pieces as forward(), attention over the cache. Forward only; the tape
+  // holds one call's activations. A cache comes from make_cache().
+  KvCache<T, B> make_cache(index_t rows, index_t capacity) const {
+    return KvCache<T, B>(config_.n_layer, rows, capacity, config_.n_embd);
+  }
+  Var forward_cached(Tape<T, B>& tape, KvCache<T, B>& cache, const CachedInput& in) {
+    in.check("gpt2", cache.capacity());
+    if (in.end() > config_.n_positions)
+      fail<InputError>("gpt2 forward_cached: position {} exceeds n_positions {}", in.end() - 1, config_.n_positions);
+    const index_t d = config_.n_embd;
+    const std::vector<std::int32_t> positions = in.positions(), read = in.read_rows();
+    Var h = add(tape, embedding(tape, use(tape, wte_), std::span<const std::int32_t>(in.tokens)),
+                embedding(tape, use(tape, wpe_), std::span<const std::int32_t>(positions)));
+    for (std::size_t layer = 0; layer < blocks_.size(); ++layer) {
+      Block& b = blocks_[layer];
+      Var qkv = b.c_attn.forward(tape, b.ln_1.forward(tape, h));
+      Var att = tape.constant(cache.attend(static_cast<index_t>(layer), in, tape.value(slice_last(tape, qkv, 0, d)),
+                                           tape.value(slice_last(tape, qkv, d, d)),
+                                           tape.value(slice_last(tape, qkv, 2 * d, d)), config_.n_head, config_.n_head,
+                                           config_.attention_scale(static_cast<index_t>(layer))));
+      if (layer + 1 == blocks_.size()) {  // past the last attention only the read rows matter
+        att = gather_rows(tape, att, std::span<const std::int32_t>(read));
+        h = gather_rows(tape, h, std::span<const std::int32_t>(read));
+      }
+      h = block_output(tape, b, h, att);
+    }
+    if (blocks_.empty()) h = gather_rows(tape, h, std::span<const std::int32_t>(read));
+    return linear(tape, ln_f_.forward(tape, h), use(tape, lm_head_ ? *lm_head_ : wte_));
+  }
+
  private:
+  // A block after attention: the residual of attn.c_proj, then the MLP's.
+  Var block_output(Tape<T, B>& tape, Block& b, Var h, Var att) {
+    h = add(tape, h, b.attn_c_proj.forward(tape, att));
+    Var m = b.ln_2.forward(tape, h);
+    return add(tape, h, b.mlp_c_proj.forward(tape, activate(tape, b.c_fc.forward(tape, m), config_.activation)));
+  }
+
   void check_input(const SequenceInput& in) const {
     const auto n = static_cast<std::size_t>(in.rows * in.length);
     if (in.tokens.size() != n || in.key_mask.size() != n || in.positions.size() != n)

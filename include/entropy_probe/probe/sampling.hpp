@@ -3,19 +3,39 @@
 // on, the rest padding (mask 0). Reproducible from the seed. Top-k and top-p
 // (nucleus) filtering as transformers' generate applies them: top-k first,
 // then top-p on the renormalized rest.
+//
+// Models with a key/value cache (CachedCausalLM: the GPT-2 and decoder
+// families) are sampled incrementally: one forward over the prompts, then one
+// token per row per step. Any other CausalLM re-runs its forward over the
+// prefix for every new token.
 #pragma once
 
 #include "entropy_probe/data/batch.hpp"
 #include "entropy_probe/module/module.hpp"
+#include "entropy_probe/nn/kv_cache.hpp"
+#include "entropy_probe/data/batch.hpp"
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 #include <optional>
 #include <random>
+#include <span>
 #include <vector>
 
 namespace entropy_probe {
+
+// A CausalLM with a key/value-cached forward (nn/kv_cache.hpp).
+template <class M>
+concept CachedCausalLM = CausalLM<M> &&
+    requires(M& m, Tape<typename M::scalar_type, typename M::backend_type>& tape,
+             nn::KvCache<typename M::scalar_type, typename M::backend_type>& cache, const nn::CachedInput& in) {
+  {
+    m.make_cache(index_t{1}, index_t{1})
+    } -> std::same_as<nn::KvCache<typename M::scalar_type, typename M::backend_type>>;
+  { m.forward_cached(tape, cache, in) } -> std::same_as<Var>;
+};
 
 struct SamplingConfig {
   index_t G = 4;                          // responses per prompt
@@ -27,12 +47,16 @@ struct SamplingConfig {
   std::uint64_t seed = 0;
 };
 
+// Sees each step's logits before a token is drawn from them: the batch so far
+// and the logits [rows, V] (in double) of the token at prompt length + step
+// of every row (rows already stopped included).
+using SamplingObserver = std::function<void(index_t step, const TokenBatch& batch, std::span<const double> logits)>;
+
 // Samples config.G responses for each prompt. Advantages are zero; set them
-// (grpo_advantages) once rewards are known. No KV cache: each new token
-// re-runs the forward over the prefix, fine for the small models this serves.
+// (grpo_advantages) once rewards are known.
 template <CausalLM M>
 TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t>>& prompts,
-                            const SamplingConfig& config) {
+                            const SamplingConfig& config, const SamplingObserver& observe = {}) {
   using T = typename M::scalar_type;
   using B = typename M::backend_type;
   if (prompts.empty()) fail<UsageError>("sample_responses: no prompts");
@@ -80,25 +104,58 @@ TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t
   std::vector<double> probs(static_cast<std::size_t>(V));
   std::vector<index_t> order(static_cast<std::size_t>(V));
   const bool filter = config.top_k > 0 || config.top_p < 1;
-  for (index_t step = 0; step < config.max_new_tokens; ++step) {
-    const index_t len = max_prompt + step;  // forward over the longest prefix that matters
-    SequenceInput in;
-    in.rows = batch.rows();
-    in.length = len;
-    for (index_t r = 0; r < batch.rows(); ++r)
-      for (index_t t = 0; t < len; ++t) {
-        const auto i = static_cast<std::size_t>(r * batch.T + t);
-        in.tokens.push_back(batch.sequences[i]);
-        in.key_mask.push_back(batch.attention_mask[i]);
-        in.positions.push_back(static_cast<std::int32_t>(t));
+  const index_t rows = batch.rows();
+  // The logits [rows, V] of the token at prompt length + step of every row.
+  std::vector<T> logits(static_cast<std::size_t>(rows * V));
+  std::optional<nn::KvCache<T, B>> cache;
+  auto step_logits = [&](index_t step) {
+    Tape<T, B> tape;  // forward only: holds one step's activations
+    if constexpr (CachedCausalLM<M>) {
+      // Step 0 feeds the prompts (right-padded to the longest), later steps each row's last token.
+      nn::CachedInput in;
+      in.rows = rows;
+      in.length = step == 0 ? max_prompt : 1;
+      for (index_t r = 0; r < rows; ++r) {
+        const index_t p = batch.prompt_lens[static_cast<std::size_t>(r / batch.G)];
+        const index_t first = step == 0 ? 0 : p + step - 1;
+        for (index_t t = first; t < first + in.length; ++t)
+          in.tokens.push_back(batch.sequences[static_cast<std::size_t>(r * batch.T + t)]);
+        in.start.push_back(static_cast<std::int32_t>(first));
+        in.read.push_back(static_cast<std::int32_t>(step == 0 ? p - 1 : 0));
       }
-    Tape<T, B> tape;
-    const std::vector<T> logits = tape.value(model.forward(tape, in)).to_host();
+      if (step == 0) cache.emplace(model.make_cache(rows, batch.T));
+      logits = tape.value(model.forward_cached(tape, *cache, in)).to_host();
+    } else {
+      const index_t len = max_prompt + step;  // forward over the longest prefix that matters
+      SequenceInput in;
+      in.rows = rows;
+      in.length = len;
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t t = 0; t < len; ++t) {
+          const auto i = static_cast<std::size_t>(r * batch.T + t);
+          in.tokens.push_back(batch.sequences[i]);
+          in.key_mask.push_back(batch.attention_mask[i]);
+          in.positions.push_back(static_cast<std::int32_t>(t));
+        }
+      const std::vector<T> all = tape.value(model.forward(tape, in)).to_host();
+      for (index_t r = 0; r < rows; ++r) {
+        const index_t pos = batch.prompt_lens[static_cast<std::size_t>(r / batch.G)] + step;
+        std::copy_n(all.begin() + (r * len + pos - 1) * V, V, logits.begin() + r * V);
+      }
+    }
+    if (observe) {
+      const std::vector<double> z(logits.begin(), logits.end());
+      observe(step, batch, std::span<const double>(z));
+    }
+  };
+  for (index_t step = 0; step < config.max_new_tokens; ++step) {
+    if (std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
+    step_logits(step);
     for (index_t r = 0; r < batch.rows(); ++r) {
       if (done[static_cast<std::size_t>(r)]) continue;
       const index_t b = r / batch.G;
       const index_t pos = batch.prompt_lens[static_cast<std::size_t>(b)] + step;  // the token being sampled
-      const T* z = logits.data() + (r * len + pos - 1) * V;
+      const T* z = logits.data() + r * V;
       double mx = -INFINITY, total = 0;
       for (index_t v = 0; v < V; ++v) mx = std::max(mx, double(z[v]) / config.temperature);
       for (index_t v = 0; v < V; ++v)
