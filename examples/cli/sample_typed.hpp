@@ -1,6 +1,6 @@
 // The body of `entropy-probe sample` once its arguments are parsed:
 // sample_typed<T, B> loads the checkpoint onto backend B, samples G responses
-// per prompt with the KV-cached sampler (probe/sampling.hpp), sets GRPO
+// per prompt with the KV-cached sampler (sample/sampling.hpp), sets GRPO
 // advantages from a rewards file, and writes the batch file. One template
 // serves every backend: sample_command.hpp instantiates it on CpuBackend,
 // run_cuda.cu on CudaBackend.

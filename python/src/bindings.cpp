@@ -19,7 +19,7 @@
 #include <entropy_probe/entropy_probe.hpp>
 #include <entropy_probe/io/hf.hpp>
 #include <entropy_probe/io/result_json.hpp>
-#include <entropy_probe/probe/sampling.hpp>
+#include <entropy_probe/sample/sampling.hpp>
 
 #include <chrono>
 #include <cstdint>

@@ -6,7 +6,7 @@
 
 #include <entropy_probe/io/result_json.hpp>
 #include <entropy_probe/probe/probe.hpp>
-#include <entropy_probe/probe/sampling.hpp>
+#include <entropy_probe/sample/sampling.hpp>
 
 #include <catch2/catch.hpp>
 

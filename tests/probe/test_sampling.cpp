@@ -2,7 +2,7 @@
 // distribution against softmax(logits / temperature) of an independent forward.
 #include "../support/tiny_models.hpp"
 
-#include <entropy_probe/probe/sampling.hpp>
+#include <entropy_probe/sample/sampling.hpp>
 
 #include <catch2/catch.hpp>
 

@@ -5,7 +5,7 @@
 #include "../support/tiny_models.hpp"
 
 #include <entropy_probe/nn/families.hpp>
-#include <entropy_probe/probe/sampling.hpp>
+#include <entropy_probe/sample/sampling.hpp>
 
 #include <catch2/catch.hpp>
 

@@ -13,7 +13,6 @@
 #include "entropy_probe/data/batch.hpp"
 #include "entropy_probe/module/module.hpp"
 #include "entropy_probe/nn/kv_cache.hpp"
-#include "entropy_probe/data/batch.hpp"
 
 #include <algorithm>
 #include <cmath>
