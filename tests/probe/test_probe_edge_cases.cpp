@@ -930,7 +930,8 @@ TEST_CASE("importance-sampled entropies: standard errors by hand, prompts as the
   CHECK(e.SE_H_upd == 1.0);
   CHECK(e.SE_deltaH_true == 2.0);
   CHECK_THROWS_WITH(weighted_entropies({1, 1, 1}, {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, 2),
-                    Contains("3 sequences are not whole prompts of G = 2"));
+                    Contains("weighted_entropies: 3 sequences are not whole prompts of G = 2"));
+  CHECK_THROWS_WITH(weighted_entropies({1, 1}, {1, 1}, {1, 1}, {1}, 1), Contains("sizes w 2 / h0 2 / h1 2 / L 1"));
   // Rao-Blackwellised terms come before and after, or not at all.
   const std::vector<double> S = {-1, -2}, H = {1, 2};
   CHECK_THROWS_WITH(importance_sampled_entropies(S, S, {1, 1}, ISEstimator::snis, 1.0, 1, &H, nullptr),

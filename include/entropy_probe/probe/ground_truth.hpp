@@ -64,9 +64,9 @@ inline EntropyEstimates weighted_entropies(const std::vector<double>& w, const s
                                            const std::vector<double>& h1, const std::vector<double>& L, index_t G) {
   const std::size_t n = w.size();
   if (n == 0 || h0.size() != n || h1.size() != n || L.size() != n)
-    fail<UsageError>("importance_sampled_entropies: sizes {} / {} / {}", h0.size(), h1.size(), L.size());
+    fail<UsageError>("weighted_entropies: sizes w {} / h0 {} / h1 {} / L {}", n, h0.size(), h1.size(), L.size());
   if (G < 1 || n % static_cast<std::size_t>(G) != 0)
-    fail<UsageError>("importance_sampled_entropies: {} sequences are not whole prompts of G = {}", n, G);
+    fail<UsageError>("weighted_entropies: {} sequences are not whole prompts of G = {}", n, G);
   double sum_h0 = 0, sum_l = 0, sw = 0, sw_h1 = 0, sw_l = 0;
   for (std::size_t i = 0; i < n; ++i) {
     sum_h0 += h0[i];
