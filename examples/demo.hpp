@@ -14,6 +14,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -147,9 +148,12 @@ inline ep::ProgressCallback progress_printer() {
   };
 }
 
+// One eta of the sweep; [0] the adamw direction (its truth the real AdamW
+// step), [1] precond_sgd (theta + eta mu_Y). The SEs are along precond_sgd.
 struct SweepRow {
-  double eta = 0, deltaH1 = 0, se_cond = 0, se_full = 0;
-  ep::GroundTruth truth[2];  // adam, precond_sgd
+  double eta = 0, se_cond = 0, se_full = 0;
+  double deltaH1[2] = {0, 0};
+  ep::GroundTruth truth[2];
 };
 
 inline double ratio(double a, double b) { return b != 0 ? a / b : std::nan(""); }
@@ -260,6 +264,10 @@ inline int run_demo(const DemoOptions& opt) {
   pc.variance = ep::VarianceMode::full;
   pc.ground_truth = ep::StepKind::adam;
   pc.mb_size = s.mb_size;
+  // Both directions over the sweep, each against the step it linearises; the
+  // baseline on E is computed once for all of them.
+  pc.directions = {ep::Direction::precond_sgd, ep::Direction::adamw};
+  pc.lr_sweep = s.etas;
   pc.progress = progress_printer();
   ep::OfflineEntropyProbe probe(model, pc);
   // The probe has its own registry; the trained optimizer state moves over
@@ -292,36 +300,37 @@ inline int run_demo(const DemoOptions& opt) {
       r.truth->H_orig_tok, r.timing.at("total"), r.timing.at("sum_X"), r.timing.at("sum_Y"),
       r.timing.at("conditional_variance") + r.timing.at("full_variance"), r.timing.at("ground_truth"));
 
-  // The sweep: X and Y once; the prediction and both SEs scale with eta, the
-  // ground truth takes the real step at each eta.
-  std::vector<SweepRow> rows;
-  for (double eta : s.etas) {
-    SweepRow row;
-    row.eta = eta;
-    row.deltaH1 = eta * r.bars_dot;
-    row.se_cond = eta * se_cond_1;
-    row.se_full = eta * se_full_1;
-    row.truth[0] = probe.ground_truth(E, ep::StepKind::adam, eta, state);
-    row.truth[1] = probe.ground_truth(E, ep::StepKind::precond_sgd, eta, state);
-    rows.push_back(row);
+  // The sweep (ProbeConfig::lr_sweep, run by probe.run): X and Y once; the
+  // prediction and both SEs scale with eta, the ground truth takes the step
+  // at each eta along each direction.
+  std::vector<SweepRow> rows(s.etas.size());
+  for (const ep::SweepPoint& p : r.lr_sweep) {
+    const auto k = static_cast<std::size_t>(std::find(s.etas.begin(), s.etas.end(), p.learning_rate) - s.etas.begin());
+    const int d = p.direction == ep::Direction::adamw ? 0 : 1;
+    rows[k].eta = p.learning_rate;
+    rows[k].se_cond = p.learning_rate * se_cond_1;
+    rows[k].se_full = p.learning_rate * se_full_1;
+    rows[k].deltaH1[d] = p.deltaH1;
+    rows[k].truth[d] = p.truth;
   }
-  stage_done("sweep");
+  timing["sweep"] = r.timing.at("lr_sweep");  // inside the probe stage
   fmt::print("Learning-rate sweep (ratio = deltaH_true_tok / deltaH1; ESS of {} importance-sampled responses):\n",
              E.rows());
-  fmt::print("  {:>8} {:>11} {:>9} {:>9} | {:^28} | {:^28}\n", "", "", "", "", "adam step", "precond_sgd step");
-  fmt::print("  {:>8} {:>11} {:>9} {:>9} | {:>13} {:>7} {:>6} | {:>13} {:>7} {:>6}\n", "eta", "deltaH1", "SE_cond",
-             "SE_full", "dH_true_tok", "ratio", "ESS", "dH_true_tok", "ratio", "ESS");
+  fmt::print("  {:>8} | {:^40} | {:^60}\n", "", "adamw: the real AdamW step", "precond_sgd: theta + eta mu_Y");
+  fmt::print("  {:>8} | {:>11} {:>13} {:>7} {:>6} | {:>11} {:>9} {:>9} {:>13} {:>7} {:>6}\n", "eta", "deltaH1",
+             "dH_true_tok", "ratio", "ESS", "deltaH1", "SE_cond", "SE_full", "dH_true_tok", "ratio", "ESS");
   for (const SweepRow& row : rows)
     fmt::print(
-        "  {:>8.1e} {:>+11.3e} {:>9.2e} {:>9.2e} | {:>+13.3e} {:>7.3f} {:>6.1f} | {:>+13.3e} {:>7.3f} {:>6.1f}\n",
-        row.eta, row.deltaH1, row.se_cond, row.se_full, row.truth[0].deltaH_true_tok,
-        ratio(row.truth[0].deltaH_true_tok, row.deltaH1), row.truth[0].ESS, row.truth[1].deltaH_true_tok,
-        ratio(row.truth[1].deltaH_true_tok, row.deltaH1), row.truth[1].ESS);
+        "  {:>8.1e} | {:>+11.3e} {:>+13.3e} {:>7.3f} {:>6.1f} | {:>+11.3e} {:>9.2e} {:>9.2e} {:>+13.3e} {:>7.3f} "
+        "{:>6.1f}\n",
+        row.eta, row.deltaH1[0], row.truth[0].deltaH_true_tok, ratio(row.truth[0].deltaH_true_tok, row.deltaH1[0]),
+        row.truth[0].ESS, row.deltaH1[1], row.se_cond, row.se_full, row.truth[1].deltaH_true_tok,
+        ratio(row.truth[1].deltaH_true_tok, row.deltaH1[1]), row.truth[1].ESS);
   fmt::print(
       "deltaH1 is a per-token change (dr_grpo scale, docs/math.md), compared with deltaH_true_tok, "
       "importance-sampled on the same E batch.\n"
-      "precond_sgd takes the step theta + eta*mu_Y that deltaH1 linearises (ratio -> 1 as eta -> 0); adam's real "
-      "AdamW step differs by design.\n");
+      "Each direction's deltaH1 linearises its own step (ratio -> 1 as eta -> 0): adamw carries momentum, bias "
+      "corrections and weight decay.\n");
   fmt::print(
       "Signal to noise |deltaH1| / SE_full = {:.1f} (|deltaH1| / SE_cond = {:.1f}), the same at every eta: "
       "both scale with eta.\n\n",
@@ -335,7 +344,8 @@ inline int run_demo(const DemoOptions& opt) {
       const ep::GroundTruth& t = row.truth[k];
       sweep.push_back({{"eta", row.eta},
                        {"step_kind", k == 0 ? "adam" : "precond_sgd"},
-                       {"deltaH1", row.deltaH1},
+                       {"direction", k == 0 ? "adamw" : "precond_sgd"},
+                       {"deltaH1", row.deltaH1[k]},
                        {"SE_conditional", row.se_cond},
                        {"SE_deltaH1", row.se_full},
                        {"H_orig", t.H_orig},
@@ -345,7 +355,7 @@ inline int run_demo(const DemoOptions& opt) {
                        {"H_upd_tok", t.H_upd_tok},
                        {"deltaH_true_tok", t.deltaH_true_tok},
                        {"ESS", t.ESS},
-                       {"ratio", ratio(t.deltaH_true_tok, row.deltaH1)}});
+                       {"ratio", ratio(t.deltaH_true_tok, row.deltaH1[k])}});
     }
   j["sweep"] = sweep;
   j["training"] = training;
@@ -378,12 +388,12 @@ inline int run_demo(const DemoOptions& opt) {
                            s.etas.back(), opt.seed);
   plot.x_label = "measured \u0394H per token (deltaH_true_tok, importance-sampled on E)";
   plot.scale = ep::AxisScale::symlog;  // the sweep spans two decades: on linear axes the small steps would merge
-  plot.y_label = "predicted \u0394H1 = \u03b7 \u03bcX\u00b7\u03bcY  (bars: \u00b12 SE_deltaH1)";
+  plot.y_label = "predicted \u0394H1 = \u03b7 \u03bcX\u00b7v  (bars: \u00b12 SE_deltaH1, along \u03bcY)";
   for (int k = 0; k < 2; ++k) {
     ep::PlotSeries series;
-    series.label = k == 0 ? "adam: real AdamW step" : "precond_sgd: \u03b8 + \u03b7 \u03bcY";
-    for (const SweepRow& row : rows)
-      series.points.push_back({row.truth[k].deltaH_true_tok, row.deltaH1, 2 * row.se_full});
+    series.label = k == 0 ? "adamw: real AdamW step" : "precond_sgd: \u03b8 + \u03b7 \u03bcY";
+    for (const SweepRow& row : rows)  // SE_deltaH1 is along mu_Y only: no bar for adamw
+      series.points.push_back({row.truth[k].deltaH_true_tok, row.deltaH1[k], k == 0 ? 0.0 : 2 * row.se_full});
     plot.series.push_back(std::move(series));
   }
   const auto svg_path = out_dir / "calibration.svg";
@@ -391,7 +401,7 @@ inline int run_demo(const DemoOptions& opt) {
 
   stage_done("output");
   fmt::print("Wrote {} and {}\n", json_path.string(), svg_path.string());
-  fmt::print("Done in {:.1f} s (training {:.1f}, sampling E and U {:.1f}, probe {:.1f}, sweep {:.1f}).\n",
+  fmt::print("Done in {:.1f} s (training {:.1f}, sampling E and U {:.1f}, probe {:.1f} of which the sweep {:.1f}).\n",
              std::chrono::duration<double>(clock::now() - t_start).count(), timing["training"], timing["sampling"],
              timing["probe"], timing["sweep"]);
   return 0;

@@ -141,6 +141,40 @@ class ParsedArgs {
     if (x && !(*x > 0)) throw failure(fmt::format("{} must be positive, got '{}'", name, *value(name)));
     return x;
   }
+  // Positive numbers: a comma-separated list "1e-5,3e-5,1e-4", or a grid
+  // "START:STOP:N" of N >= 2 log-spaced values from START to STOP.
+  std::optional<std::vector<double>> positive_list(const std::string& name) const {
+    auto v = value(name);
+    if (!v) return std::nullopt;
+    auto bad = [&](std::string_view why) {
+      return failure(fmt::format("{} expects a list X,Y,... or a grid START:STOP:N of positive numbers ({}), got '{}'",
+                                 name, why, *v));
+    };
+    auto parse = [&](std::string_view s) {
+      double x = 0;
+      const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), x);
+      if (s.empty() || ec != std::errc() || end != s.data() + s.size() || !std::isfinite(x) || !(x > 0))
+        throw bad(fmt::format("'{}' is not a positive number", s));
+      return x;
+    };
+    const bool grid = v->find(':') != std::string::npos;
+    std::vector<double> parts;
+    std::size_t pos = 0;
+    while (true) {
+      const std::size_t end = v->find(grid ? ':' : ',', pos);
+      parts.push_back(parse(std::string_view(*v).substr(pos, end == std::string::npos ? end : end - pos)));
+      if (end == std::string::npos) break;
+      pos = end + 1;
+    }
+    if (!grid) return parts;
+    if (parts.size() != 3 || parts[2] != std::floor(parts[2]) || parts[2] < 2)
+      throw bad("a grid is START:STOP:N with a whole N >= 2");
+    const auto n = static_cast<std::size_t>(parts[2]);
+    std::vector<double> out(n);
+    for (std::size_t k = 0; k < n; ++k) out[k] = parts[0] * std::pow(parts[1] / parts[0], double(k) / double(n - 1));
+    out.back() = parts[1];  // the end point as written
+    return out;
+  }
   // A byte count: a number with an optional 1024-based suffix K, M, G, T
   // (or KiB, MiB, GiB, TiB): "8589934592", "512M", "1.5GiB"; at least 1 byte.
   std::optional<std::uint64_t> bytes(const std::string& name) const {

@@ -82,6 +82,9 @@ inline const ep_cli::CommandSpec& run_spec() {
                "or both: the update direction(s) deltaH1 is predicted along"},
               {"--influence", "", "per-sequence entropy influence of every U sequence (adamw when computed)"},
               {"--influence-csv", "OUT", "write the per-sequence influences as CSV to OUT (implies --influence)"},
+              {"--lr-sweep", "LIST",
+               "learning rates X,Y,... or a log grid START:STOP:N: deltaH1 and the ground truth\n"
+               "of each along every --direction (the baseline on E computed once)"},
               {"--is", "E", "importance sampling for the ground truth: snis (default) or clip"},
               {"--clip-c", "C", "weight clip for --is clip (default 10)"},
               {"--temperature", "T", "sampling temperature of the log-probabilities (default 1)"},
@@ -166,6 +169,7 @@ inline RunOptions parse_run_args(const std::vector<std::string>& args) {
                                                 {"adamw", Dirs{ep::Direction::adamw}},
                                                 {"both", Dirs{ep::Direction::precond_sgd, ep::Direction::adamw}}})
                      .value_or(o.directions);
+  o.lr_sweep = a.positive_list("--lr-sweep").value_or(o.lr_sweep);
   o.influence_csv = a.path("--influence-csv", "a file name");
   o.influence = a.has_flag("--influence") || o.influence_csv.has_value();
   for (const auto& [name, out] : {std::pair{"--json", o.json_out}, std::pair{"--influence-csv", o.influence_csv}}) {

@@ -65,6 +65,7 @@ struct RunOptions {
   std::optional<std::string> json_out;
   std::vector<ep::Direction> directions{ep::Direction::precond_sgd};
   bool influence = false;
+  std::vector<double> lr_sweep;
   std::optional<std::string> influence_csv;
   ep::AlphaRoute alpha_route = ep::AlphaRoute::jvp;
   ep::LogLevel log_level = ep::LogLevel::info;
@@ -162,10 +163,27 @@ inline void print_summary(const ep::ProbeResult& r, const RunOptions& o, const s
         ep::to_string(*o.ground_truth), ep::to_string(o.is), t.deltaH_true_tok, t.deltaH_true);
     fmt::print("      H_orig_tok = {:.6f}, H_upd_tok = {:.6f}, ESS = {:.1f} of {}\n", t.H_orig_tok, t.H_upd_tok, t.ESS,
                E.rows());
+    fmt::print("      per sequence: deltaH_true = {:+.6e} +- {:.2e} (sampled)", t.deltaH_true, t.SE_deltaH_true);
+    if (t.rao_blackwell)
+      fmt::print(", {:+.6e} +- {:.2e} (Rao-Blackwellised; H_orig = {:.6f} +- {:.2e})", t.rao_blackwell->deltaH_true,
+                 t.rao_blackwell->SE_deltaH_true, t.rao_blackwell->H_orig, t.rao_blackwell->SE_H_orig);
+    fmt::print("\n");
+  }
+  if (!r.lr_sweep.empty()) {
+    fmt::print("  learning-rate sweep (deltaH1 against the per-token truth; linear regime: ratio near 1):\n");
+    fmt::print("    {:<11} {:>10} {:>14} {:>14} {:>8} {:>14} {:>7}\n", "direction", "eta", "deltaH1", "deltaH_true_tok",
+               "ratio", "RB truth_tok", "ESS");
+    for (const ep::SweepPoint& p : r.lr_sweep) {
+      const ep::GroundTruth& t = p.truth;
+      fmt::print("    {:<11} {:>10.3e} {:>+14.6e} {:>+14.6e} {:>8.3f} {:>+14.6e} {:>7.1f}\n",
+                 ep::to_string(p.direction), p.learning_rate, p.deltaH1, t.deltaH_true_tok,
+                 t.deltaH_true_tok / p.deltaH1, t.rao_blackwell ? t.rao_blackwell->deltaH_true_tok : std::nan(""),
+                 t.ESS);
+    }
   }
   std::string timing;
-  for (const char* k :
-       {"load", "sum_X", "sum_Y", "conditional_variance", "full_variance", "influence", "ground_truth", "total"})
+  for (const char* k : {"load", "sum_X", "sum_Y", "conditional_variance", "full_variance", "influence", "ground_truth",
+                        "lr_sweep", "total"})
     if (auto it = r.timing.find(k); it != r.timing.end())
       timing += fmt::format("{}{} {:.3f}", timing.empty() ? "" : ", ", k, it->second);
   fmt::print("  timing (s): {}\n", timing);
@@ -227,6 +245,7 @@ ProbeOutcome probe_loaded(Model& model, const RunOptions& o, const ep::TokenBatc
   pc.clip_c = o.clip_c;
   pc.directions = o.directions;
   pc.influence = o.influence;
+  pc.lr_sweep = o.lr_sweep;
   if (progress) pc.progress = progress_printer();
   ep::OfflineEntropyProbe probe(model, pc, &comm);
   const std::string opt_path = optimizer_path(o);

@@ -219,6 +219,29 @@ TEST_CASE("cli run: --direction both and --influence-csv report both directions 
   CHECK(last == j["influence"][3]["influence"].get<double>());
 }
 
+TEST_CASE("cli run: --lr-sweep on a log grid gives a table and one JSON point per direction and eta", "[cli]") {
+  Gpt2Setup s;
+  const std::string out = s.dir.file("sweep.json");
+  const Outcome o = run({s.ckpt, "--e-batch", s.E, "--u-batch", s.U, "--json", out, "--direction", "both", "--variance",
+                         "none", "--lr-sweep", "1e-4:1e-2:3", "--dtype", "f64", "--log-level", "warning"});
+  INFO(o.err);
+  REQUIRE(o.rc == 0);
+  CHECK_THAT(o.out, Contains("learning-rate sweep") && Contains("RB truth_tok"));
+  const json j = read_json(out);
+  REQUIRE(j["lr_sweep"].size() == 6);
+  const double etas[] = {1e-4, 1e-3, 1e-2};
+  for (std::size_t k = 0; k < 6; ++k) {
+    const json& p = j["lr_sweep"][k];
+    CHECK(p["direction"] == (k < 3 ? "precond_sgd" : "adamw"));
+    CHECK(p["learning_rate"].get<double>() == Approx(etas[k % 3]).epsilon(1e-14));
+    // deltaH1 = eta * bars_dot of its direction.
+    const double bars_dot = j["directions"][p["direction"].get<std::string>()]["bars_dot"].get<double>();
+    CHECK(p["deltaH1"].get<double>() == Approx(etas[k % 3] * bars_dot).epsilon(1e-13));
+    CHECK(p.contains("rao_blackwell"));
+  }
+  CHECK_FALSE(j.contains("deltaH_true"));  // no --ground-truth: only the sweep's
+}
+
 TEST_CASE("cli run: a Qwen2 checkpoint without optimizer state takes --lr", "[cli]") {
   TempDir dir;
   nn::Qwen2Config c;
@@ -339,6 +362,12 @@ TEST_CASE("cli run: usage errors exit 2 with a pointer to --help", "[cli][errors
       {with({"--direction", "sgd"}), "--direction must be one of precond_sgd, adamw, both, got 'sgd'"},
       {with({"--influence-csv", s.dir.file("no/such/dir/i.csv")}), "--influence-csv"},
       {with({"--influence=1"}), "option '--influence' takes no value"},
+      {with({"--lr-sweep", "1e-3,0"}),
+       "--lr-sweep expects a list X,Y,... or a grid START:STOP:N of positive numbers "
+       "('0' is not a positive number), got '1e-3,0'"},
+      {with({"--lr-sweep", "1e-3:1e-2"}), "a grid is START:STOP:N with a whole N >= 2"},
+      {with({"--lr-sweep", "1e-3:1e-2:2.5"}), "a grid is START:STOP:N with a whole N >= 2"},
+      {with({"--lr-sweep", "1e-3,,2"}), "'' is not a positive number"},
       {with({"--lr", "1", "--lr", "2"}), "'--lr' given twice"},
       {with({"--lr"}), "option '--lr' needs a value"},
       {with({"--device", "gpu"}), "--device must be one of cpu, cuda, got 'gpu'"},

@@ -6,6 +6,7 @@
 #include <entropy_probe/tape/ops/lm_head_logprob.hpp>
 #include <entropy_probe/tape/ops/logprob.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -85,6 +86,58 @@ TEST_CASE("lm_head_logprob equals linear + log_softmax_gather in double, for eve
         for (index_t j = 0; j < d; ++j) CHECK(got.grad_h[static_cast<std::size_t>(i * d + j)] == 0.0);
       }
     }
+  }
+}
+
+TEST_CASE("lm_head_logprob and log_softmax_gather: row entropies against a direct double computation",
+          "[ops][lm_head][entropy]") {
+  std::mt19937_64 rng(43);
+  const index_t m = 7, d = 6, vocab = 50;
+  const std::vector<std::int32_t> targets{-1, -1, 3, 49, 0, -1, 17};
+  for (double tau : {1.0, 0.7, 2.5}) {
+    const Point p = random_point(m, d, vocab, rng);
+    // -sum_v p_v log p_v with p = softmax(h W^T / tau), by plain loops.
+    std::vector<double> want(static_cast<std::size_t>(m), 0.0);
+    for (index_t i = 0; i < m; ++i) {
+      if (targets[static_cast<std::size_t>(i)] < 0) continue;
+      std::vector<double> z(static_cast<std::size_t>(vocab));
+      double mx = -std::numeric_limits<double>::infinity();
+      for (index_t v = 0; v < vocab; ++v) {
+        double s = 0;
+        for (index_t k = 0; k < d; ++k) s += p.h[i * d + k] * p.w[v * d + k];
+        z[static_cast<std::size_t>(v)] = s / tau;
+        mx = std::max(mx, s / tau);
+      }
+      double total = 0;
+      for (double zv : z) total += std::exp(zv - mx);
+      for (double zv : z) {
+        const double logp = zv - mx - std::log(total);
+        want[static_cast<std::size_t>(i)] -= std::exp(logp) * logp;
+      }
+    }
+    REQUIRE(*std::min_element(want.begin() + 2, want.begin() + 5) > 0.1);  // not a degenerate distribution
+    auto check = [&](const Tensor<acc_t, CpuBackend>& got) {
+      REQUIRE(got.numel() == m);
+      const std::vector<double> g = got.to_host();
+      CHECK(rel_err(g, want) < 1e-12);
+      for (index_t i : {0, 1, 5}) CHECK(g[static_cast<std::size_t>(i)] == 0.0);  // unscored rows
+    };
+    for (index_t chunk : {1, 2, 3, 7, 0}) {
+      CAPTURE(tau, chunk);
+      Tensor<acc_t, CpuBackend> ent;
+      Tape<double> t;
+      const Var out = lm_head_logprob(t, t.input(p.h), t.input(p.w), targets, tau, chunk, &ent);
+      check(ent);
+      // The log-probabilities are the op's without the entropy.
+      Tape<double> t2;
+      const Var plain = lm_head_logprob(t2, t2.input(p.h), t2.input(p.w), targets, tau, chunk);
+      CHECK(t.value(out).to_host() == t2.value(plain).to_host());
+    }
+    Tensor<acc_t, CpuBackend> ent;
+    Tape<double> t;
+    log_softmax_gather(t, linear(t, t.input(p.h), t.input(p.w)), targets, tau, &ent);
+    CAPTURE(tau);
+    check(ent);
   }
 }
 

@@ -10,6 +10,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <map>
+#include <string>
 
 using namespace entropy_probe;
 using namespace ep_test;
@@ -227,4 +229,71 @@ TEST_CASE("directions: entries with exp_avg_sq = 0 and a live gradient are count
   CHECK(rel(z.lora_share, lora_sq / total) < 1e-12);
   CHECK(rel(z.all_share, (lora_sq + other_sq) / total) < 1e-12);
   CHECK(z.all_share > 0.5);  // divided by eps = 1e-8, they dominate
+}
+
+TEST_CASE("lr sweep: every point is a single-eta run, and the baseline forward runs once", "[probe][lr_sweep]") {
+  auto model = tiny_gpt2<double>(52, /*lm_head=*/true);
+  const TokenBatch E = random_batch(4, 2, 8, 11, 53), U = random_batch(3, 2, 8, 11, 54);
+  std::map<std::string, int> finished;  // phases run to their last microbatch
+  ProbeConfig cfg;
+  cfg.learning_rate = 1e-2;
+  cfg.variance = VarianceMode::none;
+  cfg.mb_size = 0;  // one microbatch per phase: one report per forward over E
+  cfg.directions = {Direction::precond_sgd, Direction::adamw};
+  cfg.ground_truth = StepKind::adam;
+  cfg.lr_sweep = {1e-3, 1e-2, 3e-2};
+  cfg.progress = [&](std::string_view phase, index_t done, index_t total) {
+    if (done == total) ++finished[std::string(phase)];
+  };
+  OfflineEntropyProbe probe(model, cfg);
+  const auto state = random_adam_state(probe.registry(), 55);
+  const ProbeResult r = probe.run(E, U, state);
+  CHECK(finished["ground_truth_baseline"] == 1);
+  CHECK(finished["ground_truth"] == 1 + 6);  // the configured truth and the six sweep steps
+  REQUIRE(r.lr_sweep.size() == 6);
+
+  auto close = [](double a, double b, double scale) { return std::abs(a - b) <= 1e-12 * scale; };
+  ProbeConfig single = cfg;
+  single.lr_sweep.clear();
+  single.ground_truth.reset();
+  single.progress = {};
+  for (std::size_t k = 0; k < r.lr_sweep.size(); ++k) {
+    const SweepPoint& p = r.lr_sweep[k];
+    CAPTURE(k, to_string(p.direction), p.learning_rate);
+    CHECK(p.direction == cfg.directions[k / 3]);
+    CHECK(p.learning_rate == cfg.lr_sweep[k % 3]);
+    // The prediction of a run at this eta.
+    single.learning_rate = p.learning_rate;
+    OfflineEntropyProbe at_eta(model, single);
+    const ProbeResult s = at_eta.run(E, U, random_adam_state(at_eta.registry(), 55));
+    CHECK(close(p.deltaH1, s.directions[k / 3].deltaH1, std::abs(s.directions[k / 3].deltaH1)));
+    // The truth of a ground truth run of its own (its own baseline forward).
+    const GroundTruth t = probe.ground_truth(E, step_kind(p.direction), p.learning_rate, state);
+    REQUIRE(t.rao_blackwell);
+    REQUIRE(p.truth.rao_blackwell);
+    REQUIRE(std::abs(t.deltaH_true) > 0);
+    for (const auto& [got, want] :
+         {std::pair<EntropyEstimates, EntropyEstimates>{p.truth, t},
+          std::pair<EntropyEstimates, EntropyEstimates>{*p.truth.rao_blackwell, *t.rao_blackwell}}) {
+      CHECK(close(got.H_orig, want.H_orig, want.H_orig));
+      CHECK(close(got.H_upd, want.H_upd, want.H_orig));
+      CHECK(close(got.deltaH_true, want.deltaH_true, want.H_orig));
+      CHECK(close(got.deltaH_true_tok, want.deltaH_true_tok, want.H_orig_tok));
+      CHECK(close(got.SE_deltaH_true, want.SE_deltaH_true, want.SE_deltaH_true));
+    }
+    CHECK(close(p.truth.ESS, t.ESS, t.ESS));
+  }
+  // The configured truth (adam at eta = 1e-2) is the adamw sweep point there.
+  CHECK(r.truth->deltaH_true == r.lr_sweep[4].truth.deltaH_true);
+  const nlohmann::json j = to_json(r);
+  REQUIRE(j["lr_sweep"].size() == 6);
+  CHECK(j["lr_sweep"][4]["direction"] == "adamw");
+  CHECK(j["lr_sweep"][4]["deltaH_true_tok"] == r.lr_sweep[4].truth.deltaH_true_tok);
+  CHECK(j["config"]["lr_sweep"] == nlohmann::json(cfg.lr_sweep));
+
+  cfg.lr_sweep = {1e-3, -1.0};
+  cfg.progress = {};
+  OfflineEntropyProbe bad(model, cfg);
+  CHECK_THROWS_WITH(bad.run(E, U, random_adam_state(bad.registry(), 55)),
+                    Catch::Contains("lr_sweep[1] = -1 must be positive"));
 }

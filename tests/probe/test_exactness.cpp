@@ -230,3 +230,57 @@ TEST_CASE("exactness: the first-order prediction's error is O(eta^2) over three 
     CHECK(ratio < 12.0);
   }
 }
+
+TEST_CASE("exactness: Rao-Blackwellised and sampled entropies have the same expectation, before and after a step",
+          "[probe][exact][rao_blackwell]") {
+  // Over all 125 responses y with p = exp(S): E_p[-S] = E_p[H_RB] = H at
+  // theta, and E_p[w (-S1)] = E_p[w H1_RB] = H(theta+) with w = exp(S1 - S0)
+  // (docs/math.md (k)). The temperature tempers every step's softmax, so the
+  // tempered sequence distribution normalises as well.
+  Model m = enumerable_model(4);
+  auto reg = Registry<double>::build(m);
+  const TokenBatch all = all_responses();
+  const auto dir = random_direction(reg, 9);
+  const double eta = 0.3 / norm_param_buffer(dir);
+  for (double tau : {1.0, 1.3}) {
+    CAPTURE(tau);
+    const SequenceStatistics before = sequence_statistics(m, all, tau, /*entropy=*/true);
+    SequenceStatistics after;
+    {
+      ParameterSnapshot<double, CpuBackend> snap(reg);
+      for (index_t i = 0; i < reg.size(); ++i) {
+        auto& v = reg.entry(i).param->value;
+        for (index_t k = 0; k < v.numel(); ++k) v[k] += eta * (*dir.entry(i))[k];
+      }
+      after = sequence_statistics(m, all, tau, /*entropy=*/true);
+      snap.restore();
+    }
+    REQUIRE(before.H.size() == before.S.size());
+    double total0 = 0, total1 = 0, H0 = 0, H1 = 0, rb0 = 0, is_sampled1 = 0, is_rb1 = 0;
+    double var_sampled = 0, var_rb = 0;
+    for (std::size_t y = 0; y < before.S.size(); ++y) {
+      const double p0 = std::exp(before.S[y]), p1 = std::exp(after.S[y]), w = std::exp(after.S[y] - before.S[y]);
+      total0 += p0;
+      total1 += p1;
+      H0 -= p0 * before.S[y];  // the exact entropies, by definition
+      H1 -= p1 * after.S[y];
+      rb0 += p0 * before.H[y];
+      is_sampled1 += p0 * w * -after.S[y];
+      is_rb1 += p0 * w * after.H[y];
+    }
+    for (std::size_t y = 0; y < before.S.size(); ++y) {
+      const double p0 = std::exp(before.S[y]);
+      var_sampled += p0 * (before.S[y] + H0) * (before.S[y] + H0);
+      var_rb += p0 * (before.H[y] - H0) * (before.H[y] - H0);
+    }
+    REQUIRE(total0 == Approx(1.0).epsilon(1e-12));
+    REQUIRE(total1 == Approx(1.0).epsilon(1e-12));
+    INFO("H0 " << H0 << " H1 " << H1 << " Var sampled " << var_sampled << " Var RB " << var_rb);
+    REQUIRE(std::abs(H1 - H0) > 1e-2 * H0);  // the step moves the entropy
+    REQUIRE(var_rb < 0.5 * var_sampled);     // the estimators differ per sequence
+    CHECK(std::abs(rb0 - H0) < 1e-12 * H0);
+    CHECK(std::abs(is_sampled1 - H1) < 1e-12 * H0);
+    CHECK(std::abs(is_rb1 - H1) < 1e-12 * H0);
+    CHECK(std::abs((is_rb1 - rb0) - (H1 - H0)) < 1e-12 * H0);
+  }
+}

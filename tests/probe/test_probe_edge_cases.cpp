@@ -405,8 +405,9 @@ TEST_CASE("probe edge: phases that do not run leave their keys out of the result
                                         "config",    "directions", "zero_second_moment",     "microbatch"};
   const std::set<std::string> conditional_keys = {"SE_conditional", "s_values"};
   const std::set<std::string> full_keys = {"V_X", "V_Y", "SE_deltaH1"};
-  const std::set<std::string> truth_keys = {"H_orig",    "H_upd",           "deltaH_true", "H_orig_tok",
-                                            "H_upd_tok", "deltaH_true_tok", "ESS"};
+  const std::set<std::string> truth_keys = {"H_orig",    "H_upd",           "deltaH_true",  "H_orig_tok",
+                                            "H_upd_tok", "deltaH_true_tok", "ESS",          "SE_H_orig",
+                                            "SE_H_upd",  "SE_deltaH_true",  "rao_blackwell"};
   auto keys_of = [](const nlohmann::json& j) {
     std::set<std::string> k;
     for (auto it = j.begin(); it != j.end(); ++it) k.insert(it.key());
@@ -444,17 +445,24 @@ TEST_CASE("probe edge: phases that do not run leave their keys out of the result
     const nlohmann::json j = to_json(r);
     CHECK(keys_of(j) == unite(always, k.extra));
     CHECK(keys_of(j["timing"]) == k.timing);
+    if (k.truth) {  // the Rao-Blackwellised estimates carry the sampled ones' keys
+      std::set<std::string> rb = truth_keys;
+      rb.erase("ESS");
+      rb.erase("rao_blackwell");
+      CHECK(keys_of(j["rao_blackwell"]) == rb);
+    }
     CHECK(keys_of(j["registry"]) ==
           std::set<std::string>{"trainable_tensors", "lora_tensors", "trainable_numel", "names"});
     CHECK(keys_of(j["config"]) == std::set<std::string>{"learning_rate", "learning_rate_source", "weighting", "mb_size",
                                                         "memory_budget", "temperature", "variance", "alpha_route",
-                                                        "ground_truth", "is", "clip_c", "directions", "influence"});
+                                                        "ground_truth", "is", "clip_c", "directions", "influence",
+                                                        "lr_sweep"});
     // A microbatch size per loop that ran (full_variance_X only when the
     // alpha trick's values could not be reused).
     std::set<std::string> loops = {"sum_X", "sum_Y"};
     if (k.variance != VarianceMode::none) loops.insert("conditional_variance");
     if (k.variance == VarianceMode::full) loops.insert("full_variance_Y");
-    if (k.truth) loops.insert("ground_truth");
+    if (k.truth) loops.insert({"ground_truth_baseline", "ground_truth"});
     std::set<std::string> ran = keys_of(j["microbatch"]);
     ran.erase("full_variance_X");
     CHECK(ran == loops);
@@ -810,4 +818,123 @@ TEST_CASE("sequence log-probs: scored positions only, or all logits from a model
   LogitsOnlyModel<Model> broken{model, false, 1};
   REQUIRE_THROWS_WITH(sequence_logprobs(broken, batch, 1.0),
                       Contains("the model returned logits of shape [53, 11], expected [R, T, V] = [6, 9, V]"));
+}
+
+namespace {
+
+// S and the Rao-Blackwellised entropy H of every row straight from all R*T
+// logits, by plain loops in double: the reference for sequence_statistics.
+SequenceStatistics direct_statistics(Model& model, const TokenBatch& batch, double tau) {
+  LogitsOnlyModel<Model> full{model};
+  Tape<double> tape;
+  const std::vector<double> z = tape.value(full.forward(tape, sequence_input(batch))).to_host();
+  const index_t V = model.vocab_size();
+  REQUIRE(static_cast<index_t>(z.size()) == batch.rows() * batch.T * V);
+  SequenceStatistics st;
+  st.S.assign(static_cast<std::size_t>(batch.rows()), 0.0);
+  st.H.assign(static_cast<std::size_t>(batch.rows()), 0.0);
+  for (index_t b = 0; b < batch.B; ++b)
+    for (index_t g = 0; g < batch.G; ++g)
+      for (index_t t = 1; t < batch.T; ++t) {
+        if (!batch.generated(b, g, t)) continue;
+        const double* zr = z.data() + batch.at(b, g, t - 1) * V;  // the logits before token t
+        double mx = -std::numeric_limits<double>::infinity(), total = 0;
+        for (index_t v = 0; v < V; ++v) mx = std::max(mx, zr[v] / tau);
+        for (index_t v = 0; v < V; ++v) total += std::exp(zr[v] / tau - mx);
+        const auto row = static_cast<std::size_t>(b * batch.G + g);
+        for (index_t v = 0; v < V; ++v) {
+          const double logp = zr[v] / tau - mx - std::log(total);
+          st.H[row] -= std::exp(logp) * logp;
+        }
+        st.S[row] += zr[batch.sequences[static_cast<std::size_t>(batch.at(b, g, t))]] / tau - mx - std::log(total);
+      }
+  return st;
+}
+
+}  // namespace
+
+TEST_CASE("Rao-Blackwellised entropy: every scoring path and the ground truth against a direct double computation",
+          "[probe][rao_blackwell]") {
+  Model model = tiny_gpt2<double>(3);
+  const TokenBatch E = random_batch(3, 2, 9, model.vocab_size(), 21);
+  const double tau = 1.3;
+  const SequenceStatistics want = direct_statistics(model, E, tau);
+  auto check_rows = [](const std::vector<double>& got, const std::vector<double>& ref) {
+    REQUIRE(got.size() == ref.size());
+    for (std::size_t i = 0; i < ref.size(); ++i) CHECK(rel(got[i], ref[i]) < 1e-12);
+  };
+  for (double h : want.H) REQUIRE(h > 0.1);  // every row scores at least one position
+  LogitsOnlyModel<Model> scored{model, true}, full{model, false};
+  check_rows(sequence_statistics(model, E, tau, true).H, want.H);   // fused lm head, scored rows
+  check_rows(sequence_statistics(scored, E, tau, true).H, want.H);  // logits of the scored rows
+  check_rows(sequence_statistics(full, E, tau, true).H, want.H);    // logits of all R*T rows
+  CHECK(sequence_statistics(model, E, tau, false).H.empty());
+
+  // The ground truth, one prompt per microbatch, along a random direction:
+  // both estimates from the direct statistics before and after the step.
+  auto reg = Registry<double>::build(model);
+  SingleProcess comm;
+  ProbeComponents<Model> c(model, reg, ProbeSettings{.mb_size = 1, .temperature = tau}, comm);
+  auto dir = zeros_like_params<double>(reg);
+  std::mt19937_64 rng(3);
+  std::normal_distribution<double> nd(0, 1);
+  for (index_t i = 0; i < dir.size(); ++i)
+    for (index_t k = 0; k < dir.entry(i)->numel(); ++k) (*dir.entry(i))[k] = nd(rng);
+  const double eta = 0.2 / norm_param_buffer(dir);
+  const auto state = random_adam_state(reg, 3);
+  const GroundTruth gt = ground_truth(c, E, StepKind::precond_sgd, eta, dir, 1, dir, state, ISEstimator::snis, 10.0);
+  SequenceStatistics want_after;
+  {
+    ParameterSnapshot<double, CpuBackend> snap(reg);
+    for (index_t i = 0; i < reg.size(); ++i) {
+      auto& v = reg.entry(i).param->value;
+      for (index_t k = 0; k < v.numel(); ++k) v[k] += eta * (*dir.entry(i))[k];
+    }
+    want_after = direct_statistics(model, E, tau);
+    snap.restore();
+  }
+  std::vector<double> L;
+  for (index_t b = 0; b < E.B; ++b)
+    for (index_t g = 0; g < E.G; ++g) L.push_back(double(E.gen_length(b, g)));
+  const std::vector<double> w = importance_weights(want.S, want_after.S, ISEstimator::snis, 10.0);
+  std::vector<double> minus_S0, minus_S1;
+  for (std::size_t i = 0; i < w.size(); ++i) {
+    minus_S0.push_back(-want.S[i]);
+    minus_S1.push_back(-want_after.S[i]);
+  }
+  REQUIRE(gt.rao_blackwell);
+  const std::pair<EntropyEstimates, EntropyEstimates> cases[] = {
+      {gt, weighted_entropies(w, minus_S0, minus_S1, L, E.G)},
+      {*gt.rao_blackwell, weighted_entropies(w, want.H, want_after.H, L, E.G)}};
+  for (const auto& [got, ref] : cases) {
+    REQUIRE(std::abs(ref.deltaH_true) > 1e-3 * ref.H_orig);  // the step moves the entropy
+    CHECK(rel(got.H_orig, ref.H_orig) < 1e-12);
+    CHECK(rel(got.H_upd, ref.H_upd) < 1e-12);
+    CHECK(std::abs(got.deltaH_true - ref.deltaH_true) < 1e-12 * ref.H_orig);
+    CHECK(rel(got.H_upd_tok, ref.H_upd_tok) < 1e-12);
+    CHECK(rel(got.SE_deltaH_true, ref.SE_deltaH_true) < 1e-9);
+    CHECK(ref.SE_deltaH_true > 0);
+  }
+}
+
+TEST_CASE("importance-sampled entropies: standard errors by hand, prompts as the units", "[probe][edge][truth]") {
+  // Two prompts of G = 2; w = {1, 1, 2, 0}, h0 = {1, 3, 2, 6}, h1 = {2, 4, 1, 5}.
+  // H_orig = 3, per prompt a - H_orig = {-1, +1}: SE_H_orig^2 = 2 / (2 * 1) = 1.
+  // H_upd = (2 + 4 + 2) / 4 = 2, mean weight per prompt 2:
+  //   psi = {(0 + 2) / 2, (2 (-1) + 0) / 2} = {1, -1}: SE_H_upd = 1;
+  //   psi - a = {2, -2}: SE_deltaH_true^2 = 8 / 2 = 4.
+  const EntropyEstimates e = weighted_entropies({1, 1, 2, 0}, {1, 3, 2, 6}, {2, 4, 1, 5}, {1, 1, 1, 1}, 2);
+  CHECK(e.H_orig == 3.0);
+  CHECK(e.H_upd == 2.0);
+  CHECK(e.SE_H_orig == 1.0);
+  CHECK(e.SE_H_upd == 1.0);
+  CHECK(e.SE_deltaH_true == 2.0);
+  CHECK_THROWS_WITH(weighted_entropies({1, 1, 1}, {1, 1, 1}, {1, 1, 1}, {1, 1, 1}, 2),
+                    Contains("weighted_entropies: 3 sequences are not whole prompts of G = 2"));
+  CHECK_THROWS_WITH(weighted_entropies({1, 1}, {1, 1}, {1, 1}, {1}, 1), Contains("sizes w 2 / h0 2 / h1 2 / L 1"));
+  // Rao-Blackwellised terms come before and after, or not at all.
+  const std::vector<double> S = {-1, -2}, H = {1, 2};
+  CHECK_THROWS_WITH(importance_sampled_entropies(S, S, {1, 1}, ISEstimator::snis, 1.0, 1, &H, nullptr),
+                    Contains("before and after"));
+  CHECK_FALSE(importance_sampled_entropies(S, S, {1, 1}, ISEstimator::snis, 1.0).rao_blackwell);
 }

@@ -32,13 +32,20 @@ inline nlohmann::json to_json(const ProbeResult& r) {
   }
   if (r.truth) {
     const GroundTruth& t = *r.truth;
-    j["H_orig"] = t.H_orig;
-    j["H_upd"] = t.H_upd;
-    j["deltaH_true"] = t.deltaH_true;
-    j["H_orig_tok"] = t.H_orig_tok;
-    j["H_upd_tok"] = t.H_upd_tok;
-    j["deltaH_true_tok"] = t.deltaH_true_tok;
+    auto put = [](nlohmann::json& o, const EntropyEstimates& e) {
+      o["H_orig"] = e.H_orig;
+      o["H_upd"] = e.H_upd;
+      o["deltaH_true"] = e.deltaH_true;
+      o["H_orig_tok"] = e.H_orig_tok;
+      o["H_upd_tok"] = e.H_upd_tok;
+      o["deltaH_true_tok"] = e.deltaH_true_tok;
+      o["SE_H_orig"] = e.SE_H_orig;
+      o["SE_H_upd"] = e.SE_H_upd;
+      o["SE_deltaH_true"] = e.SE_deltaH_true;
+    };
+    put(j, t);
     j["ESS"] = t.ESS;
+    if (t.rao_blackwell) put(j["rao_blackwell"], *t.rao_blackwell);
   }
   if (!r.directions.empty()) {
     nlohmann::json dirs = nlohmann::json::object();
@@ -71,6 +78,26 @@ inline nlohmann::json to_json(const ProbeResult& r) {
     j["influence"] = inf;
     j["influence_direction"] = to_string(*r.influence_direction);
   }
+  if (!r.lr_sweep.empty()) {
+    // Per point: deltaH1 is on the per-token scale of deltaH_true_tok (docs/math.md (e)).
+    nlohmann::json sweep = nlohmann::json::array();
+    for (const SweepPoint& p : r.lr_sweep) {
+      const GroundTruth& t = p.truth;
+      nlohmann::json o{{"direction", to_string(p.direction)},
+                       {"learning_rate", p.learning_rate},
+                       {"deltaH1", p.deltaH1},
+                       {"deltaH_true", t.deltaH_true},
+                       {"deltaH_true_tok", t.deltaH_true_tok},
+                       {"SE_deltaH_true", t.SE_deltaH_true},
+                       {"ESS", t.ESS}};
+      if (t.rao_blackwell)
+        o["rao_blackwell"] = {{"deltaH_true", t.rao_blackwell->deltaH_true},
+                              {"deltaH_true_tok", t.rao_blackwell->deltaH_true_tok},
+                              {"SE_deltaH_true", t.rao_blackwell->SE_deltaH_true}};
+      sweep.push_back(o);
+    }
+    j["lr_sweep"] = sweep;
+  }
   j["preconditioner_missing"] = r.preconditioner_missing;
   const ZeroSecondMoment& z = r.zero_second_moment;
   j["zero_second_moment"] = {
@@ -97,6 +124,7 @@ inline nlohmann::json to_json(const ProbeResult& r) {
   cfg["directions"] = nlohmann::json::array();
   for (Direction d : c.directions) cfg["directions"].push_back(to_string(d));
   cfg["influence"] = c.influence;
+  cfg["lr_sweep"] = c.lr_sweep;
   j["config"] = cfg;
   return j;
 }

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 
 namespace entropy_probe {
 
@@ -20,42 +21,115 @@ enum class ISEstimator { snis, clip };
 inline const char* to_string(StepKind s) { return s == StepKind::adam ? "adam" : "precond_sgd"; }
 inline const char* to_string(ISEstimator e) { return e == ISEstimator::snis ? "snis" : "clip"; }
 
-struct GroundTruth {
+// The entropy before and after the step from per-sequence entropy terms
+// (docs/math.md (e), (k)), each with its delta-method standard error over
+// the prompts.
+struct EntropyEstimates {
   double H_orig = 0, H_upd = 0, deltaH_true = 0;
   double H_orig_tok = 0, H_upd_tok = 0, deltaH_true_tok = 0;
-  double ESS = 0;
+  double SE_H_orig = 0, SE_H_upd = 0, SE_deltaH_true = 0;
 };
 
-// Entropy estimates from S0 = S(theta), S1 = S(theta+) and token counts L on
-// the same N sequences: plain mean for H_orig, importance-weighted for H_upd.
-inline GroundTruth importance_sampled_entropies(const std::vector<double>& S0, const std::vector<double>& S1,
-                                                const std::vector<double>& L, ISEstimator est, double clip_c) {
-  const std::size_t n = S0.size();
-  if (n == 0 || S1.size() != n || L.size() != n)
-    fail<UsageError>("importance_sampled_entropies: sizes {} / {} / {}", S0.size(), S1.size(), L.size());
+// The sampled estimate (terms -S) in the base, the Rao-Blackwellised one
+// (terms H, the full next-token entropies) beside it; both under the same
+// importance weights.
+struct GroundTruth : EntropyEstimates {
+  double ESS = 0;
+  std::optional<EntropyEstimates> rao_blackwell;
+};
+
+// The importance weights of the N sequences from S0 = S(theta), S1 =
+// S(theta+): exp(logw - max logw) (snis) or min(exp(logw), clip_c) (clip).
+inline std::vector<double> importance_weights(const std::vector<double>& S0, const std::vector<double>& S1,
+                                              ISEstimator est, double clip_c) {
+  if (S1.size() != S0.size()) fail<UsageError>("importance_weights: sizes {} / {}", S0.size(), S1.size());
   if (est == ISEstimator::clip && !(clip_c > 0))
     fail<UsageError>("importance sampling: clip_c = {} must be positive", clip_c);
   double max_logw = -std::numeric_limits<double>::infinity();
-  for (std::size_t i = 0; i < n; ++i) max_logw = std::max(max_logw, S1[i] - S0[i]);
-  double sum_s0 = 0, sum_l = 0, sw = 0, sw2 = 0, sw_s1 = 0, sw_l = 0;
-  for (std::size_t i = 0; i < n; ++i) {
+  for (std::size_t i = 0; i < S0.size(); ++i) max_logw = std::max(max_logw, S1[i] - S0[i]);
+  std::vector<double> w(S0.size());
+  for (std::size_t i = 0; i < S0.size(); ++i) {
     const double logw = S1[i] - S0[i];
-    const double w = est == ISEstimator::snis ? std::exp(logw - max_logw) : std::min(std::exp(logw), clip_c);
-    sum_s0 += S0[i];
+    w[i] = est == ISEstimator::snis ? std::exp(logw - max_logw) : std::min(std::exp(logw), clip_c);
+  }
+  return w;
+}
+
+// Plain mean of h0 for H_orig, w-weighted mean of h1 for H_upd, over N =
+// B G sequences in prompt-major order (G per prompt); token counts L for
+// the per-token variants. The standard errors treat the B prompts as the
+// independent units: per prompt the linearised deviation of each estimate,
+// summed as sum_b psi_b^2 / (B max(B - 1, 1)) like (d)'s V_X.
+inline EntropyEstimates weighted_entropies(const std::vector<double>& w, const std::vector<double>& h0,
+                                           const std::vector<double>& h1, const std::vector<double>& L, index_t G) {
+  const std::size_t n = w.size();
+  if (n == 0 || h0.size() != n || h1.size() != n || L.size() != n)
+    fail<UsageError>("weighted_entropies: sizes w {} / h0 {} / h1 {} / L {}", n, h0.size(), h1.size(), L.size());
+  if (G < 1 || n % static_cast<std::size_t>(G) != 0)
+    fail<UsageError>("weighted_entropies: {} sequences are not whole prompts of G = {}", n, G);
+  double sum_h0 = 0, sum_l = 0, sw = 0, sw_h1 = 0, sw_l = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    sum_h0 += h0[i];
     sum_l += L[i];
-    sw += w;
-    sw2 += w * w;
-    sw_s1 += w * S1[i];
-    sw_l += w * L[i];
+    sw += w[i];
+    sw_h1 += w[i] * h1[i];
+    sw_l += w[i] * L[i];
+  }
+  EntropyEstimates e;
+  e.H_orig = sum_h0 / double(n);
+  e.H_upd = sw_h1 / sw;
+  e.deltaH_true = e.H_upd - e.H_orig;
+  e.H_orig_tok = sum_h0 / std::max(sum_l, 1.0);
+  e.H_upd_tok = sw_h1 / std::max(sw_l, std::numeric_limits<double>::min());
+  e.deltaH_true_tok = e.H_upd_tok - e.H_orig_tok;
+  const auto g = static_cast<std::size_t>(G);
+  const std::size_t prompts = n / g;
+  const double w_mean = sw / double(prompts);  // per prompt
+  double ss_orig = 0, ss_upd = 0, ss_delta = 0;
+  for (std::size_t b = 0; b < prompts; ++b) {
+    double a = 0, psi = 0;
+    for (std::size_t i = b * g; i < (b + 1) * g; ++i) {
+      a += h0[i];
+      psi += w[i] * (h1[i] - e.H_upd);
+    }
+    a = a / double(G) - e.H_orig;
+    psi /= w_mean;
+    ss_orig += a * a;
+    ss_upd += psi * psi;
+    ss_delta += (psi - a) * (psi - a);
+  }
+  const double denom = double(prompts) * std::max(double(prompts) - 1.0, 1.0);
+  e.SE_H_orig = std::sqrt(ss_orig / denom);
+  e.SE_H_upd = std::sqrt(ss_upd / denom);
+  e.SE_deltaH_true = std::sqrt(ss_delta / denom);
+  return e;
+}
+
+// Entropy estimates from S0 = S(theta), S1 = S(theta+) and token counts L on
+// the same N sequences (G per prompt): the sampled terms -S0, -S1, and with
+// H0, H1 (the Rao-Blackwellised terms at theta and theta+) rao_blackwell.
+inline GroundTruth importance_sampled_entropies(const std::vector<double>& S0, const std::vector<double>& S1,
+                                                const std::vector<double>& L, ISEstimator est, double clip_c,
+                                                index_t G = 1, const std::vector<double>* H0 = nullptr,
+                                                const std::vector<double>* H1 = nullptr) {
+  if (S0.empty() || S1.size() != S0.size() || L.size() != S0.size())
+    fail<UsageError>("importance_sampled_entropies: sizes {} / {} / {}", S0.size(), S1.size(), L.size());
+  const std::vector<double> w = importance_weights(S0, S1, est, clip_c);
+  std::vector<double> h0(S0.size()), h1(S1.size());
+  double sw = 0, sw2 = 0;
+  for (std::size_t i = 0; i < S0.size(); ++i) {
+    h0[i] = -S0[i];
+    h1[i] = -S1[i];
+    sw += w[i];
+    sw2 += w[i] * w[i];
   }
   GroundTruth gt;
-  gt.H_orig = -sum_s0 / double(n);
-  gt.H_upd = -sw_s1 / sw;
-  gt.deltaH_true = gt.H_upd - gt.H_orig;
-  gt.H_orig_tok = -sum_s0 / std::max(sum_l, 1.0);
-  gt.H_upd_tok = -sw_s1 / std::max(sw_l, std::numeric_limits<double>::min());
-  gt.deltaH_true_tok = gt.H_upd_tok - gt.H_orig_tok;
+  static_cast<EntropyEstimates&>(gt) = weighted_entropies(w, h0, h1, L, G);
   gt.ESS = sw * sw / sw2;
+  if (H0 || H1) {
+    if (!H0 || !H1) fail<UsageError>("importance_sampled_entropies: Rao-Blackwellised terms before and after, or none");
+    gt.rao_blackwell = weighted_entropies(w, *H0, *H1, L, G);
+  }
   return gt;
 }
 
@@ -83,30 +157,45 @@ class ParameterSnapshot {
   std::vector<std::optional<Tensor<T, B>>> grads_;
 };
 
-// S values of all rows of `batch` on this rank's shard, gathered in batch order.
+// S and the Rao-Blackwellised entropies H of all rows of `batch` on this
+// rank's shard, gathered in batch order.
 template <CausalLM M>
-std::vector<double> gathered_sequence_logprobs(const ProbeComponents<M>& c, const TokenBatch& batch) {
-  std::vector<double> s(static_cast<std::size_t>(batch.rows()), 0.0);
-  c.for_each_microbatch(batch, "ground_truth", [&](const TokenBatch& mb, std::span<const index_t> prompts) {
-    const std::vector<double> part = sequence_logprobs(c.model(), mb, c.settings().temperature);
+SequenceStatistics gathered_sequence_statistics(const ProbeComponents<M>& c, const TokenBatch& batch,
+                                                const char* phase) {
+  const auto rows = static_cast<std::size_t>(batch.rows());
+  std::vector<double> both(2 * rows, 0.0);  // S, then H: one allreduce
+  c.for_each_microbatch(batch, phase, [&](const TokenBatch& mb, std::span<const index_t> prompts) {
+    const SequenceStatistics part = sequence_statistics(c.model(), mb, c.settings().temperature, /*entropy=*/true);
     for (std::size_t j = 0; j < prompts.size(); ++j)
-      for (index_t g = 0; g < batch.G; ++g)
-        s[static_cast<std::size_t>(prompts[j] * batch.G + g)] =
-            part[j * static_cast<std::size_t>(batch.G) + static_cast<std::size_t>(g)];
+      for (index_t g = 0; g < batch.G; ++g) {
+        const auto at = static_cast<std::size_t>(prompts[j] * batch.G + g);
+        const std::size_t k = j * static_cast<std::size_t>(batch.G) + static_cast<std::size_t>(g);
+        both[at] = part.S[k];
+        both[rows + at] = part.H[k];
+      }
   });
-  c.comm().allreduce_sum(std::span<double>(s));
-  return s;
+  c.comm().allreduce_sum(std::span<double>(both));
+  return {{both.begin(), both.begin() + static_cast<std::ptrdiff_t>(rows)},
+          {both.begin() + static_cast<std::ptrdiff_t>(rows), both.end()}};
 }
 
 // The step: `adam` applies AdamW with lr eta to the loss -(1/B_U) sum_u LY[u]
 // (its gradient is -sum_Y_raw / B_U) on a copy of the optimizer state;
-// `precond_sgd` sets theta += eta * mu_Y.
+// `precond_sgd` sets theta += eta * mu_Y. `baseline` is S and the
+// Rao-Blackwellised entropies on E at theta (ground_truth_baseline); they do
+// not depend on the step, so a sweep over learning rates and directions
+// computes them once. Without it they are computed here.
+template <CausalLM M>
+SequenceStatistics ground_truth_baseline(const ProbeComponents<M>& c, const TokenBatch& E) {
+  return gathered_sequence_statistics(c, E, "ground_truth_baseline");
+}
+
 template <CausalLM M>
 GroundTruth ground_truth(const ProbeComponents<M>& c, const TokenBatch& E, StepKind kind, double eta,
                          const typename ProbeComponents<M>::Buffer& sum_Y_raw, index_t B_U,
                          const typename ProbeComponents<M>::Buffer& mu_Y,
                          const AdamState<typename M::scalar_type, typename M::backend_type>& state, ISEstimator est,
-                         double clip_c) {
+                         double clip_c, const SequenceStatistics* baseline = nullptr) {
   using T = typename M::scalar_type;
   using B = typename M::backend_type;
   const auto& reg = c.registry();
@@ -115,9 +204,13 @@ GroundTruth ground_truth(const ProbeComponents<M>& c, const TokenBatch& E, StepK
   if (est == ISEstimator::clip && !(clip_c > 0))  // checked before any work, not only at the end
     fail<UsageError>("importance sampling: clip_c = {} must be positive", clip_c);
 
-  const std::vector<double> S0 = gathered_sequence_logprobs(c, E);
+  if (baseline &&
+      (baseline->S.size() != static_cast<std::size_t>(E.rows()) || baseline->H.size() != baseline->S.size()))
+    fail<UsageError>("ground_truth: a baseline of {} / {} sequences for an E batch of {}", baseline->S.size(),
+                     baseline->H.size(), E.rows());
+  const SequenceStatistics before = baseline ? *baseline : ground_truth_baseline(c, E);
   const ParameterSnapshot<T, B> snapshot(reg);
-  std::vector<double> S1;
+  SequenceStatistics after;
   try {
     if (kind == StepKind::adam) {
       AdamState<T, B> scratch = state;  // the loaded state itself is never touched
@@ -132,17 +225,17 @@ GroundTruth ground_truth(const ProbeComponents<M>& c, const TokenBatch& E, StepK
         B::parallel_for(m->numel(), [=] EP_HOST_DEVICE(index_t k) { p[k] = static_cast<T>(p[k] + eta * mp[k]); });
       }
     }
-    S1 = gathered_sequence_logprobs(c, E);
+    after = gathered_sequence_statistics(c, E, "ground_truth");
   } catch (...) {
     snapshot.restore();
     throw;
   }
   snapshot.restore();
 
-  std::vector<double> L(S0.size());
+  std::vector<double> L(before.S.size());
   for (index_t b = 0; b < E.B; ++b)
     for (index_t g = 0; g < E.G; ++g) L[static_cast<std::size_t>(b * E.G + g)] = double(E.gen_length(b, g));
-  return importance_sampled_entropies(S0, S1, L, est, clip_c);
+  return importance_sampled_entropies(before.S, after.S, L, est, clip_c, E.G, &before.H, &after.H);
 }
 
 }  // namespace entropy_probe

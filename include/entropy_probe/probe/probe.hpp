@@ -49,7 +49,15 @@ struct ProbeConfig {
   // Per-sequence entropy influences along the adamw direction when it is
   // listed, else along precond_sgd.
   bool influence = false;
+  // Learning rates of a sweep (docs/math.md (l)): for every listed direction
+  // and every eta here, deltaH1 and the ground truth of that step; empty:
+  // none. The baseline statistics on E are computed once for all of them.
+  std::vector<double> lr_sweep;
 };
+
+// The step kind whose ground truth measures a direction's prediction: the
+// adamw direction is the real AdamW step per unit learning rate.
+inline StepKind step_kind(Direction d) { return d == Direction::adamw ? StepKind::adam : StepKind::precond_sgd; }
 
 // One direction's first-order prediction; the momentum and decay shares
 // only for adamw (they are zero for precond_sgd by construction).
@@ -66,6 +74,14 @@ struct SequenceInfluence {
   double advantage = 0;
   std::optional<double> reward;
   double influence = 0;
+};
+
+// One point of a learning-rate sweep: the first-order prediction and the
+// measured change of the step eta along `direction`.
+struct SweepPoint {
+  Direction direction = Direction::precond_sgd;
+  double learning_rate = 0, deltaH1 = 0;
+  GroundTruth truth;
 };
 
 struct RegistrySummary {
@@ -86,6 +102,7 @@ struct ProbeResult {
   std::vector<DirectionResult> directions;   // in the order of ProbeConfig::directions
   std::vector<SequenceInfluence> influence;  // U batch order (prompt-major); empty unless configured
   std::optional<Direction> influence_direction;
+  std::vector<SweepPoint> lr_sweep;  // direction-major, in the order of ProbeConfig
   RegistrySummary registry;
   std::map<std::string, double> timing;       // seconds per phase, and "total"
   std::map<std::string, index_t> microbatch;  // prompts per microbatch each phase ran with (rank 0's)
@@ -149,6 +166,9 @@ class OfflineEntropyProbe {
                        r.learning_rate_source);
     const double eta = r.learning_rate;
     if (config_.directions.empty()) fail<UsageError>("OfflineEntropyProbe: no update direction configured");
+    for (std::size_t k = 0; k < config_.lr_sweep.size(); ++k)
+      if (!(config_.lr_sweep[k] > 0) || !std::isfinite(config_.lr_sweep[k]))
+        fail<UsageError>("OfflineEntropyProbe: lr_sweep[{}] = {} must be positive and finite", k, config_.lr_sweep[k]);
     r.registry = summary();
 
     auto t0 = clock::now();
@@ -221,10 +241,25 @@ class OfflineEntropyProbe {
       r.timing["full_variance"] = seconds_since(t0);
     }
     last_ = Cached{sum_Y.sum, mu_Y, r.B_U};
+    // The statistics on E at theta, by the first phase that needs them (and
+    // timed with it); every step after reuses them.
+    std::optional<SequenceStatistics> baseline;
+    auto baseline_stats = [&]() -> const SequenceStatistics* {
+      if (!baseline) baseline = this->baseline(E);
+      return &*baseline;
+    };
     if (config_.ground_truth) {
       t0 = clock::now();
-      r.truth = ground_truth(E, *config_.ground_truth, eta, state);
+      r.truth = ground_truth(E, *config_.ground_truth, eta, state, baseline_stats());
       r.timing["ground_truth"] = seconds_since(t0);
+    }
+    if (!config_.lr_sweep.empty()) {
+      t0 = clock::now();
+      for (const DirectionResult& d : r.directions)
+        for (double eta_k : config_.lr_sweep)
+          r.lr_sweep.push_back({d.direction, eta_k, eta_k * d.bars_dot,
+                                ground_truth(E, step_kind(d.direction), eta_k, state, baseline_stats())});
+      r.timing["lr_sweep"] = seconds_since(t0);
     }
     r.timing["total"] = seconds_since(t_start);
     r.microbatch = components_.microbatch_sizes();
@@ -234,13 +269,18 @@ class OfflineEntropyProbe {
   // Ground truth for another step size or step kind, reusing the U sums of
   // the last run() (a learning-rate sweep needs X and Y only once). `state`
   // is the Adam state the step starts from (the adam kind copies it; it is
-  // never modified); it must be bound to registry().
-  GroundTruth ground_truth(const TokenBatch& E, StepKind kind, double eta, const AdamState<T, B>& state) {
+  // never modified); it must be bound to registry(). `baseline`, when given,
+  // is baseline(E): the statistics at theta, which no step changes.
+  GroundTruth ground_truth(const TokenBatch& E, StepKind kind, double eta, const AdamState<T, B>& state,
+                           const SequenceStatistics* baseline = nullptr) {
     if (!last_) fail<UsageError>("OfflineEntropyProbe::ground_truth: call run() first");
     require_state_bound(state, "OfflineEntropyProbe::ground_truth");
     return entropy_probe::ground_truth(components_, E, kind, eta, last_->sum_Y_raw, last_->B_U, last_->mu_Y, state,
-                                       config_.is, config_.clip_c);
+                                       config_.is, config_.clip_c, baseline);
   }
+
+  // S and the Rao-Blackwellised entropies on E at the current parameters.
+  SequenceStatistics baseline(const TokenBatch& E) { return ground_truth_baseline(components_, E); }
 
  private:
   struct Cached {

@@ -16,6 +16,7 @@
 // uses (softmax_lse / softmax_vjp / softmax_dot), on the chunk's logits.
 #pragma once
 
+#include "entropy_probe/tape/ops/logprob.hpp"
 #include "entropy_probe/tape/tape.hpp"
 #include "entropy_probe/tensor/blas.hpp"
 
@@ -72,9 +73,12 @@ struct LmHeadLogprobSaved {
 // means "not scored": out[i] = 0 with no gradient or tangent (its rows of a
 // chunk still go through the chunk's product, so callers pass scored rows
 // only where they can). chunk_rows <= 0 picks lm_head_chunk_rows' default.
+// With `entropy`, also (*entropy)[i] = the entropy of row i's distribution,
+// 0 for unscored rows, from each chunk's logits (log_softmax_gather's
+// `entropy`): a value, not on the tape.
 template <class T, class B>
 Var lm_head_logprob(Tape<T, B>& tape, Var h, Var w, std::span<const std::int32_t> targets, double temperature = 1.0,
-                    index_t chunk_rows = 0) {
+                    index_t chunk_rows = 0, Tensor<acc_t, B>* entropy = nullptr) {
   using blas::mm_nn;
   using blas::mm_nt;
   using blas::mm_tn;
@@ -130,6 +134,11 @@ Var lm_head_logprob(Tape<T, B>& tape, Var h, Var w, std::span<const std::int32_t
     auto z = Tensor<T, B>::uninitialized({chunk, vocab});  // each chunk's product assigns its rows
     T* zp = z.data();
     T* o = out.data();
+    std::optional<Tensor<acc_t, B>> mean;
+    if (entropy) {
+      *entropy = Tensor<acc_t, B>({m});
+      mean = Tensor<acc_t, B>::uninitialized({chunk});
+    }
     for (index_t c = 0; c < saved->chunks(); ++c) {
       const auto ch = saved->at(c);
       if (ch.ks == 0) continue;
@@ -142,6 +151,7 @@ Var lm_head_logprob(Tape<T, B>& tape, Var h, Var w, std::span<const std::int32_t
       B::parallel_for(ch.ks, [=] EP_HOST_DEVICE(index_t k) {
         o[rw[k]] = static_cast<T>(static_cast<acc_t>(zp[lc[k] * vocab + tg[k]]) * inv_tau - lse[k]);
       });
+      if (entropy) detail::softmax_entropy<T, B>(ch.ks, vocab, zp, lc, lse, inv_tau, rw, mean->data(), entropy->data());
     }
   }
 

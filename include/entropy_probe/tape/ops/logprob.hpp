@@ -41,16 +41,31 @@ struct LogSoftmaxGatherSaved {
   Tensor<std::int32_t, B> targets;  // [m] its target
   Tensor<acc_t, B> lse;             // [m]
 };
+
+// The entropy of each scored row's tempered distribution p = softmax(z s),
+//   H_k = -sum_j p_kj log p_kj = lse_k - s sum_j p_kj z_kj,
+// from the row's logsumexp and softmax_dot with t = z (no [m, V] buffer):
+// out[at[k]] = H_k, a value only (the probe's Rao-Blackwellised entropy,
+// docs/math.md (k), is never differentiated). `mean` holds m doubles.
+template <class T, class B>
+void softmax_entropy(index_t m, index_t V, const T* z, const std::int32_t* rows, const acc_t* lse, acc_t s,
+                     const std::int32_t* at, acc_t* mean, acc_t* out) {
+  B::softmax_dot(m, V, z, rows, lse, s, z, mean);
+  B::parallel_for(m, [=] EP_HOST_DEVICE(index_t k) { out[at[k]] = lse[k] - s * mean[k]; });
+}
 }  // namespace detail
 
 // out[i] = log_softmax(logits[i, :] / temperature)[targets[i]]; targets[i] < 0
-// means "not scored": out[i] = 0 with no gradient or tangent.
+// means "not scored": out[i] = 0 with no gradient or tangent. With `entropy`,
+// also (*entropy)[i] = the entropy of row i's distribution softmax(logits[i, :]
+// / temperature) for scored rows, 0 for the others: a value, not on the tape.
 //
 // Every pass runs over the scored rows only, through the backend's softmax
 // primitives (softmax_lse / softmax_vjp / softmax_dot): SIMD exp per row on
 // the host, one thread per element on a device.
 template <class T, class B>
-Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_t> targets, double temperature = 1.0) {
+Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_t> targets, double temperature = 1.0,
+                       Tensor<acc_t, B>* entropy = nullptr) {
   const Shape& zs = tape.shape(logits);
   if (zs.empty() || zs.back() < 1)
     fail<UsageError>("log_softmax_gather: logits have shape {}, expected [..., V] with V >= 1", shape_str(zs));
@@ -90,6 +105,11 @@ Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_
     B::parallel_for(m, [=] EP_HOST_DEVICE(index_t k) {
       o[rw[k]] = static_cast<T>(static_cast<acc_t>(z[rw[k] * vocab + tg[k]]) * inv_tau - lse[k]);
     });
+    if (entropy) {
+      *entropy = Tensor<acc_t, B>({n});
+      auto mean = Tensor<acc_t, B>::uninitialized({m});
+      detail::softmax_entropy<T, B>(m, vocab, z, rw, lse, inv_tau, rw, mean.data(), entropy->data());
+    }
   }
 
   // dz[i, :] += (g_i / tau) (onehot(target_i) - p_i)
