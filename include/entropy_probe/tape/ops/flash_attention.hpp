@@ -161,8 +161,9 @@ void flash_recompute_probs(const FlashTile& f, const acc_t* lse, const std::uint
 // SIMD) in a per-thread scratch, one task per thread
 // (CpuBackend::parallel_tasks). Per-tile batched calls on both threads spent
 // most of the time waking OpenBLAS's threads (docs/performance.md). A task
-// writes only its own output rows, so the VJP takes two passes: dK and dV
-// over key tiles, then dQ over query tiles, each recomputing P and dS.
+// writes only its own output rows, so the VJP runs one task per (row, KV
+// group) when there are enough of them, else two passes: dK and dV over key
+// tiles, then dQ over query tiles, each recomputing P and dS.
 template <class T>
 struct FlashCpu {
   using Row = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
@@ -273,17 +274,24 @@ struct FlashCpu {
   void key_tasks(F body) const {
     run_tasks(hq / group, [&](T* scratch, acc_t*, index_t a, index_t r, index_t g) { body(scratch, r, g, a); });
   }
+  // body(scratch, r, g) over every (row, KV head): all of a KV group's tiles.
+  template <class F>
+  void group_tasks(F body) const {
+    run_tasks(
+        hq / group, [&](T* scratch, acc_t*, index_t, index_t r, index_t g) { body(scratch, r, g); }, 1);
+  }
 
  private:
   template <class F>
-  void run_tasks(index_t heads, F body) const {
+  void run_tasks(index_t heads, F body, index_t tiles = 0) const {
+    if (tiles == 0) tiles = n_tiles;
     const index_t tt = tile * tile, slots = CpuBackend::num_threads();
     auto scratch = Tensor<T, CpuBackend>::uninitialized({slots * 2 * tt});
     auto acc = Tensor<acc_t, CpuBackend>::uninitialized({slots * 2 * tile});
     T* sp = scratch.data();
     acc_t* ap = acc.data();
     const index_t per_tile = rows * heads;
-    CpuBackend::parallel_tasks(per_tile * n_tiles, [&](index_t slot, index_t i) {
+    CpuBackend::parallel_tasks(per_tile * tiles, [&](index_t slot, index_t i) {
       const index_t rh = i % per_tile;
       body(sp + slot * 2 * tt, ap + slot * 2 * tile, i / per_tile, rh / heads, rh % heads);
     });
@@ -490,39 +498,51 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
     if constexpr (std::is_same_v<B, CpuBackend>) {
       const index_t ldq = prod.ldq, ldk = prod.ldk, group = prod.group, tt = tile * tile;
       const detail::FlashCpu<T> cpu(n_rows, n_tok, hq, group, dh, ldq, ldk, tile, sc, mask);
-      if (gk.data || gv.data)  // dV_j += P^T dO, dK_j += scale dS^T Q over the group's heads and query tiles
-        cpu.key_tasks([&](T* scratch, index_t r, index_t g, index_t kj) {
-          T* p = scratch;
-          T* ds = scratch + tt;
-          const index_t ko = cpu.kv_off(r, g, kj);
-          bool first = true;  // a fresh gradient's first term assigns
+      // The VJP terms of tile pair (qi, kj) of head h: dV_j and dK_j (kv),
+      // dQ_i (dq), as asked; first_kv: the pair is dK_j / dV_j's first term.
+      auto pair_vjp = [&](T* scratch, index_t r, index_t h, index_t qi, index_t kj, bool kv, bool first_kv, bool dq) {
+        T* p = scratch;
+        T* ds = scratch + tt;
+        const auto f = cpu.pair(r, qi, kj);
+        const index_t qo = cpu.q_off(r, h, qi), ko = cpu.kv_off(r, h / group, kj), st = cpu.stat(r, h, qi);
+        cpu.probs(f, qd + qo, kd + ko, lse + st, p);
+        if (kv && gv.data)  // dV_j += P^T dO
+          CpuBackend::gemm(true, false, f.bk, dh, f.bq, T(1), p, tile, go + qo, ldq, gv.fresh && first_kv ? T(0) : T(1),
+                           gv.data + ko, ldk);
+        const bool dk = kv && gk.data, dqi = dq && gq.data;
+        if (!dk && !dqi) return;
+        cpu.dscores(f, p, go + qo, vd + ko, dd + st, ds);
+        if (dk)  // dK_j += scale dS^T Q
+          CpuBackend::gemm(true, false, f.bk, dh, f.bq, sc, ds, tile, qd + qo, ldq, gk.fresh && first_kv ? T(0) : T(1),
+                           gk.data + ko, ldk);
+        if (dqi)  // dQ_i += scale dS K
+          CpuBackend::gemm(false, false, f.bq, dh, f.bk, sc, ds, tile, kd + ko, ldk, gq.fresh && kj == 0 ? T(0) : T(1),
+                           gq.data + qo, ldq);
+      };
+      // One task per (row, KV group) takes every term with P and dS computed
+      // once, but leaves threads idle when there are few groups; tasks over
+      // key tiles (dK, dV) then query tiles (dQ) compute them twice (7 tile
+      // products instead of 5). The first when its idle share costs less.
+      const index_t n_groups = n_rows * (hq / group), threads = CpuBackend::num_threads();
+      const bool by_group = (n_groups + threads - 1) / threads * threads * 5 <= 7 * n_groups;
+      if (by_group && gq.data && (gk.data || gv.data)) {
+        cpu.group_tasks([&](T* scratch, index_t r, index_t g) {
           for (index_t h = g * group; h < (g + 1) * group; ++h)
-            for (index_t qi = kj; qi < n_tiles; ++qi, first = false) {
-              const auto f = cpu.pair(r, qi, kj);
-              const index_t qo = cpu.q_off(r, h, qi), st = cpu.stat(r, h, qi);
-              cpu.probs(f, qd + qo, kd + ko, lse + st, p);
-              if (gv.data)
-                CpuBackend::gemm(true, false, f.bk, dh, f.bq, T(1), p, tile, go + qo, ldq,
-                                 gv.fresh && first ? T(0) : T(1), gv.data + ko, ldk);
-              if (!gk.data) continue;
-              cpu.dscores(f, p, go + qo, vd + ko, dd + st, ds);
-              CpuBackend::gemm(true, false, f.bk, dh, f.bq, sc, ds, tile, qd + qo, ldq, gk.fresh && first ? T(0) : T(1),
-                               gk.data + ko, ldk);
-            }
+            for (index_t kj = 0; kj < n_tiles; ++kj)
+              for (index_t qi = kj; qi < n_tiles; ++qi)
+                pair_vjp(scratch, r, h, qi, kj, true, h == g * group && qi == kj, true);
         });
-      if (gq.data)  // dQ_i += scale dS K over the key tiles
+        return;
+      }
+      if (gk.data || gv.data)  // over the group's heads and query tiles
+        cpu.key_tasks([&](T* scratch, index_t r, index_t g, index_t kj) {
+          for (index_t h = g * group; h < (g + 1) * group; ++h)
+            for (index_t qi = kj; qi < n_tiles; ++qi)
+              pair_vjp(scratch, r, h, qi, kj, true, h == g * group && qi == kj, false);
+        });
+      if (gq.data)  // over the key tiles
         cpu.query_tasks([&](T* scratch, acc_t*, index_t r, index_t h, index_t qi) {
-          T* p = scratch;
-          T* ds = scratch + tt;
-          const index_t qo = cpu.q_off(r, h, qi), st = cpu.stat(r, h, qi);
-          for (index_t kj = 0; kj <= qi; ++kj) {
-            const auto f = cpu.pair(r, qi, kj);
-            const index_t ko = cpu.kv_off(r, h / group, kj);
-            cpu.probs(f, qd + qo, kd + ko, lse + st, p);
-            cpu.dscores(f, p, go + qo, vd + ko, dd + st, ds);
-            CpuBackend::gemm(false, false, f.bq, dh, f.bk, sc, ds, tile, kd + ko, ldk,
-                             gq.fresh && kj == 0 ? T(0) : T(1), gq.data + qo, ldq);
-          }
+          for (index_t kj = 0; kj <= qi; ++kj) pair_vjp(scratch, r, h, qi, kj, false, false, true);
         });
       return;
     }
