@@ -88,6 +88,27 @@ class KvCache {
   index_t rows() const { return rows_; }
   index_t capacity() const { return capacity_; }
 
+  // A cache of rows() * g rows, row r a copy of row r / g: a prompt
+  // prefilled once serves the g responses sampled from it.
+  KvCache repeat_rows(index_t g) const {
+    KvCache out;
+    out.rows_ = rows_ * g;
+    out.capacity_ = capacity_;
+    out.width_ = width_;
+    const index_t per_row = capacity_ * width_;
+    auto repeat = [&](const Tensor<T, B>& src) {
+      auto dst = Tensor<T, B>::uninitialized({rows_ * g, capacity_, width_});
+      for (index_t r = 0; r < rows_ * g; ++r)
+        B::copy(dst.data() + r * per_row, src.data() + (r / g) * per_row, per_row);
+      return dst;
+    };
+    for (std::size_t l = 0; l < keys_.size(); ++l) {
+      out.keys_.push_back(repeat(keys_[l]));
+      out.values_.push_back(repeat(values_[l]));
+    }
+    return out;
+  }
+
   // Stores k and v ([R*n, kv width], the new tokens of `in`) in `layer`'s
   // cache and returns the attention output [R*n, hq*dh] of q ([R*n, hq*dh]).
   Tensor<T, B> attend(index_t layer, const CachedInput& in, const Tensor<T, B>& q, const Tensor<T, B>& k,

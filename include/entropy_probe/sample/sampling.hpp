@@ -110,20 +110,29 @@ TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t
   auto step_logits = [&](index_t step) {
     Tape<T, B> tape;  // forward only: holds one step's activations
     if constexpr (CachedCausalLM<M>) {
-      // Step 0 feeds the prompts (right-padded to the longest), later steps each row's last token.
+      // Step 0 feeds each prompt once (right-padded to the longest) and gives
+      // its cache and logits to the G rows sampled from it; later steps feed
+      // each row's last token.
       nn::CachedInput in;
-      in.rows = rows;
+      const index_t stride = step == 0 ? batch.G : 1;  // rows of the batch per row fed
+      in.rows = rows / stride;
       in.length = step == 0 ? max_prompt : 1;
-      for (index_t r = 0; r < rows; ++r) {
-        const index_t p = batch.prompt_lens[static_cast<std::size_t>(r / batch.G)];
+      for (index_t i = 0; i < in.rows; ++i) {
+        const index_t r = i * stride, p = batch.prompt_lens[static_cast<std::size_t>(r / batch.G)];
         const index_t first = step == 0 ? 0 : p + step - 1;
         for (index_t t = first; t < first + in.length; ++t)
           in.tokens.push_back(batch.sequences[static_cast<std::size_t>(r * batch.T + t)]);
         in.start.push_back(static_cast<std::int32_t>(first));
         in.read.push_back(static_cast<std::int32_t>(step == 0 ? p - 1 : 0));
       }
-      if (step == 0) cache.emplace(model.make_cache(rows, batch.T));
-      logits = tape.value(model.forward_cached(tape, *cache, in)).to_host();
+      if (step > 0) {
+        logits = tape.value(model.forward_cached(tape, *cache, in)).to_host();
+      } else {
+        nn::KvCache<T, B> prompts_cache = model.make_cache(in.rows, batch.T);
+        const std::vector<T> z = tape.value(model.forward_cached(tape, prompts_cache, in)).to_host();
+        cache.emplace(prompts_cache.repeat_rows(batch.G));
+        for (index_t r = 0; r < rows; ++r) std::copy_n(z.begin() + (r / batch.G) * V, V, logits.begin() + r * V);
+      }
     } else {
       const index_t len = max_prompt + step;  // forward over the longest prefix that matters
       SequenceInput in;
