@@ -228,9 +228,9 @@ struct IncompleteBackend {
 }  // namespace
 
 TEST_CASE("backend contract: CpuBackend meets it, an incomplete type does not", "[tensor][backend]") {
-  STATIC_REQUIRE(Backend<CpuBackend>);
-  STATIC_REQUIRE_FALSE(Backend<IncompleteBackend>);
-  STATIC_REQUIRE_FALSE(Backend<int>);
+  STATIC_REQUIRE(TensorBackend<CpuBackend>);
+  STATIC_REQUIRE_FALSE(TensorBackend<IncompleteBackend>);
+  STATIC_REQUIRE_FALSE(TensorBackend<int>);
 }
 
 TEST_CASE("gemm: sizes beyond the BLAS's int are a usage error, not a truncated call", "[tensor][gemm]") {

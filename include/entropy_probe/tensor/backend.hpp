@@ -34,8 +34,8 @@ struct RowTermProbe {
 }  // namespace detail
 
 template <class B>
-concept Backend = requires(float* f, const float* cf, double* d, const double* cd, std::int32_t* i32, acc_t* acc,
-                           index_t n, const BatchGrid& grid) {
+concept TensorBackend = requires(float* f, const float* cf, double* d, const double* cd, std::int32_t* i32, acc_t* acc,
+                                 index_t n, const BatchGrid& grid) {
   { B::name } -> std::convertible_to<const char*>;
   { B::host_memory } -> std::convertible_to<bool>;
   { B::batch_scratch_elements } -> std::convertible_to<index_t>;

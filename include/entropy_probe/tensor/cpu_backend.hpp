@@ -608,6 +608,6 @@ struct CpuBackend {
   }
 };
 
-static_assert(Backend<CpuBackend>, "CpuBackend must meet the backend contract (tensor/backend.hpp)");
+static_assert(TensorBackend<CpuBackend>, "CpuBackend must meet the backend contract (tensor/backend.hpp)");
 
 }  // namespace entropy_probe

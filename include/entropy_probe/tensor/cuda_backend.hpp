@@ -719,6 +719,6 @@ struct CudaBackend {
   }
 };
 
-static_assert(Backend<CudaBackend>, "CudaBackend must meet the backend contract (tensor/backend.hpp)");
+static_assert(TensorBackend<CudaBackend>, "CudaBackend must meet the backend contract (tensor/backend.hpp)");
 
 }  // namespace entropy_probe
