@@ -122,7 +122,7 @@ inline std::string bytes_text(std::size_t bytes) {
 }
 
 // The default memory budget: what backend B already holds plus a safe share
-// (B::default_memory_share: 50% on the host, 80% on a GPU) of what it has free.
+// (B::default_memory_share: 25% on the host, 80% on a GPU) of what it has free.
 template <class B>
 std::size_t default_memory_budget() {
   return B::memory_in_use() + static_cast<std::size_t>(B::default_memory_share * double(B::memory_available()));

@@ -274,8 +274,10 @@ struct CpuBackend {
   // What more tensors could take: the kernel's MemAvailable (less when a
   // cgroup limit is nearer) plus the allocator's cached free blocks. The
   // default memory budget is default_memory_share of it: the host also holds
-  // the process's other memory and the cache's size-class slack.
-  static constexpr double default_memory_share = 0.5;
+  // the process's other memory, the cache (up to 2 GiB) and its size-class
+  // slack, and a microbatch larger than the products need buys no speed on
+  // the CPU (docs/performance.md, Microbatches and the memory budget).
+  static constexpr double default_memory_share = 0.25;
   static std::size_t memory_available() { return cpu_detail::host_memory_available() + cached_bytes(); }
 
   template <class T>
