@@ -295,6 +295,7 @@ class DecoderForCausalLM {
     const auto table = make_rotary_table<T, B>(std::span<const std::int32_t>(positions), config_.head_dim(), rope);
     const index_t hq = config_.num_attention_heads, hkv = config_.num_key_value_heads;
     const std::vector<std::int32_t> read = in.read_rows();
+    const TapeMark start = tape.mark();  // each finished layer is freed on a forward-tangent tape
     Var h = embedding(tape, use(tape, embed_tokens_), std::span<const std::int32_t>(in.tokens));
     for (std::size_t i = 0; i < layers_.size(); ++i) {
       Layer& l = layers_[i];
@@ -306,6 +307,7 @@ class DecoderForCausalLM {
         h = gather_rows(tape, h, std::span<const std::int32_t>(read));
       }
       h = layer_output(tape, l, h, att);
+      tape.release_since(start, {h});
     }
     if (layers_.empty()) h = gather_rows(tape, h, std::span<const std::int32_t>(read));
     return linear(tape, norm_.forward(tape, h), use(tape, lm_head_ ? *lm_head_ : embed_tokens_));

@@ -209,6 +209,7 @@ class Gpt2LMHeadModel {
       fail<InputError>("gpt2 forward_cached: position {} exceeds n_positions {}", in.end() - 1, config_.n_positions);
     const index_t d = config_.n_embd;
     const std::vector<std::int32_t> positions = in.positions(), read = in.read_rows();
+    const TapeMark start = tape.mark();  // each finished block is freed on a forward-tangent tape
     Var h = add(tape, embedding(tape, use(tape, wte_), std::span<const std::int32_t>(in.tokens)),
                 embedding(tape, use(tape, wpe_), std::span<const std::int32_t>(positions)));
     for (std::size_t layer = 0; layer < blocks_.size(); ++layer) {
@@ -223,6 +224,7 @@ class Gpt2LMHeadModel {
         h = gather_rows(tape, h, std::span<const std::int32_t>(read));
       }
       h = block_output(tape, b, h, att);
+      tape.release_since(start, {h});
     }
     if (blocks_.empty()) h = gather_rows(tape, h, std::span<const std::int32_t>(read));
     return linear(tape, ln_f_.forward(tape, h), use(tape, lm_head_ ? *lm_head_ : wte_));

@@ -108,7 +108,9 @@ TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t
   std::vector<T> logits(static_cast<std::size_t>(rows * V));
   std::optional<nn::KvCache<T, B>> cache;
   auto step_logits = [&](index_t step) {
-    Tape<T, B> tape;  // forward only: holds one step's activations
+    // Forward only: a forward-tangent tape without tangents keeps no nodes and
+    // frees each finished layer (the prefill of long prompts costs one layer).
+    Tape<T, B> tape(forward_tangents, {});
     if constexpr (CachedCausalLM<M>) {
       // Step 0 feeds each prompt once (right-padded to the longest) and gives
       // its cache and logits to the G rows sampled from it; later steps feed
