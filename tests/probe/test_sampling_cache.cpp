@@ -205,12 +205,9 @@ TEST_CASE("cached sampling: stopped rows end with the stop token, then padding",
 TEST_CASE("cached sampling: sampled token pairs pass a chi-square test against exact probabilities",
           "[sampling][cache][distribution]") {
   // Vocabulary 5: the (first, second) response token pairs have 25 cells.
-  nn::Gpt2Config c;
+  nn::Gpt2Config c = tiny_gpt2_config();
   c.vocab_size = 5;
   c.n_positions = 8;
-  c.n_embd = 8;
-  c.n_layer = 2;
-  c.n_head = 2;
   nn::Gpt2LMHeadModel<double> model(c, std::nullopt, 21);
   for (index_t k = 0; k < model.wte().value.numel(); ++k) model.wte().value[k] *= 6.0;
   const std::vector<std::int32_t> prompt = {3, 1};

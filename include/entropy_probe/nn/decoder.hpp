@@ -278,12 +278,9 @@ class DecoderForCausalLM {
   Var forward_cached(Tape<T, B>& tape, KvCache<T, B>& cache, const CachedInput& in) {
     in.check(model_type(), cache.capacity());
     const index_t end = in.end();
-    // Within the window every key is seen, as in forward(); beyond it forward() refuses, and so does this.
-    if (!config_.sliding_layers.empty() && end > config_.sliding_window)
-      fail<InputError>(
-          "{} forward_cached: position {} is sliding_window {} or more past position 0 (layers [{}]); "
-          "sliding-window attention is not implemented, only sequences within the window are exact",
-          model_type(), end - 1, config_.sliding_window, fmt::join(config_.sliding_layers, ", "));
+    // Within the window every key is seen, as in forward(); beyond it both refuse.
+    for (std::size_t row = 0; row < in.start.size(); ++row)
+      check_window_span("forward_cached", static_cast<index_t>(row), 0, in.start[row] + in.length - 1);
     const RopeParameters rope = config_.rope();
     // Dynamic rope rescales every position once the sequence outgrows max_position_embeddings; cached keys cannot.
     if (rope.type == RopeParameters::Type::dynamic && end > rope.max_position_embeddings)
@@ -354,13 +351,18 @@ class DecoderForCausalLM {
           if (first < 0) first = s;
           last = s;
         }
-      if (first >= 0 && last - first >= config_.sliding_window)
-        fail<InputError>(
-            "{} forward: row {} spans {} tokens (positions {}..{}), longer than sliding_window {} of layers [{}]; "
-            "sliding-window attention is not implemented, only sequences within the window are exact",
-            model_type(), row, last - first + 1, first, last, config_.sliding_window,
-            fmt::join(config_.sliding_layers, ", "));
+      if (first >= 0) check_window_span("forward", row, first, last);
     }
+  }
+  // The one refusal of both forwards: a row whose real tokens span the window
+  // or more (positions first..last) would need the window mask.
+  void check_window_span(const char* pass, index_t row, index_t first, index_t last) const {
+    if (config_.sliding_layers.empty() || last - first < config_.sliding_window) return;
+    fail<InputError>(
+        "{} {}: row {} spans {} tokens (positions {}..{}), longer than sliding_window {} of layers [{}]; "
+        "sliding-window attention is not implemented, only sequences within the window are exact",
+        model_type(), pass, row, last - first + 1, first, last, config_.sliding_window,
+        fmt::join(config_.sliding_layers, ", "));
   }
 
   DecoderConfig config_;
