@@ -282,18 +282,29 @@ struct FlashCpu {
   }
 
  private:
+  // n elements of U rounded up to whole cache lines.
+  template <class U>
+  static index_t aligned_count(index_t n) {
+    constexpr index_t line = 64 / sizeof(U);
+    return (n + line - 1) / line * line;
+  }
   template <class F>
   void run_tasks(index_t heads, F body, index_t tiles = 0) const {
     if (tiles == 0) tiles = n_tiles;
-    const index_t tt = tile * tile, slots = CpuBackend::num_threads();
-    auto scratch = Tensor<T, CpuBackend>::uninitialized({slots * 2 * tt});
-    auto acc = Tensor<acc_t, CpuBackend>::uninitialized({slots * 2 * tile});
+    // Each slot's scratch starts on a cache line, as the buffer does: Eigen's
+    // reductions (the sums in exp_row) peel to the packet alignment, so an
+    // offset that differed from slot to slot would make a task's rounding
+    // depend on the thread that ran it.
+    const index_t slots = CpuBackend::num_threads();
+    const index_t s_stride = aligned_count<T>(2 * tile * tile), a_stride = aligned_count<acc_t>(2 * tile);
+    auto scratch = Tensor<T, CpuBackend>::uninitialized({slots * s_stride});
+    auto acc = Tensor<acc_t, CpuBackend>::uninitialized({slots * a_stride});
     T* sp = scratch.data();
     acc_t* ap = acc.data();
     const index_t per_tile = rows * heads;
     CpuBackend::parallel_tasks(per_tile * tiles, [&](index_t slot, index_t i) {
       const index_t rh = i % per_tile;
-      body(sp + slot * 2 * tt, ap + slot * 2 * tile, i / per_tile, rh / heads, rh % heads);
+      body(sp + slot * s_stride, ap + slot * a_stride, i / per_tile, rh / heads, rh % heads);
     });
   }
 };
