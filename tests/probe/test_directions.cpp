@@ -297,3 +297,25 @@ TEST_CASE("lr sweep: every point is a single-eta run, and the baseline forward r
   CHECK_THROWS_WITH(bad.run(E, U, random_adam_state(bad.registry(), 55)),
                     Catch::Contains("lr_sweep[1] = -1 must be positive"));
 }
+
+TEST_CASE("lr sweep: a step whose importance weights collapse is warned about", "[probe][lr_sweep]") {
+  auto model = tiny_gpt2<double>(52, /*lm_head=*/true);
+  const TokenBatch E = random_batch(4, 8, 8, 11, 56), U = random_batch(3, 2, 8, 11, 57);
+  ProbeConfig cfg;
+  cfg.learning_rate = 1e-3;
+  cfg.variance = VarianceMode::none;
+  cfg.lr_sweep = {1e-4, 30.0};
+  std::vector<std::string> warnings;
+  set_log_sink([&](LogLevel level, std::string_view msg) {
+    if (level == LogLevel::warning) warnings.emplace_back(msg);
+  });
+  OfflineEntropyProbe probe(model, cfg);
+  const ProbeResult r = probe.run(E, U, random_adam_state(probe.registry(), 58));
+  set_log_sink({});
+  REQUIRE(r.lr_sweep.size() == 2);
+  CAPTURE(r.lr_sweep[0].truth.ESS, r.lr_sweep[1].truth.ESS, warnings);
+  CHECK(r.lr_sweep[0].truth.ESS > 0.9 * 32);  // a small step barely moves the weights
+  CHECK(r.lr_sweep[1].truth.ESS < 0.1 * 32);
+  REQUIRE(warnings.size() == 1);
+  CHECK_THAT(warnings[0], Catch::Contains("eta 30") && Catch::Contains("ESS") && Catch::Contains("of 32 E responses"));
+}

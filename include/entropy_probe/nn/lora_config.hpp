@@ -114,8 +114,10 @@ struct LoraConfig {
     if (layers_pattern.empty()) {
       found = search(R"(.*?\.[^.]*\.(\d+)\.)");  // the first numbered segment
     } else {
-      for (const auto& p : layers_pattern)
-        if ((found = search("(?:.*?\\.)?" + p + R"(\.(\d+)\.)"))) break;
+      for (const auto& p : layers_pattern) {
+        found = search("(?:.*?\\.)?" + p + R"(\.(\d+)\.)");
+        if (found) break;
+      }
     }
     if (!found) return std::nullopt;
     return static_cast<index_t>(std::stoll(m[1].str()));

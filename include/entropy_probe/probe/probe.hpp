@@ -251,14 +251,17 @@ class OfflineEntropyProbe {
     if (config_.ground_truth) {
       t0 = clock::now();
       r.truth = ground_truth(E, *config_.ground_truth, eta, state, baseline_stats());
+      warn_collapsed_weights(*r.truth, E, *config_.ground_truth, eta);
       r.timing["ground_truth"] = seconds_since(t0);
     }
     if (!config_.lr_sweep.empty()) {
       t0 = clock::now();
       for (const DirectionResult& d : r.directions)
-        for (double eta_k : config_.lr_sweep)
+        for (double eta_k : config_.lr_sweep) {
           r.lr_sweep.push_back({d.direction, eta_k, eta_k * d.bars_dot,
                                 ground_truth(E, step_kind(d.direction), eta_k, state, baseline_stats())});
+          warn_collapsed_weights(r.lr_sweep.back().truth, E, step_kind(d.direction), eta_k);
+        }
       r.timing["lr_sweep"] = seconds_since(t0);
     }
     r.timing["total"] = seconds_since(t_start);
@@ -303,6 +306,18 @@ class OfflineEntropyProbe {
       }
     return out;
   }
+
+  // A step so large that a few E responses carry all the importance weight
+  // leaves a truth with a meaningless standard error: say so where it happens.
+  static void warn_collapsed_weights(const GroundTruth& t, const TokenBatch& E, StepKind kind, double eta) {
+    const double n = double(E.B * E.G);
+    if (t.ESS < kCollapsedESSShare * n)
+      log_warning(
+          "ground truth ({} step, eta {:.3g}): the importance weights collapsed, ESS {:.1f} of {} E responses "
+          "(under {:.0f}%); its deltaH_true and SE are unreliable at this step size",
+          to_string(kind), eta, t.ESS, E.B * E.G, 100 * kCollapsedESSShare);
+  }
+  static constexpr double kCollapsedESSShare = 0.1;
 
   static void warn_zero_second_moment(const ZeroSecondMoment& z) {
     if (z.all == 0) return;
