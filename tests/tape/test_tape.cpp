@@ -60,21 +60,47 @@ TEST_CASE("tape: grad_into is fresh (unfilled) on first touch only; tangent_into
   CHECK_FALSE(second.fresh);
   CHECK(second.beta() == 1.0);
   CHECK(second.data == first.data);
-  CHECK(t.grad_accum(x) == first.data);  // the same buffer, not refilled
+  CHECK(second.size == 6);
+  OutRef<double> again = t.grad_into(x);
+  CHECK(again.zeroed() == first.data);  // the same buffer, not refilled: it is no longer fresh
   CHECK(first.data[5] == 1.0);
   const OutRef<double> tan = t.tangent_into(x);
   CHECK(tan.fresh);
   CHECK(std::isnan(tan.data[0]));
 }
 
+TEST_CASE("tape: OutRef::zeroed fills a fresh buffer only; add assigns while fresh", "[tape]") {
+  Tape<double> t;
+  Var x = t.input(Tensor<double>({3}));
+  OutRef<double> g = t.grad_into(x);
+  REQUIRE(g.fresh);
+  double* p = g.zeroed();
+  CHECK_FALSE(g.fresh);
+  for (index_t i = 0; i < 3; ++i) CHECK(p[i] == 0.0);
+  g.add(1, 2.0);
+  g.add(1, 3.0);
+  CHECK(p[1] == 5.0);  // not fresh: adds
+  Var y = t.input(Tensor<double>({2}));
+  const OutRef<double> h = t.grad_into(y);
+  h.add(0, 4.0);  // fresh: assigns over the unfilled (NaN-poisoned) storage
+  h.add(1, -1.0);
+  CHECK(h.data[0] == 4.0);
+  CHECK(h.data[1] == -1.0);
+}
+
 TEST_CASE("tape: SumOut assigns with its first product and zero-fills when only adders run", "[tape]") {
   Tape<double> t;
   Var x = t.input(Tensor<double>({4}));
-  SumOut<double, CpuBackend> s(t.tangent_into(x), 4);
+  SumOut<double, CpuBackend> s(t.tangent_into(x));
   CHECK(s.beta() == 0.0);
   CHECK(s.beta() == 1.0);  // later terms add
+  CHECK_FALSE(s.term().fresh);
+  Var w = t.input(Tensor<double>({4}));
+  SumOut<double, CpuBackend> k(t.tangent_into(w));
+  CHECK(k.term().fresh);  // a kernel term first: its add() assigns
+  CHECK(k.beta() == 1.0);
   Var y = t.input(Tensor<double>({4}));
-  SumOut<double, CpuBackend> z(t.tangent_into(y), 4);
+  SumOut<double, CpuBackend> z(t.tangent_into(y));
   double* p = z.zeroed();
   for (index_t i = 0; i < 4; ++i) CHECK(p[i] == 0.0);
   CHECK(z.beta() == 1.0);  // after zeroed() every term adds
