@@ -1,4 +1,5 @@
 #include <entropy_probe/tape/ops/linear.hpp>
+#include <entropy_probe/tape/ops/norm.hpp>
 
 #include <cmath>
 
@@ -104,4 +105,32 @@ TEST_CASE("tape: SumOut assigns with its first product and zero-fills when only 
   double* p = z.zeroed();
   for (index_t i = 0; i < 4; ++i) CHECK(p[i] == 0.0);
   CHECK(z.beta() == 1.0);  // after zeroed() every term adds
+}
+
+// An op's saved state lives once on the tape (save_for_rules), shared by its
+// backward and jvp closures: recording holds the output and the saved tensors
+// and nothing more, where state captured by value was held once per closure.
+TEST_CASE("tape: saved op state is held once, not copied into each rule", "[tape]") {
+  using Cpu = CpuBackend;
+  const index_t n = 64, in = 32, out = 48, r = 8;
+  Tape<double> t;
+  Var x = t.input(Tensor<double>::full({n, in}, 0.5));
+  Var w = t.input(Tensor<double>::full({out, in}, 0.25));
+  Var a = t.input(Tensor<double>::full({r, in}, 0.125));
+  Var b = t.input(Tensor<double>::full({out, r}, 0.5));
+  Var gamma = t.input(Tensor<double>::full({in}, 1.0));
+  Var beta = t.input(Tensor<double>::full({in}, 0.0));
+  // What the same tensors cost when allocated directly (block sizes included).
+  auto cost = [](std::initializer_list<Shape> shapes) {
+    const std::size_t before = Cpu::memory_in_use();
+    std::vector<Tensor<double>> held;
+    for (const Shape& s : shapes) held.emplace_back(s);
+    return Cpu::memory_in_use() - before;
+  };
+  std::size_t before = Cpu::memory_in_use();
+  (void)lora_linear(t, x, w, std::nullopt, a, b, 2.0);
+  CHECK(Cpu::memory_in_use() - before == cost({{n, out}, {n, r}}));  // y and the saved u
+  before = Cpu::memory_in_use();
+  (void)layer_norm(t, x, gamma, beta, 1e-5);
+  CHECK(Cpu::memory_in_use() - before == cost({{n, in}, {n}, {n}}));  // y, mean and rstd
 }
