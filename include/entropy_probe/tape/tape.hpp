@@ -20,6 +20,7 @@
 #include <deque>
 #include <functional>
 #include <initializer_list>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -33,49 +34,71 @@ struct Var {
   bool valid() const { return id >= 0; }
 };
 
-// A gradient or tangent buffer handed to an op's rule. When `fresh` it was
-// just allocated and holds no values yet: the rule assigns every element
-// (beta() = 0 for a product); otherwise it adds (beta() = 1).
-template <class T>
+// The one way a rule gets its output buffer (Tape::grad_into / tangent_into):
+// `size` elements whose logical value starts at zero. When `fresh` the buffer
+// was just allocated and holds no values yet, so the rule's first write to
+// an element assigns it (beta() = 0 for a product, add() assigns); otherwise
+// writes add (beta() = 1). This saves the zero fill for the first of an
+// input's consumers, usually its only one. A rule that can only add (a
+// scatter, operands aliasing one buffer, tiles written in no fixed order)
+// asks for the fill with zeroed(), which fills only while the buffer is
+// still fresh.
+template <class T, class B = CpuBackend>
 struct OutRef {
-  T* data;
-  bool fresh;
+  T* data = nullptr;
+  index_t size = 0;
+  bool fresh = false;
+
   T beta() const { return fresh ? T(0) : T(1); }
+  // data[i] (+)= v: assigns while fresh. For kernels that write each element once.
+  EP_HOST_DEVICE void add(index_t i, T v) const { data[i] = fresh ? v : data[i] + v; }
+  // Zero-fills a still-fresh buffer; from then on every write adds.
+  T* zeroed() {
+    if (fresh) B::fill(data, size, T(0));
+    fresh = false;
+    return data;
+  }
 };
 
-// Writes a sum of terms into an OutRef of n elements: the first assigning
-// term takes beta() = its beta (0 when fresh), later ones 1; zeroed() first
-// zero-fills a still-fresh buffer, for a term that can only add and for a
-// rule whose terms all vanished.
+// Writes a sum of terms into an OutRef: the first term takes the buffer's
+// freshness (a product its beta(), a kernel an OutRef whose add() assigns),
+// later terms add; zeroed() first zero-fills a still-fresh buffer, for a term
+// that can only add and for a rule whose terms all vanished.
 template <class T, class B>
 class SumOut {
  public:
-  SumOut(OutRef<T> out, index_t n) : out_(out), n_(n) {}
+  explicit SumOut(OutRef<T, B> out) : out_(out) {}
   T* data() const { return out_.data; }
-  T beta() {
-    const T b = out_.beta();
+  T beta() { return term().beta(); }
+  // The buffer as seen by the next term, which writes each element once.
+  OutRef<T, B> term() {
+    const OutRef<T, B> t = out_;
     out_.fresh = false;
-    return b;
+    return t;
   }
-  T* zeroed() {
-    if (out_.fresh) B::fill(out_.data, n_, T(0));
-    out_.fresh = false;
-    return out_.data;
-  }
+  T* zeroed() { return out_.zeroed(); }
 
  private:
-  OutRef<T> out_;
-  index_t n_;
+  OutRef<T, B> out_;
 };
 
-// out (+)= src over n elements: a copy while `out` is fresh, else an add.
-template <class B, class T>
-void add_into(OutRef<T> out, const T* src, index_t n) {
-  T* d = out.data;
+// out (+)= src over all of out: a copy while `out` is fresh, else an add.
+template <class T, class B>
+void add_into(OutRef<T, B> out, const T* src) {
   if (out.fresh)
-    B::copy(d, src, n);
+    B::copy(out.data, src, out.size);
   else
-    B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { d[i] += src[i]; });
+    B::parallel_for(out.size, [=] EP_HOST_DEVICE(index_t i) { out.data[i] += src[i]; });
+}
+
+// State an op saves for its rules (tensors, masks, index vectors, row
+// statistics): one object per op, built by the forward and then shared,
+// immutable, by the backward and jvp closures, so copying a closure into a
+// std::function never deep-copies a tensor. Small scalars (dims, flags) are
+// captured by value instead.
+template <class S>
+std::shared_ptr<const S> save_for_rules(S state) {
+  return std::make_shared<const S>(std::move(state));
 }
 
 using LeafKey = std::uint64_t;
@@ -134,10 +157,12 @@ class Tape {
   // ---- recording (used by op implementations) -------------------------------
 
   // Records a node producing `out` from `inputs`. `backward` reads the output
-  // gradient (grad_data(result)) and accumulates into the inputs that need it
-  // (grad_accum); `jvp` reads input tangents (tangent_data, nullptr = zero)
-  // and writes the output tangent (tangent_out). Both are skipped when no
-  // input needs a gradient or carries a tangent.
+  // gradient (grad_data(result)) and adds into the inputs that need it
+  // (grad_into); `jvp` reads input tangents (tangent_data, nullptr = zero)
+  // and writes the output tangent (tangent_into). Both get their buffer as an
+  // OutRef: assign while fresh, else add. Both are skipped when no input
+  // needs a gradient or carries a tangent. Op state the rules need is saved
+  // once (save_for_rules) and captured by both.
   //
   // In forward-tangent mode the jvp rule runs here, at once, and the node is
   // not kept: its closures, and the op state they saved, die on return.
@@ -201,31 +226,18 @@ class Tape {
     const Slot& s = slot(v);
     return s.grad ? s.grad->data() : nullptr;
   }
-  // Gradient buffer of an input, zero-filled on first touch, to accumulate into.
-  T* grad_accum(Var v) {
-    Slot& s = slot_mut(v);
-    if (!s.grad) s.grad.emplace(value(v).shape());
-    return s.grad->data();
-  }
-  // Same buffer for a writer that can assign instead of add: on first touch
-  // it is left unfilled and `fresh`, and the caller must then assign every
-  // element (a product with beta = 0, or g[i] = ...); later calls add. Saves
-  // the zero fill for the first of an input's consumers, usually its only one.
-  OutRef<T> grad_into(Var v) { return into(slot_mut(v).grad, v); }
+  // Gradient buffer of an input, to add the rule's term into (see OutRef):
+  // fresh (unfilled) on the first call after backward() starts, shared and
+  // not fresh on later calls for the same input.
+  OutRef<T, B> grad_into(Var v) { return into(slot_mut(v).grad, v); }
 
   const T* tangent_data(Var v) const {
     const TensorT* t = tangent(v);
     return t ? t->data() : nullptr;
   }
-  // Output tangent buffer, zero-filled.
-  T* tangent_out(Var v) {
-    Slot& s = slot_mut(v);
-    if (!s.tangent) s.tangent.emplace(value(v).shape());
-    return s.tangent->data();
-  }
-  // Output tangent buffer, unfilled, for a jvp rule that assigns every
-  // element (its first product with beta = 0, or t[i] = ...).
-  OutRef<T> tangent_into(Var v) { return into(slot_mut(v).tangent, v); }
+  // Output tangent buffer of a jvp rule (see OutRef): fresh, since each node's
+  // rule runs once per jvp() (in forward-tangent mode, once, as it is recorded).
+  OutRef<T, B> tangent_into(Var v) { return into(slot_mut(v).tangent, v); }
 
   // Keys of the keyed (parameter) leaves recorded so far, in order of use.
   std::vector<LeafKey> leaf_keys() const {
@@ -399,10 +411,10 @@ class Tape {
   Slot& slot_mut(Var v) { return const_cast<Slot&>(std::as_const(*this).slot(v)); }
   // The buffer behind grad_into / tangent_into: allocated unfilled (fresh)
   // on first touch, shaped like v's value.
-  OutRef<T> into(std::optional<TensorT>& buf, Var v) {
-    if (buf) return {buf->data(), false};
-    buf.emplace(TensorT::uninitialized(value(v).shape()));
-    return {buf->data(), true};
+  OutRef<T, B> into(std::optional<TensorT>& buf, Var v) {
+    const bool fresh = !buf;
+    if (fresh) buf.emplace(TensorT::uninitialized(value(v).shape()));
+    return {buf->data(), buf->numel(), fresh};
   }
 
   // A deque: references returned by value() stay valid while later ops add

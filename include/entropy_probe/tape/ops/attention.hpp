@@ -101,6 +101,30 @@ AttentionDims attention_dims(const char* op, const Tape<T, B>& tape, Var q, Var 
   return {n_rows, n_tok, n_heads, n_kv_heads, dh, n_heads / n_kv_heads, n_heads * dh, ldk};
 }
 
+// The gradient buffers of an attention op's q, k and v (a null OutRef where
+// none is needed). The rules assign a region of a fresh buffer with its first
+// term; one Var passed as two operands shares a buffer whose regions the
+// rules reach in no fixed order, so then it is zero-filled and every term adds.
+template <class T, class B>
+struct AttentionGrads {
+  OutRef<T, B> q, k, v;
+};
+template <class T, class B>
+AttentionGrads<T, B> attention_grads(Tape<T, B>& tape, Var q, Var k, Var v) {
+  const bool aliased = q.id == k.id || q.id == v.id || k.id == v.id;
+  auto grad_ref = [&](Var x) {
+    if (!tape.requires_grad(x)) return OutRef<T, B>{};
+    OutRef<T, B> g = tape.grad_into(x);
+    if (aliased) g.zeroed();
+    return g;
+  };
+  AttentionGrads<T, B> g;
+  g.q = grad_ref(q);  // in order: the first of aliased operands sees the buffer fresh
+  g.k = grad_ref(k);
+  g.v = grad_ref(v);
+  return g;
+}
+
 // The factor on the scores: `scale` when positive, 0 for the usual
 // 1/sqrt(head_dim); anything else is a caller's mistake.
 inline acc_t attention_scale(const char* op, double scale, index_t dh) {
@@ -165,13 +189,13 @@ Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std:
       std::clamp<index_t>(B::batch_scratch_elements / std::max<index_t>(hq * tt, 1), 1, std::max<index_t>(n_rows, 1));
 
   // ---- forward ----
-  auto saved = std::make_shared<detail::AttentionSaved<T, B>>();
-  saved->mask = Tensor<std::uint8_t, B>::from_host({n_rows, n_tok}, key_mask);
-  saved->probs = Tensor<T, B>::uninitialized({n_rows, hq, n_tok, n_tok});  // S by gemm, then every entry by softmax
+  detail::AttentionSaved<T, B> state;
+  state.mask = Tensor<std::uint8_t, B>::from_host({n_rows, n_tok}, key_mask);
+  state.probs = Tensor<T, B>::uninitialized({n_rows, hq, n_tok, n_tok});  // S by gemm, then every entry by softmax
   const T* qv = tape.value(q).data();
   const T* kv = tape.value(k).data();
   const T* vv = tape.value(v).data();
-  T* probs = saved->probs.data();
+  T* probs = state.probs.data();
   for (index_t r0 = 0; r0 < n_rows; r0 += chunk)  // S = scale Q K^T, written into the P buffer
     B::gemm_batched(false, true, n_tok, n_tok, dh, scale, qv + q_off(r0, 0), ldq, kv + kv_off(r0, 0), ldk, T(0),
                     probs + p_off(r0, 0), n_tok, grids.all(std::min(chunk, n_rows - r0), 'q', 'v', 'p'));
@@ -180,7 +204,7 @@ Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std:
     // the max and the sum of exponentials over allowed keys (the exponentials
     // kept in the row), then the division; 0 at masked and future keys, and
     // a row with no allowed key is all 0.
-    const std::uint8_t* mask = saved->mask.data();
+    const std::uint8_t* mask = state.mask.data();
     const index_t q_rows = hq * n_tok;  // query rows per sequence: key mask row i / q_rows
     B::row_max_sum_apply(
         n_rows * hq * n_tok, n_tok, [=] EP_HOST_DEVICE(index_t i) { return i % n_tok + 1; },
@@ -202,6 +226,7 @@ Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std:
   for (index_t r0 = 0; r0 < n_rows; r0 += chunk)  // O = P V
     B::gemm_batched(false, false, n_tok, dh, n_tok, T(1), probs + p_off(r0, 0), n_tok, vv + kv_off(r0, 0), ldk, T(0),
                     out.data() + q_off(r0, 0), ldq, grids.all(std::min(chunk, n_rows - r0), 'p', 'v', 'q'));
+  const auto saved = save_for_rules(std::move(state));
 
   auto backward = [&tape, q, k, v, saved, n_rows, n_tok, hq, dh, group, ldq, ldk, scale, q_off, kv_off, p_off, grids,
                    chunk](Var self) {
@@ -211,36 +236,36 @@ Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std:
     const T* vd = tape.value(v).data();
     const T* p = saved->probs.data();
     const std::uint8_t* mask = saved->mask.data();
-    const bool need_q = tape.requires_grad(q), need_k = tape.requires_grad(k), need_v = tape.requires_grad(v);
-    T* gq = need_q ? tape.grad_accum(q) : nullptr;
-    T* gk = need_k ? tape.grad_accum(k) : nullptr;
-    T* gv = need_v ? tape.grad_accum(v) : nullptr;
+    const auto grads = detail::attention_grads(tape, q, k, v);  // each chunk's first term assigns when fresh
+    const OutRef<T, B> gq = grads.q, gk = grads.k, gv = grads.v;
     Tensor<T, B> ds;
-    if (need_q || need_k) ds = Tensor<T, B>::uninitialized({chunk, hq, n_tok, n_tok});  // dP by gemm (beta = 0)
+    if (gq.data || gk.data) ds = Tensor<T, B>::uninitialized({chunk, hq, n_tok, n_tok});  // dP by gemm (beta = 0)
     for (index_t r0 = 0; r0 < n_rows; r0 += chunk) {
       const index_t nb = std::min(chunk, n_rows - r0);
-      if (gv)  // dV += P^T dO, the heads of a KV group one after another
+      if (gv.data)  // dV += P^T dO, the heads of a KV group one after another
         for (index_t h = 0; h < group; ++h)
-          B::gemm_batched(true, false, n_tok, dh, n_tok, T(1), p + p_off(r0, h), n_tok, go + q_off(r0, h), ldq, T(1),
-                          gv + kv_off(r0, 0), ldk, grids.per_head_in_group(nb, 'p', 'q', 'v'));
-      if (!gq && !gk) continue;
+          B::gemm_batched(true, false, n_tok, dh, n_tok, T(1), p + p_off(r0, h), n_tok, go + q_off(r0, h), ldq,
+                          h == 0 ? gv.beta() : T(1), gv.data + kv_off(r0, 0), ldk,
+                          grids.per_head_in_group(nb, 'p', 'q', 'v'));
+      if (!gq.data && !gk.data) continue;
       // dP = dO V^T, then dS = P o (dP - rowsum(dP o P)) in place
       B::gemm_batched(false, true, n_tok, n_tok, dh, T(1), go + q_off(r0, 0), ldq, vd + kv_off(r0, 0), ldk, T(0),
                       ds.data(), n_tok, grids.all(nb, 'q', 'v', 'p'));
       detail::attention_softmax_vjp_rows<T, B>(nb * hq, hq, n_tok, p + p_off(r0, 0), mask + r0 * n_tok, ds.data());
-      if (gq)  // dQ += scale dS K
-        B::gemm_batched(false, false, n_tok, dh, n_tok, scale, ds.data(), n_tok, kd + kv_off(r0, 0), ldk, T(1),
-                        gq + q_off(r0, 0), ldq, grids.all(nb, 'p', 'v', 'q'));
-      if (gk)  // dK += scale dS^T Q, the heads of a KV group one after another
+      if (gq.data)  // dQ += scale dS K
+        B::gemm_batched(false, false, n_tok, dh, n_tok, scale, ds.data(), n_tok, kd + kv_off(r0, 0), ldk, gq.beta(),
+                        gq.data + q_off(r0, 0), ldq, grids.all(nb, 'p', 'v', 'q'));
+      if (gk.data)  // dK += scale dS^T Q, the heads of a KV group one after another
         for (index_t h = 0; h < group; ++h)
           B::gemm_batched(true, false, n_tok, dh, n_tok, scale, ds.data() + h * n_tok * n_tok, n_tok, qd + q_off(r0, h),
-                          ldq, T(1), gk + kv_off(r0, 0), ldk, grids.per_head_in_group(nb, 'p', 'q', 'v'));
+                          ldq, h == 0 ? gk.beta() : T(1), gk.data + kv_off(r0, 0), ldk,
+                          grids.per_head_in_group(nb, 'p', 'q', 'v'));
     }
   };
 
   auto jvp = [&tape, q, k, v, saved, n_rows, n_tok, hq, dh, ldq, ldk, scale, q_off, kv_off, p_off, grids,
               chunk](Var self) {
-    T* to = tape.tangent_out(self);
+    const OutRef<T, B> to = tape.tangent_into(self);  // each chunk's first term assigns its rows when fresh
     const T* tq = tape.tangent_data(q);
     const T* tk = tape.tangent_data(k);
     const T* tv = tape.tangent_data(v);
@@ -253,10 +278,13 @@ Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std:
     if (tq || tk) ts = Tensor<T, B>::uninitialized({chunk, hq, n_tok, n_tok});  // the first product has beta = 0
     for (index_t r0 = 0; r0 < n_rows; r0 += chunk) {
       const index_t nb = std::min(chunk, n_rows - r0);
-      T* toh = to + q_off(r0, 0);
-      if (tv)  // tO += P tV
-        B::gemm_batched(false, false, n_tok, dh, n_tok, T(1), p + p_off(r0, 0), n_tok, tv + kv_off(r0, 0), ldk, T(1),
+      T* toh = to.data + q_off(r0, 0);
+      T beta_o = to.beta();
+      if (tv) {  // tO += P tV
+        B::gemm_batched(false, false, n_tok, dh, n_tok, T(1), p + p_off(r0, 0), n_tok, tv + kv_off(r0, 0), ldk, beta_o,
                         toh, ldq, grids.all(nb, 'p', 'v', 'q'));
+        beta_o = T(1);
+      }
       if (!tq && !tk) continue;
       // tS = scale (tQ K^T + Q tK^T), then tP = P o (tS - rowsum(P o tS)) in place
       T beta(0);
@@ -270,7 +298,7 @@ Var causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<const std:
                         ts.data(), n_tok, grids.all(nb, 'q', 'v', 'p'));
       detail::attention_softmax_vjp_rows<T, B>(nb * hq, hq, n_tok, p + p_off(r0, 0), mask + r0 * n_tok, ts.data());
       // tO += tP V
-      B::gemm_batched(false, false, n_tok, dh, n_tok, T(1), ts.data(), n_tok, vd + kv_off(r0, 0), ldk, T(1), toh, ldq,
+      B::gemm_batched(false, false, n_tok, dh, n_tok, T(1), ts.data(), n_tok, vd + kv_off(r0, 0), ldk, beta_o, toh, ldq,
                       grids.all(nb, 'p', 'v', 'q'));
     }
   };

@@ -35,7 +35,7 @@ Var unary_elementwise(Tape<T, B>& tape, Var x, const char* name) {
   B::template unary_map<F>(n, tape.value(x).data(), y.data());
   auto backward = [&tape, x, n](Var self) {  // dX += dy * f'(x)
     if (!tape.requires_grad(x)) return;
-    const OutRef<T> gx = tape.grad_into(x);
+    const OutRef<T, B> gx = tape.grad_into(x);
     B::template unary_vjp<F>(n, tape.value(x).data(), tape.grad_data(self), gx.data, gx.fresh);
   };
   auto jvp = [&tape, x, n](Var self) {  // ty = f'(x) * tx (only called with tx present)
@@ -46,11 +46,9 @@ Var unary_elementwise(Tape<T, B>& tape, Var x, const char* name) {
   return tape.record(name, std::move(y), {x}, backward, jvp);
 }
 // g (+)= gy * other elementwise: assigns while g is fresh.
-template <class B, class T>
-void add_product_into(OutRef<T> g, const T* gy, const T* other, index_t n) {
-  T* gp = g.data;
-  const bool fresh = g.fresh;
-  B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { gp[i] = fresh ? gy[i] * other[i] : gp[i] + gy[i] * other[i]; });
+template <class T, class B>
+void add_product_into(OutRef<T, B> g, const T* gy, const T* other) {
+  B::parallel_for(g.size, [=] EP_HOST_DEVICE(index_t i) { g.add(i, gy[i] * other[i]); });
 }
 }  // namespace detail
 
@@ -66,10 +64,10 @@ Var add(Tape<T, B>& tape, Var a, Var b) {
     T* yp = y.data();
     B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { yp[i] = ap[i] + bp[i]; });
   }
-  auto backward = [&tape, a, b, n](Var self) {  // dA += dy, dB += dy
+  auto backward = [&tape, a, b](Var self) {  // dA += dy, dB += dy
     const T* gy = tape.grad_data(self);
     for (Var v : {a, b}) {
-      if (tape.requires_grad(v)) add_into<B>(tape.grad_into(v), gy, n);
+      if (tape.requires_grad(v)) add_into(tape.grad_into(v), gy);
     }
   };
   auto jvp = [&tape, a, b, n](Var self) {  // ty = ta + tb; a null tangent is zero
@@ -96,12 +94,12 @@ Var mul(Tape<T, B>& tape, Var a, Var b) {
     T* yp = y.data();
     B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { yp[i] = ap[i] * bp[i]; });
   }
-  auto backward = [&tape, a, b, n](Var self) {  // dA += dy * b, dB += dy * a
+  auto backward = [&tape, a, b](Var self) {  // dA += dy * b, dB += dy * a
     const T* gy = tape.grad_data(self);
     const T* ap = tape.value(a).data();
     const T* bp = tape.value(b).data();
-    if (tape.requires_grad(a)) detail::add_product_into<B>(tape.grad_into(a), gy, bp, n);
-    if (tape.requires_grad(b)) detail::add_product_into<B>(tape.grad_into(b), gy, ap, n);
+    if (tape.requires_grad(a)) detail::add_product_into(tape.grad_into(a), gy, bp);
+    if (tape.requires_grad(b)) detail::add_product_into(tape.grad_into(b), gy, ap);
   };
   auto jvp = [&tape, a, b, n](Var self) {  // ty = ta * b + a * tb; a null tangent is zero
     T* ty = tape.tangent_into(self).data;  // assigned in full: jvp runs only with a tangent present

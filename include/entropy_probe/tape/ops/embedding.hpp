@@ -27,13 +27,13 @@ Var embedding(Tape<T, B>& tape, Var table, std::span<const std::int32_t> ids) {
     if (id < 0 || id >= vocab)
       fail<UsageError>("embedding: ids[{}] = {} is outside the vocabulary [0, {})", i, id, vocab);
   }
-  const Tensor<std::int32_t, B> idt = Tensor<std::int32_t, B>::from_host({n}, ids);
+  const auto idt = save_for_rules(Tensor<std::int32_t, B>::from_host({n}, ids));  // the rules share it
 
   // forward: gather rows
   auto y = Tensor<T, B>::uninitialized({n, d});  // every row gathered below
   {
     const T* tp = tape.value(table).data();
-    const std::int32_t* ip = idt.data();
+    const std::int32_t* ip = idt->data();
     T* yp = y.data();
     B::parallel_for(n * d, [=] EP_HOST_DEVICE(index_t k) {
       const index_t i = k / d, j = k - i * d;
@@ -49,8 +49,8 @@ Var embedding(Tape<T, B>& tape, Var table, std::span<const std::int32_t> ids) {
   auto backward = [&tape, table, n, d, idt](Var self) {
     if (!tape.requires_grad(table)) return;
     const T* gy = tape.grad_data(self);
-    T* gt = tape.grad_accum(table);
-    const std::int32_t* ip = idt.data();
+    T* gt = tape.grad_into(table).zeroed();  // a scatter-add: rows no id picks stay 0
+    const std::int32_t* ip = idt->data();
     B::parallel_for(d, [=] EP_HOST_DEVICE(index_t j) {
       for (index_t i = 0; i < n; ++i) gt[static_cast<index_t>(ip[i]) * d + j] += gy[i * d + j];
     });
@@ -58,8 +58,8 @@ Var embedding(Tape<T, B>& tape, Var table, std::span<const std::int32_t> ids) {
   auto jvp = [&tape, table, n, d, idt](Var self) {  // gather the table tangent
     const T* tt = tape.tangent_data(table);
     if (!tt) return;
-    T* ty = tape.tangent_out(self);
-    const std::int32_t* ip = idt.data();
+    T* ty = tape.tangent_into(self).data;  // every row gathered
+    const std::int32_t* ip = idt->data();
     B::parallel_for(n * d, [=] EP_HOST_DEVICE(index_t k) {
       const index_t i = k / d, j = k - i * d;
       ty[k] = tt[static_cast<index_t>(ip[i]) * d + j];

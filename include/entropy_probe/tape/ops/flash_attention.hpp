@@ -353,18 +353,18 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
   };
 
   // ---- forward ----
-  auto saved = std::make_shared<detail::FlashAttentionSaved<T, B>>();
-  saved->mask = Tensor<std::uint8_t, B>::from_host({n_rows, n_tok}, key_mask);
-  saved->lse = Tensor<acc_t, B>::uninitialized({n_rows, hq, n_tok});  // written by the last pass of each query tile
-  auto out = Tensor<T, B>::uninitialized(qs);                         // every query tile's first product has beta = 0
+  detail::FlashAttentionSaved<T, B> state;
+  state.mask = Tensor<std::uint8_t, B>::from_host({n_rows, n_tok}, key_mask);
+  state.lse = Tensor<acc_t, B>::uninitialized({n_rows, hq, n_tok});  // written by the last pass of each query tile
+  auto out = Tensor<T, B>::uninitialized(qs);                        // every query tile's first product has beta = 0
   if constexpr (std::is_same_v<B, CpuBackend>) {
     using Row = typename detail::FlashCpu<T>::Row;
     const T* qv = tape.value(q).data();
     const T* kv = tape.value(k).data();
     const T* vv = tape.value(v).data();
-    acc_t* lse = saved->lse.data();
+    acc_t* lse = state.lse.data();
     T* o = out.data();
-    const detail::FlashCpu<T> cpu(n_rows, n_tok, hq, group, dh, ldq, ldk, tile, sc, saved->mask.data());
+    const detail::FlashCpu<T> cpu(n_rows, n_tok, hq, group, dh, ldq, ldk, tile, sc, state.mask.data());
     cpu.query_tasks([&](T* p, acc_t* st, index_t r, index_t h, index_t qi) {
       // Running max m and sum l of exp(S - m) of each query over the key
       // tiles so far; O (in place in the output) rescales by exp(m_old - m_new).
@@ -406,8 +406,8 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
     const T* qv = tape.value(q).data();
     const T* kv = tape.value(k).data();
     const T* vv = tape.value(v).data();
-    const std::uint8_t* mask = saved->mask.data();
-    acc_t* lse = saved->lse.data();
+    const std::uint8_t* mask = state.mask.data();
+    acc_t* lse = state.lse.data();
     // Running statistics of each query over the key tiles seen so far: the
     // max m and sum l of exp(S - m) over allowed keys (m = -inf, l = 0 before
     // any), and the factor exp(m_old - m_new) the output rescales by.
@@ -471,6 +471,7 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
         });
       }
   }
+  const auto saved = save_for_rules(std::move(state));
 
   auto backward = [&tape, q, k, v, saved, n_rows, n_tok, hq, dh, sc, n_tiles, n_stats, chunk, scratch_elems, prod,
                    tile_of, tile](Var self) {
@@ -482,15 +483,10 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
     const acc_t* lse = saved->lse.data();
     const std::uint8_t* mask = saved->mask.data();
     const bool need_s = tape.requires_grad(q) || tape.requires_grad(k);  // dS feeds dQ and dK
-    // Each gradient is assigned tile by tile on first touch. When one Var is
-    // passed as two operands both rules would share a buffer whose tiles are
-    // first written in no fixed order, so then it is zero-filled and added to.
-    const bool aliased = q.id == k.id || q.id == v.id || k.id == v.id;
-    auto grad_ref = [&](Var x) {
-      if (!tape.requires_grad(x)) return OutRef<T>{nullptr, false};
-      return aliased ? OutRef<T>{tape.grad_accum(x), false} : tape.grad_into(x);
-    };
-    const OutRef<T> gq = grad_ref(q), gk = grad_ref(k), gv = grad_ref(v);
+    // Each gradient is assigned tile by tile on first touch (zero-filled
+    // instead when operands alias, see attention_grads).
+    const auto grads = detail::attention_grads(tape, q, k, v);
+    const OutRef<T, B> gq = grads.q, gk = grads.k, gv = grads.v;
     // D = rowsum(dO o O) per (row, head, query): the softmax VJP's row term,
     // sum_s P dP, without P.
     Tensor<acc_t, B> d_row;
@@ -594,7 +590,7 @@ Var flash_causal_attention(Tape<T, B>& tape, Var q, Var k, Var v, std::span<cons
 
   auto jvp = [&tape, q, k, v, saved, n_rows, n_tok, hq, dh, sc, n_tiles, n_stats, chunk, scratch_elems, prod, tile_of,
               tile](Var self) {
-    const OutRef<T> to = tape.tangent_into(self);
+    const OutRef<T, B> to = tape.tangent_into(self);
     const T* tq = tape.tangent_data(q);
     const T* tk = tape.tangent_data(k);
     const T* tv = tape.tangent_data(v);

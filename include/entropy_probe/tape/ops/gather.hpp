@@ -22,8 +22,8 @@ namespace entropy_probe {
 
 namespace detail {
 template <class B>
-std::shared_ptr<Tensor<std::int32_t, B>> checked_row_index(std::span<const std::int32_t> index, index_t n_rows,
-                                                           const char* op) {
+std::shared_ptr<const Tensor<std::int32_t, B>> checked_row_index(std::span<const std::int32_t> index, index_t n_rows,
+                                                                 const char* op) {
   for (std::size_t k = 0; k < index.size(); ++k) {
     if (index[k] < 0 || index[k] >= n_rows)
       fail<UsageError>("{}: index[{}] = {} is outside the {} rows", op, k, index[k], n_rows);
@@ -32,7 +32,7 @@ std::shared_ptr<Tensor<std::int32_t, B>> checked_row_index(std::span<const std::
                        index[k - 1]);
   }
   const auto m = static_cast<index_t>(index.size());
-  return std::make_shared<Tensor<std::int32_t, B>>(Tensor<std::int32_t, B>::from_host({m}, index));
+  return save_for_rules(Tensor<std::int32_t, B>::from_host({m}, index));  // the rules share it
 }
 }  // namespace detail
 
@@ -56,14 +56,14 @@ Var gather_rows(Tape<T, B>& tape, Var x, std::span<const std::int32_t> index) {
     if (!tape.requires_grad(x)) return;
     const T* gy = tape.grad_data(self);
     const std::int32_t* ip = idx->data();
-    T* gx = tape.grad_accum(x);
+    T* gx = tape.grad_into(x).zeroed();  // a scatter: rows not in index stay 0
     B::parallel_for_2d(m, d, [=] EP_HOST_DEVICE(index_t k, index_t j) { gx[ip[k] * d + j] += gy[k * d + j]; });
   };
   auto jvp = [&tape, x, idx, m, d](Var self) {
     const T* tx = tape.tangent_data(x);
     if (!tx) return;
     const std::int32_t* ip = idx->data();
-    T* ty = tape.tangent_out(self);
+    T* ty = tape.tangent_into(self).data;  // every row gathered
     B::parallel_for_2d(m, d, [=] EP_HOST_DEVICE(index_t k, index_t j) { ty[k * d + j] = tx[ip[k] * d + j]; });
   };
   return tape.record("gather_rows", std::move(y), {x}, backward, jvp);
@@ -95,14 +95,14 @@ Var scatter_rows(Tape<T, B>& tape, Var x, std::span<const std::int32_t> index, i
     if (!tape.requires_grad(x)) return;
     const T* gy = tape.grad_data(self);
     const std::int32_t* ip = idx->data();
-    T* gx = tape.grad_accum(x);
-    B::parallel_for_2d(m, d, [=] EP_HOST_DEVICE(index_t k, index_t j) { gx[k * d + j] += gy[ip[k] * d + j]; });
+    const OutRef<T, B> gx = tape.grad_into(x);  // every row of dx gathered: assigns when fresh
+    B::parallel_for_2d(m, d, [=] EP_HOST_DEVICE(index_t k, index_t j) { gx.add(k * d + j, gy[ip[k] * d + j]); });
   };
   auto jvp = [&tape, x, idx, m, d](Var self) {
     const T* tx = tape.tangent_data(x);
     if (!tx) return;
     const std::int32_t* ip = idx->data();
-    T* ty = tape.tangent_out(self);
+    T* ty = tape.tangent_into(self).zeroed();  // a scatter: rows not in index stay 0
     B::parallel_for_2d(m, d, [=] EP_HOST_DEVICE(index_t k, index_t j) { ty[ip[k] * d + j] = tx[k * d + j]; });
   };
   return tape.record("scatter_rows", std::move(y), {x}, backward, jvp);

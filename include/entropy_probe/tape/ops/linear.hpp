@@ -55,17 +55,17 @@ Var linear(Tape<T, B>& tape, Var x, Var w, std::optional<Var> bias = std::nullop
   auto backward = [&tape, x, w, bias, n, in, out](Var self) {
     const T* gy = tape.grad_data(self);
     if (tape.requires_grad(x)) {  // dx += dy W
-      const OutRef<T> gx = tape.grad_into(x);
+      const OutRef<T, B> gx = tape.grad_into(x);
       mm_nn<B>(n, in, out, T(1), gy, tape.value(w).data(), gx.beta(), gx.data);
     }
     if (tape.requires_grad(w)) {  // dW += dy^T x
-      const OutRef<T> gw = tape.grad_into(w);
+      const OutRef<T, B> gw = tape.grad_into(w);
       mm_tn<B>(out, in, n, T(1), gy, tape.value(x).data(), gw.beta(), gw.data);
     }
-    if (bias && tape.requires_grad(*bias)) blas::add_column_sums<B>(n, out, T(1), gy, tape.grad_accum(*bias));
+    if (bias && tape.requires_grad(*bias)) blas::add_column_sums<B>(n, out, T(1), gy, tape.grad_into(*bias).zeroed());
   };
   auto jvp = [&tape, x, w, bias, n, in, out](Var self) {
-    SumOut<T, B> ty(tape.tangent_into(self), n * out);
+    SumOut<T, B> ty(tape.tangent_into(self));
     if (const T* tx = tape.tangent_data(x))  // tx W^T
       mm_nt<B>(n, out, in, T(1), tx, tape.value(w).data(), ty.beta(), ty.data());
     if (const T* tw = tape.tangent_data(w))  // x tW^T
@@ -98,11 +98,12 @@ Var lora_linear(Tape<T, B>& tape, Var x, Var w, std::optional<Var> bias, Var lor
 
   // forward
   const T* xp = tape.value(x).data();
-  auto u = Tensor<T, B>::uninitialized({n, r});  // products with beta = 0 write all of u and y
-  mm_nt<B>(n, r, in, T(1), xp, tape.value(lora_a).data(), T(0), u.data());
+  auto u_fwd = Tensor<T, B>::uninitialized({n, r});  // products with beta = 0 write all of u and y
+  mm_nt<B>(n, r, in, T(1), xp, tape.value(lora_a).data(), T(0), u_fwd.data());
   auto y = Tensor<T, B>::uninitialized(detail::with_last_dim(tape, x, out));
   mm_nt<B>(n, out, in, T(1), xp, tape.value(w).data(), T(0), y.data());
-  mm_nt<B>(n, out, r, scale, u.data(), tape.value(lora_b).data(), T(1), y.data());
+  mm_nt<B>(n, out, r, scale, u_fwd.data(), tape.value(lora_b).data(), T(1), y.data());
+  const auto u = save_for_rules(std::move(u_fwd));  // the rules share it
   if (bias) blas::add_row_vector<B>(n, out, tape.value(*bias).data(), y.data());
 
   auto backward = [&tape, x, w, bias, lora_a, lora_b, scale, n, in, out, r, u](Var self) {
@@ -115,26 +116,26 @@ Var lora_linear(Tape<T, B>& tape, Var x, Var w, std::optional<Var> bias, Var lor
       mm_nn<B>(n, r, out, scale, gy, tape.value(lora_b).data(), T(0), gu.data());
     }
     if (tape.requires_grad(x)) {  // dx += dy W + gu A
-      const OutRef<T> gx = tape.grad_into(x);
+      const OutRef<T, B> gx = tape.grad_into(x);
       mm_nn<B>(n, in, out, T(1), gy, tape.value(w).data(), gx.beta(), gx.data);
       mm_nn<B>(n, in, r, T(1), gu.data(), tape.value(lora_a).data(), T(1), gx.data);
     }
     if (tape.requires_grad(lora_a)) {  // dA += gu^T x
-      const OutRef<T> ga = tape.grad_into(lora_a);
+      const OutRef<T, B> ga = tape.grad_into(lora_a);
       mm_tn<B>(r, in, n, T(1), gu.data(), xv, ga.beta(), ga.data);
     }
     if (tape.requires_grad(lora_b)) {  // dB += scale * dy^T u
-      const OutRef<T> gb = tape.grad_into(lora_b);
-      mm_tn<B>(out, r, n, scale, gy, u.data(), gb.beta(), gb.data);
+      const OutRef<T, B> gb = tape.grad_into(lora_b);
+      mm_tn<B>(out, r, n, scale, gy, u->data(), gb.beta(), gb.data);
     }
     if (tape.requires_grad(w)) {
-      const OutRef<T> gw = tape.grad_into(w);
+      const OutRef<T, B> gw = tape.grad_into(w);
       mm_tn<B>(out, in, n, T(1), gy, xv, gw.beta(), gw.data);
     }
-    if (bias && tape.requires_grad(*bias)) blas::add_column_sums<B>(n, out, T(1), gy, tape.grad_accum(*bias));
+    if (bias && tape.requires_grad(*bias)) blas::add_column_sums<B>(n, out, T(1), gy, tape.grad_into(*bias).zeroed());
   };
   auto jvp = [&tape, x, w, bias, lora_a, lora_b, scale, n, in, out, r, u](Var self) {
-    SumOut<T, B> ty(tape.tangent_into(self), n * out);
+    SumOut<T, B> ty(tape.tangent_into(self));
     const T* xv = tape.value(x).data();
     const T* tx = tape.tangent_data(x);
     const T* ta = tape.tangent_data(lora_a);
@@ -149,7 +150,7 @@ Var lora_linear(Tape<T, B>& tape, Var x, Var w, std::optional<Var> bias, Var lor
       mm_nt<B>(n, out, r, scale, tu.data(), tape.value(lora_b).data(), ty.beta(), ty.data());
     }
     if (const T* tb = tape.tangent_data(lora_b))  // ty += scale * u tB^T
-      mm_nt<B>(n, out, r, scale, u.data(), tb, ty.beta(), ty.data());
+      mm_nt<B>(n, out, r, scale, u->data(), tb, ty.beta(), ty.data());
     ty.zeroed();  // no term: a zero tangent
   };
   if (bias) return tape.record("lora_linear", std::move(y), {x, w, *bias, lora_a, lora_b}, backward, jvp);

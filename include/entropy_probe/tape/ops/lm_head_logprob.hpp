@@ -100,12 +100,12 @@ Var lm_head_logprob(Tape<T, B>& tape, Var h, Var w, std::span<const std::int32_t
     fail<UsageError>("lm_head_logprob: {} rows exceed the int32 row index", m);
   const index_t chunk = std::min(lm_head_chunk_rows(vocab, sizeof(T), chunk_rows), std::max<index_t>(m, 1));
 
-  auto saved = std::make_shared<detail::LmHeadLogprobSaved<B>>();
-  saved->m = m;
-  saved->chunk = chunk;
+  detail::LmHeadLogprobSaved<B> state;
+  state.m = m;
+  state.chunk = chunk;
   {
     std::vector<std::int32_t> rows, local, row_targets;
-    saved->first.assign(1, 0);
+    state.first.assign(1, 0);
     for (index_t c = 0; c * chunk < m; ++c) {
       for (index_t i = c * chunk; i < std::min(m, (c + 1) * chunk); ++i) {
         const std::int32_t tg = targets[static_cast<std::size_t>(i)];
@@ -116,13 +116,13 @@ Var lm_head_logprob(Tape<T, B>& tape, Var h, Var w, std::span<const std::int32_t
         local.push_back(static_cast<std::int32_t>(i - c * chunk));
         row_targets.push_back(tg);
       }
-      saved->first.push_back(static_cast<index_t>(rows.size()));
+      state.first.push_back(static_cast<index_t>(rows.size()));
     }
     const auto s = static_cast<index_t>(rows.size());
-    saved->rows = Tensor<std::int32_t, B>::from_host({s}, rows);
-    saved->local = Tensor<std::int32_t, B>::from_host({s}, local);
-    saved->targets = Tensor<std::int32_t, B>::from_host({s}, row_targets);
-    saved->lse = Tensor<acc_t, B>::uninitialized({s});
+    state.rows = Tensor<std::int32_t, B>::from_host({s}, rows);
+    state.local = Tensor<std::int32_t, B>::from_host({s}, local);
+    state.targets = Tensor<std::int32_t, B>::from_host({s}, row_targets);
+    state.lse = Tensor<acc_t, B>::uninitialized({s});
   }
   const acc_t inv_tau = 1.0 / temperature;
 
@@ -139,14 +139,14 @@ Var lm_head_logprob(Tape<T, B>& tape, Var h, Var w, std::span<const std::int32_t
       *entropy = Tensor<acc_t, B>({m});
       mean = Tensor<acc_t, B>::uninitialized({chunk});
     }
-    for (index_t c = 0; c < saved->chunks(); ++c) {
-      const auto ch = saved->at(c);
+    for (index_t c = 0; c < state.chunks(); ++c) {
+      const auto ch = state.at(c);
       if (ch.ks == 0) continue;
       mm_nt<B>(ch.rows, vocab, d, T(1), hp + ch.row0 * d, wp, T(0), zp);
-      const std::int32_t* rw = saved->rows.data() + ch.k0;
-      const std::int32_t* lc = saved->local.data() + ch.k0;
-      const std::int32_t* tg = saved->targets.data() + ch.k0;
-      acc_t* lse = saved->lse.data() + ch.k0;
+      const std::int32_t* rw = state.rows.data() + ch.k0;
+      const std::int32_t* lc = state.local.data() + ch.k0;
+      const std::int32_t* tg = state.targets.data() + ch.k0;
+      acc_t* lse = state.lse.data() + ch.k0;
       B::softmax_lse(ch.ks, vocab, zp, lc, inv_tau, lse);
       B::parallel_for(ch.ks, [=] EP_HOST_DEVICE(index_t k) {
         o[rw[k]] = static_cast<T>(static_cast<acc_t>(zp[lc[k] * vocab + tg[k]]) * inv_tau - lse[k]);
@@ -154,6 +154,7 @@ Var lm_head_logprob(Tape<T, B>& tape, Var h, Var w, std::span<const std::int32_t
       if (entropy) detail::softmax_entropy<T, B>(ch.ks, vocab, zp, lc, lse, inv_tau, rw, mean->data(), entropy->data());
     }
   }
+  const auto saved = save_for_rules(std::move(state));
 
   auto backward = [&tape, h, w, saved, vocab, d, chunk, inv_tau](Var self) {
     const bool need_h = tape.requires_grad(h), need_w = tape.requires_grad(w);
@@ -163,9 +164,9 @@ Var lm_head_logprob(Tape<T, B>& tape, Var h, Var w, std::span<const std::int32_t
     const T* wp = tape.value(w).data();
     // Chunks write disjoint rows of dh (each assigns when dh is fresh); dW
     // sums over chunks, so only its first term assigns.
-    const OutRef<T> gh = need_h ? tape.grad_into(h) : OutRef<T>{nullptr, false};
+    const OutRef<T, B> gh = need_h ? tape.grad_into(h) : OutRef<T, B>{};
     std::optional<SumOut<T, B>> gw;
-    if (need_w) gw.emplace(tape.grad_into(w), vocab * d);
+    if (need_w) gw.emplace(tape.grad_into(w));
     auto z = Tensor<T, B>::uninitialized({chunk, vocab});
     auto dz = Tensor<T, B>::uninitialized({chunk, vocab});
     for (index_t c = 0; c < saved->chunks(); ++c) {
@@ -187,8 +188,8 @@ Var lm_head_logprob(Tape<T, B>& tape, Var h, Var w, std::span<const std::int32_t
   auto jvp = [&tape, h, w, saved, vocab, d, chunk, inv_tau](Var self) {
     const T* th = tape.tangent_data(h);
     const T* tw = tape.tangent_data(w);
-    T* to = tape.tangent_out(self);  // zero-filled: unscored rows keep 0
     if (!th && !tw) return;
+    T* to = tape.tangent_into(self).zeroed();  // unscored rows stay 0
     const T* hp = tape.value(h).data();
     const T* wp = tape.value(w).data();
     auto z = Tensor<T, B>::uninitialized({chunk, vocab});

@@ -90,16 +90,15 @@ Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_
   const acc_t inv_tau = 1.0 / temperature;
 
   // ---- forward: logsumexp per scored row, in double ----
-  auto saved = std::make_shared<detail::LogSoftmaxGatherSaved<B>>();
-  saved->rows = Tensor<std::int32_t, B>::from_host({m}, rows);
-  saved->targets = Tensor<std::int32_t, B>::from_host({m}, row_targets);
-  saved->lse = Tensor<acc_t, B>::uninitialized({m});
+  detail::LogSoftmaxGatherSaved<B> state{Tensor<std::int32_t, B>::from_host({m}, rows),
+                                         Tensor<std::int32_t, B>::from_host({m}, row_targets),
+                                         Tensor<acc_t, B>::uninitialized({m})};
   Tensor<T, B> out({n});
   {
     const T* z = tape.value(logits).data();
-    const std::int32_t* rw = saved->rows.data();
-    const std::int32_t* tg = saved->targets.data();
-    acc_t* lse = saved->lse.data();
+    const std::int32_t* rw = state.rows.data();
+    const std::int32_t* tg = state.targets.data();
+    acc_t* lse = state.lse.data();
     T* o = out.data();
     B::softmax_lse(m, vocab, z, rw, inv_tau, lse);
     B::parallel_for(m, [=] EP_HOST_DEVICE(index_t k) {
@@ -111,18 +110,19 @@ Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_
       detail::softmax_entropy<T, B>(m, vocab, z, rw, lse, inv_tau, rw, mean.data(), entropy->data());
     }
   }
+  const auto saved = save_for_rules(std::move(state));
 
   // dz[i, :] += (g_i / tau) (onehot(target_i) - p_i)
   auto backward = [&tape, logits, saved, m, vocab, inv_tau](Var self) {
     if (!tape.requires_grad(logits)) return;
     B::softmax_vjp(m, vocab, tape.value(logits).data(), saved->rows.data(), saved->targets.data(), saved->lse.data(),
-                   tape.grad_data(self), inv_tau, tape.grad_accum(logits));
+                   tape.grad_data(self), inv_tau, tape.grad_into(logits).zeroed());  // adds, on scored rows only
   };
   // tout_i = (tz[i, target_i] - sum_j p_ij tz[i, j]) / tau
   auto jvp = [&tape, logits, saved, m, vocab, inv_tau](Var self) {
     const T* tz = tape.tangent_data(logits);
-    T* to = tape.tangent_out(self);
     if (!tz) return;
+    T* to = tape.tangent_into(self).zeroed();  // unscored rows stay 0
     const std::int32_t* rw = saved->rows.data();
     const std::int32_t* tg = saved->targets.data();
     auto mean = Tensor<acc_t, B>::uninitialized({m});
@@ -149,7 +149,7 @@ Var masked_seq_sum(Tape<T, B>& tape, Var x, std::span<const double> weights, ind
   const index_t len = numel / rows;
 
   // forward
-  auto w_saved = std::make_shared<Tensor<acc_t, B>>(Tensor<acc_t, B>::from_host({numel}, weights));
+  const auto w_saved = save_for_rules(Tensor<acc_t, B>::from_host({numel}, weights));  // the rules share it
   Tensor<T, B> out({rows});
   {
     const T* xv = tape.value(x).data();
@@ -167,15 +167,15 @@ Var masked_seq_sum(Tape<T, B>& tape, Var x, std::span<const double> weights, ind
     if (!tape.requires_grad(x)) return;
     const T* g = tape.grad_data(self);
     const acc_t* w = w_saved->data();
-    T* gx = tape.grad_accum(x);
-    B::parallel_for(numel,
-                    [=] EP_HOST_DEVICE(index_t i) { gx[i] += static_cast<T>(w[i] * static_cast<acc_t>(g[i / len])); });
+    const OutRef<T, B> gx = tape.grad_into(x);  // each element written once: assigns when fresh
+    B::parallel_for(
+        numel, [=] EP_HOST_DEVICE(index_t i) { gx.add(i, static_cast<T>(w[i] * static_cast<acc_t>(g[i / len]))); });
   };
   // tout[r] = sum_t w[r, t] tx[r, t]
   auto jvp = [&tape, x, w_saved, rows, len](Var self) {
     const T* tx = tape.tangent_data(x);
-    T* to = tape.tangent_out(self);
     if (!tx) return;
+    T* to = tape.tangent_into(self).data;  // every row assigned
     const acc_t* w = w_saved->data();
     B::parallel_for(rows, [=] EP_HOST_DEVICE(index_t r) {
       acc_t s = 0;

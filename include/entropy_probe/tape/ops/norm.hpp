@@ -33,6 +33,14 @@
 namespace entropy_probe {
 
 namespace detail {
+// What a norm's rules share: the per-row statistics of the forward, in acc_t
+// (layer norm's mean; rms norm leaves it empty).
+template <class B>
+struct NormRowStats {
+  Tensor<acc_t, B> mean;  // [N]
+  Tensor<acc_t, B> rstd;  // [N]
+};
+
 // Number of features D (the last dimension, at least 1) of a normalised input.
 template <class T, class B>
 index_t norm_features(const Tape<T, B>& tape, Var x, const char* op) {
@@ -91,15 +99,16 @@ Var layer_norm(Tape<T, B>& tape, Var x, Var gamma, Var beta, double eps) {
           yp[r * d + j] = static_cast<T>(xh * static_cast<acc_t>(gp[j]) + static_cast<acc_t>(bp[j]));
         });
   }
+  const auto stats = save_for_rules(detail::NormRowStats<B>{std::move(mean), std::move(rstd)});
 
-  auto backward = [&tape, x, gamma, beta, n, d, mean, rstd](Var self) {
+  auto backward = [&tape, x, gamma, beta, n, d, stats](Var self) {
     const T* gy = tape.grad_data(self);
     const T* xp = tape.value(x).data();
     const T* gp = tape.value(gamma).data();
-    const acc_t* mp = mean.data();
-    const acc_t* rp = rstd.data();
-    if (tape.requires_grad(x)) {  // dx = rstd (g - <g> - xhat <g xhat>),  g = dy * gamma
-      T* gx = tape.grad_accum(x);
+    const acc_t* mp = stats->mean.data();
+    const acc_t* rp = stats->rstd.data();
+    if (tape.requires_grad(x)) {                          // dx = rstd (g - <g> - xhat <g xhat>),  g = dy * gamma
+      const OutRef<T, B> gx = tape.grad_into(x);          // each element written once: assigns when fresh
       auto sum_g = Tensor<acc_t, B>::uninitialized({n});  // sum_j g, then <g xhat> in the fused pass
       acc_t* sg = sum_g.data();
       B::row_sum(
@@ -120,28 +129,29 @@ Var layer_norm(Tape<T, B>& tape, Var x, Var gamma, Var beta, double eps) {
             const index_t i = r * d + j;
             const acc_t rs = rp[r], g = static_cast<acc_t>(gy[i]) * static_cast<acc_t>(gp[j]);
             const acc_t xh = (static_cast<acc_t>(xp[i]) - mp[r]) * rs;
-            gx[i] += static_cast<T>(rs * (g - sg[r] / static_cast<acc_t>(d) - xh * sgx));
+            gx.add(i, static_cast<T>(rs * (g - sg[r] / static_cast<acc_t>(d) - xh * sgx)));
           });
     }
-    if (tape.requires_grad(gamma)) {  // dgamma_j += sum_r dy[r, j] xhat[r, j]
-      T* gg = tape.grad_accum(gamma);
+    if (tape.requires_grad(gamma)) {                  // dgamma_j += sum_r dy[r, j] xhat[r, j]
+      const OutRef<T, B> gg = tape.grad_into(gamma);  // each column written once: assigns when fresh
       B::parallel_for(d, [=] EP_HOST_DEVICE(index_t j) {
         acc_t s = 0;
         for (index_t r = 0; r < n; ++r)
           s += static_cast<acc_t>(gy[r * d + j]) * (static_cast<acc_t>(xp[r * d + j]) - mp[r]) * rp[r];
-        gg[j] += static_cast<T>(s);
+        gg.add(j, static_cast<T>(s));
       });
     }
-    if (tape.requires_grad(beta)) blas::add_column_sums<B>(n, d, T(1), gy, tape.grad_accum(beta));
+    if (tape.requires_grad(beta)) blas::add_column_sums<B>(n, d, T(1), gy, tape.grad_into(beta).zeroed());
   };
 
-  auto jvp = [&tape, x, gamma, beta, n, d, mean, rstd](Var self) {
-    T* ty = tape.tangent_out(self);
+  auto jvp = [&tape, x, gamma, beta, n, d, stats](Var self) {
+    SumOut<T, B> ty(tape.tangent_into(self));  // the first term assigns
     const T* xp = tape.value(x).data();
     const T* gp = tape.value(gamma).data();
-    const acc_t* mp = mean.data();
-    const acc_t* rp = rstd.data();
-    if (const T* tx = tape.tangent_data(x)) {             // ty += gamma * rstd (tx - <tx> - xhat <xhat tx>)
+    const acc_t* mp = stats->mean.data();
+    const acc_t* rp = stats->rstd.data();
+    if (const T* tx = tape.tangent_data(x)) {  // ty += gamma * rstd (tx - <tx> - xhat <xhat tx>)
+      const OutRef<T, B> to = ty.term();
       auto sum_t = Tensor<acc_t, B>::uninitialized({n});  // sum_j tx, then <xhat tx> in the fused pass
       acc_t* st = sum_t.data();
       B::row_sum(
@@ -157,17 +167,19 @@ Var layer_norm(Tape<T, B>& tape, Var x, Var gamma, Var beta, double eps) {
             const index_t i = r * d + j;
             const acc_t rs = rp[r], xh = (static_cast<acc_t>(xp[i]) - mp[r]) * rs;
             const acc_t txh = rs * (static_cast<acc_t>(tx[i]) - st[r] / static_cast<acc_t>(d) - xh * sxt);
-            ty[i] += static_cast<T>(static_cast<acc_t>(gp[j]) * txh);
+            to.add(i, static_cast<T>(static_cast<acc_t>(gp[j]) * txh));
           });
     }
     if (const T* tg = tape.tangent_data(gamma)) {  // ty += xhat * tgamma
+      const OutRef<T, B> to = ty.term();
       B::parallel_for(n * d, [=] EP_HOST_DEVICE(index_t i) {
         const index_t r = i / d;
         const acc_t xh = (static_cast<acc_t>(xp[i]) - mp[r]) * rp[r];
-        ty[i] += static_cast<T>(xh * static_cast<acc_t>(tg[i - r * d]));
+        to.add(i, static_cast<T>(xh * static_cast<acc_t>(tg[i - r * d])));
       });
     }
-    if (const T* tb = tape.tangent_data(beta)) blas::add_row_vector<B>(n, d, tb, ty);  // ty += tbeta
+    if (const T* tb = tape.tangent_data(beta)) blas::add_row_vector<B>(n, d, tb, ty.zeroed());  // ty += tbeta
+    ty.zeroed();  // no term: a zero tangent
   };
   return tape.record("layer_norm", std::move(y), {x, gamma, beta}, std::move(backward), std::move(jvp));
 }
@@ -200,14 +212,15 @@ Var rms_norm(Tape<T, B>& tape, Var x, Var gamma, double eps) {
           yp[r * d + j] = static_cast<T>(static_cast<acc_t>(xp[r * d + j]) * rs * static_cast<acc_t>(gp[j]));
         });
   }
+  const auto stats = save_for_rules(detail::NormRowStats<B>{{}, std::move(rstd)});
 
-  auto backward = [&tape, x, gamma, n, d, rstd](Var self) {
+  auto backward = [&tape, x, gamma, n, d, stats](Var self) {
     const T* gy = tape.grad_data(self);
     const T* xp = tape.value(x).data();
     const T* gp = tape.value(gamma).data();
-    const acc_t* rp = rstd.data();
-    if (tape.requires_grad(x)) {  // dx = rstd (g - xhat <g xhat>),  g = dy * gamma
-      T* gx = tape.grad_accum(x);
+    const acc_t* rp = stats->rstd.data();
+    if (tape.requires_grad(x)) {                  // dx = rstd (g - xhat <g xhat>),  g = dy * gamma
+      const OutRef<T, B> gx = tape.grad_into(x);  // each element written once: assigns when fresh
       B::row_sum_apply(
           n, d, [=] EP_HOST_DEVICE(index_t) { return d; },
           [=] EP_HOST_DEVICE(index_t r, index_t j) {
@@ -218,26 +231,27 @@ Var rms_norm(Tape<T, B>& tape, Var x, Var gamma, double eps) {
           [=] EP_HOST_DEVICE(index_t r, index_t j, acc_t sgx) {
             const index_t i = r * d + j;
             const acc_t rs = rp[r], g = static_cast<acc_t>(gy[i]) * static_cast<acc_t>(gp[j]);
-            gx[i] += static_cast<T>(rs * (g - static_cast<acc_t>(xp[i]) * rs * sgx));
+            gx.add(i, static_cast<T>(rs * (g - static_cast<acc_t>(xp[i]) * rs * sgx)));
           });
     }
-    if (tape.requires_grad(gamma)) {  // dgamma_j += sum_r dy[r, j] xhat[r, j]
-      T* gg = tape.grad_accum(gamma);
+    if (tape.requires_grad(gamma)) {                  // dgamma_j += sum_r dy[r, j] xhat[r, j]
+      const OutRef<T, B> gg = tape.grad_into(gamma);  // each column written once: assigns when fresh
       B::parallel_for(d, [=] EP_HOST_DEVICE(index_t j) {
         acc_t s = 0;
         for (index_t r = 0; r < n; ++r)
           s += static_cast<acc_t>(gy[r * d + j]) * static_cast<acc_t>(xp[r * d + j]) * rp[r];
-        gg[j] += static_cast<T>(s);
+        gg.add(j, static_cast<T>(s));
       });
     }
   };
 
-  auto jvp = [&tape, x, gamma, n, d, rstd](Var self) {
-    T* ty = tape.tangent_out(self);
+  auto jvp = [&tape, x, gamma, n, d, stats](Var self) {
+    SumOut<T, B> ty(tape.tangent_into(self));  // the first term assigns
     const T* xp = tape.value(x).data();
     const T* gp = tape.value(gamma).data();
-    const acc_t* rp = rstd.data();
+    const acc_t* rp = stats->rstd.data();
     if (const T* tx = tape.tangent_data(x)) {  // ty += gamma * rstd (tx - xhat <xhat tx>)
+      const OutRef<T, B> to = ty.term();
       B::row_sum_apply(
           n, d, [=] EP_HOST_DEVICE(index_t) { return d; },
           [=] EP_HOST_DEVICE(index_t r, index_t j) {
@@ -249,15 +263,17 @@ Var rms_norm(Tape<T, B>& tape, Var x, Var gamma, double eps) {
             const index_t i = r * d + j;
             const acc_t rs = rp[r], xh = static_cast<acc_t>(xp[i]) * rs;
             const acc_t txh = rs * (static_cast<acc_t>(tx[i]) - xh * sxt);
-            ty[i] += static_cast<T>(static_cast<acc_t>(gp[j]) * txh);
+            to.add(i, static_cast<T>(static_cast<acc_t>(gp[j]) * txh));
           });
     }
     if (const T* tg = tape.tangent_data(gamma)) {  // ty += xhat * tgamma
+      const OutRef<T, B> to = ty.term();
       B::parallel_for(n * d, [=] EP_HOST_DEVICE(index_t i) {
         const index_t r = i / d;
-        ty[i] += static_cast<T>(static_cast<acc_t>(xp[i]) * rp[r] * static_cast<acc_t>(tg[i - r * d]));
+        to.add(i, static_cast<T>(static_cast<acc_t>(xp[i]) * rp[r] * static_cast<acc_t>(tg[i - r * d])));
       });
     }
+    ty.zeroed();  // no term: a zero tangent
   };
   return tape.record("rms_norm", std::move(y), {x, gamma}, std::move(backward), std::move(jvp));
 }

@@ -272,7 +272,7 @@ Var rotary(Tape<T, B>& tape, Var x, std::shared_ptr<const RotaryTable<T, B>> tab
 
   auto backward = [&tape, x, table, rows, n_heads, dh](Var self) {  // dx += R(-a) dy
     if (!tape.requires_grad(x)) return;
-    const OutRef<T> gx = tape.grad_into(x);  // every pair written: assigns when fresh
+    const OutRef<T, B> gx = tape.grad_into(x);  // every pair written: assigns when fresh
     detail::rotary_apply<T, B>(rows, n_heads, dh, table->cos.data(), table->sin.data(), tape.grad_data(self), gx.data,
                                T(-1), !gx.fresh);
   };

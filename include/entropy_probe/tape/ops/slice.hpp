@@ -36,7 +36,7 @@ Var slice_last(Tape<T, B>& tape, Var x, index_t offset, index_t width) {
   auto backward = [&tape, x, rows, w, offset, width](Var self) {  // scatter dy into the slice of dx
     if (!tape.requires_grad(x)) return;
     const T* gy = tape.grad_data(self);
-    T* gx = tape.grad_accum(x);
+    T* gx = tape.grad_into(x).zeroed();  // only the slice's columns are written
     B::parallel_for_2d(rows, width,
                        [=] EP_HOST_DEVICE(index_t r, index_t j) { gx[r * w + offset + j] += gy[r * width + j]; });
   };

@@ -12,8 +12,8 @@ Var reshape(Tape<T, B>& tape, Var x, Shape shape) {
   const index_t n = y.numel();
   return tape.record(
       "reshape", std::move(y), {x},
-      [&tape, x, n](Var self) {
-        if (tape.requires_grad(x)) add_into<B>(tape.grad_into(x), tape.grad_data(self), n);
+      [&tape, x](Var self) {
+        if (tape.requires_grad(x)) add_into(tape.grad_into(x), tape.grad_data(self));
       },
       [&tape, x, n](Var self) { B::copy(tape.tangent_into(self).data, tape.tangent_data(x), n); });
 }
