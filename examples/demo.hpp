@@ -8,6 +8,8 @@
 // calibration.svg (predicted against measured entropy change).
 #pragma once
 
+#include "cli/progress.hpp"
+
 #include <entropy_probe/entropy_probe.hpp>
 #include <entropy_probe/io/svg_plot.hpp>
 
@@ -135,19 +137,6 @@ inline double entropy_per_token(Model& model, const ep::TokenBatch& b) {
   return nll / std::max(tokens, 1.0);
 }
 
-// Progress lines on stderr, at most a few per second (and each phase's last).
-inline ep::ProgressCallback progress_printer() {
-  using clock = std::chrono::steady_clock;
-  auto last = std::make_shared<clock::time_point>(clock::now() - std::chrono::seconds(1));
-  return [last](std::string_view phase, ep::index_t done, ep::index_t total) {
-    const auto now = clock::now();
-    if (done < total && now - *last < std::chrono::milliseconds(250)) return;
-    *last = now;
-    std::fflush(stdout);  // keep the report and the progress lines in order on a shared terminal
-    fmt::print(stderr, "  [probe] {:<22} {:>4}/{} prompts\n", phase, done, total);
-  };
-}
-
 // One eta of the sweep; [0] the adamw direction (its truth the real AdamW
 // step), [1] precond_sgd (theta + eta mu_Y). The SEs are along precond_sgd.
 struct SweepRow {
@@ -268,7 +257,10 @@ inline int run_demo(const DemoOptions& opt) {
   // baseline on E is computed once for all of them.
   pc.directions = {ep::Direction::precond_sgd, ep::Direction::adamw};
   pc.lr_sweep = s.etas;
-  pc.progress = progress_printer();
+  pc.progress = ep_cli::progress_printer([](const std::string& line) {
+    std::fflush(stdout);  // keep the report and the progress lines in order on a shared terminal
+    fmt::print(stderr, "  {}\n", line);
+  });
   ep::OfflineEntropyProbe probe(model, pc);
   // The probe has its own registry; the trained optimizer state moves over
   // parameter by parameter (same parameters, same ids), as a checkpoint's

@@ -8,6 +8,7 @@
 #pragma once
 
 #include "args.hpp"
+#include "progress.hpp"
 
 #include <entropy_probe/entropy_probe.hpp>
 #include <entropy_probe/io/hf.hpp>
@@ -21,11 +22,9 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
-#include <string_view>
 #include <variant>
 #include <vector>
 
@@ -70,18 +69,6 @@ int run_on_cuda(const RunOptions& o, ep::Communicator& comm, int local_rank);
 
 inline std::string optimizer_path(const RunOptions& o) {
   return (std::filesystem::path(o.checkpoint) / "optimizer.safetensors").string();
-}
-
-// Progress lines on stderr at info level, at most a few per second.
-inline ep::ProgressCallback progress_printer() {
-  using clock = std::chrono::steady_clock;
-  auto last = std::make_shared<clock::time_point>(clock::now());
-  return [last](std::string_view phase, ep::index_t done, ep::index_t total) {
-    const auto now = clock::now();
-    if (done < total && now - *last < std::chrono::milliseconds(500)) return;
-    *last = now;
-    ep::log_info("[probe] {} {}/{} prompts", phase, done, total);
-  };
 }
 
 // The update sequences that push the entropy hardest each way: up to five
@@ -222,7 +209,7 @@ ProbeOutcome probe_loaded(Model& model, const RunOptions& o, const ep::TokenBatc
   E.validate(model.vocab_size(), o.e_batch);
   U.validate(model.vocab_size(), o.u_batch);
   ep::ProbeConfig pc = o.probe;
-  if (progress) pc.progress = progress_printer();
+  if (progress) pc.progress = ep_cli::progress_printer([](const std::string& line) { ep::log_info("{}", line); });
   ep::OfflineEntropyProbe probe(model, pc, &comm);
   const std::string opt_path = optimizer_path(o);
   ProbeOutcome out;
