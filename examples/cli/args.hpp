@@ -16,6 +16,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <optional>
@@ -29,12 +30,43 @@ namespace ep_cli {
 
 inline constexpr const char* kProgram = "entropy-probe";
 
-// Exit status of the program and of every subcommand.
+// Exit status of the program and of every subcommand; what each means is
+// kExitStatus below, the one table the --help texts are written from.
 inline constexpr int kExitOk = 0;
-inline constexpr int kExitError = 1;     // an error while running
-inline constexpr int kExitUsage = 2;     // a mistake on the command line
-inline constexpr int kExitInput = 3;     // a bad input file (`run`)
-inline constexpr int kExitNoDevice = 4;  // `run --device cuda` found no CUDA device
+inline constexpr int kExitError = 1;
+inline constexpr int kExitUsage = 2;
+inline constexpr int kExitInput = 3;
+inline constexpr int kExitNoDevice = 4;
+
+struct ExitStatus {
+  int code;
+  std::string_view meaning;
+};
+inline constexpr ExitStatus kExitStatus[] = {
+    {kExitOk, "success"},
+    {kExitError, "an error while running"},
+    {kExitUsage, "a usage error"},
+    {kExitInput, "a bad input file"},
+    {kExitNoDevice, "--device cuda found no CUDA device"},
+};
+
+// "Exit status: 0 success, 1 ...", broken into lines of at most `width` characters.
+inline std::string exit_status_help(std::size_t width = 100) {
+  std::string s = "Exit status:";
+  std::size_t line_start = 0;
+  for (std::size_t i = 0; i < std::size(kExitStatus); ++i) {
+    const std::string item =
+        fmt::format("{} {}{}", kExitStatus[i].code, kExitStatus[i].meaning, i + 1 < std::size(kExitStatus) ? "," : ".");
+    if (s.size() - line_start + 1 + item.size() > width) {
+      s += "\n";
+      line_start = s.size();
+    } else {
+      s += " ";
+    }
+    s += item;
+  }
+  return s;
+}
 
 // A mistake on the command line: reported with a pointer to --help, exit 2.
 class UsageFailure : public std::runtime_error {

@@ -5,10 +5,9 @@
 //   entropy-probe run CHECKPOINT_DIR --e-batch E.safetensors --u-batch U.safetensors [OPTIONS]
 //
 // run_command(argc, argv) takes the arguments after "run" (argv[0] is the
-// first of them) and returns the exit status: 0 success, 1 an error while
-// running, 2 a usage error (message and a pointer to --help on stderr), 3 a bad
-// input file (the message names the file and the key), 4 `--device cuda` and
-// no CUDA device found.
+// first of them) and returns the exit status (ep_cli::kExitStatus, args.hpp):
+// a usage error prints its message and a pointer to --help on stderr, a bad
+// input file names the file and the key.
 //
 // The arguments go through the parser every subcommand shares (args.hpp);
 // the probe itself is run_typed<T, B> (run_typed.hpp), on CpuBackend here
@@ -95,9 +94,8 @@ inline const ep_cli::CommandSpec& run_spec() {
       .details =
           "Without optimizer.safetensors every parameter has no Adam state (identity preconditioner, with a\n"
           "warning) and --lr is required. Batch files hold sequences [B,G,T], attention_mask [B,G,T], prompt_lens [B]\n"
-          "and advantages [B,G] (optional: max_lengths [B], rewards [B,G], position_ids [B,G,T]).\n"
-          "Exit status: 0 success, 1 an error while running, 2 a usage error, 3 a bad input file,\n"
-          "4 --device cuda found no CUDA device.",
+          "and advantages [B,G] (optional: max_lengths [B], rewards [B,G], position_ids [B,G,T]).\n" +
+          ep_cli::exit_status_help(),
       .help_column = 20};
   return spec;
 }
@@ -183,9 +181,8 @@ inline RunOptions parse_run_args(const std::vector<std::string>& args) {
   return o;
 }
 
-// Runs fn(); an exception becomes its message on stderr and an exit status:
-// 2 usage (pointing at `entropy-probe COMMAND --help`), 3 bad input file, 4 no
-// CUDA device, 1 anything else.
+// Runs fn(); an exception becomes its message on stderr and the exit status
+// of its kind (a usage error also points at `entropy-probe COMMAND --help`).
 template <class F>
 int guarded(F&& fn, const std::string& who, const char* command = "run") {
   try {
