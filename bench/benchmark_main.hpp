@@ -1,7 +1,11 @@
-// What both microbenchmark programs share: a console reporter that keeps each
-// benchmark's median (or mean of single runs), the threading context printed
-// in the run's header, and the main() that runs them and prints a ratio table.
+// What both Google Benchmark programs (ops_bench, probe_bench) share: a
+// console reporter that keeps each benchmark's median (or mean of single
+// runs), the threading context printed in the run's header, and the main()
+// that runs them and prints a ratio table. Their options are Google
+// Benchmark's own flags (--benchmark_filter=/small, ...).
 #pragma once
+
+#include "bench_common.hpp"
 
 #include <entropy_probe/tensor/cpu_backend.hpp>
 

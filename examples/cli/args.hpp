@@ -2,7 +2,8 @@
 // entropy_probe.cpp, `run` in run_command.hpp): a subcommand is a table of
 // its positionals and options (CommandSpec); parse_args turns its arguments
 // into ParsedArgs, whose typed readers name the option in every error;
-// command_help prints the table as the subcommand's --help.
+// command_help prints the table as the subcommand's --help. The benches'
+// programs parse with it too (bench/bench_common.hpp), as programs of their own.
 //
 // Accepted: --name VALUE, --name=VALUE, flags (no value), positionals, "--"
 // to end the options, -h / --help anywhere before "--" (help wins over
@@ -98,6 +99,8 @@ struct CommandSpec {
   std::vector<OptionSpec> options{};
   std::string details{};  // free text after the option list
   int help_column = 18;   // width of the names column of --help
+  // The program's name; a program of its own (a bench) sets it and leaves `name` empty.
+  std::string program = kProgram;
 
   const OptionSpec* option(std::string_view n) const {
     for (const auto& o : options)
@@ -110,17 +113,18 @@ struct CommandSpec {
 // names the subcommand and the option.
 class ParsedArgs {
  public:
-  std::string command;                                    // "demo"
+  std::string program = kProgram;
+  std::string command;                                    // "demo"; empty for a program of its own
   std::map<std::string, std::string> values;              // options with a value, by name
   std::map<std::string, std::vector<std::string>> lists;  // repeated options' values, in order
   std::vector<std::string> flags;                         // flags given
   std::vector<std::string> positionals;
   bool help = false;
 
+  // "entropy-probe CMD", or the program alone.
+  std::string invoked() const { return command.empty() ? program : program + " " + command; }
   // "entropy-probe CMD: what", to throw.
-  UsageFailure failure(std::string_view what) const {
-    return UsageFailure(fmt::format("{} {}: {}", kProgram, command, what));
-  }
+  UsageFailure failure(std::string_view what) const { return UsageFailure(fmt::format("{}: {}", invoked(), what)); }
 
   bool has_flag(std::string_view f) const { return std::find(flags.begin(), flags.end(), f) != flags.end(); }
   std::optional<std::string> value(const std::string& name) const {
@@ -243,6 +247,7 @@ class ParsedArgs {
 // -h / --help it returns at once with `help` set and nothing checked.
 inline ParsedArgs parse_args(const CommandSpec& cmd, const std::vector<std::string>& args) {
   ParsedArgs out;
+  out.program = cmd.program;
   out.command = cmd.name;
   bool options_done = false;
   for (std::size_t i = 0; i < args.size(); ++i) {
@@ -302,7 +307,7 @@ inline std::string command_help(const CommandSpec& c) {
     }
     return s;
   };
-  std::string s = fmt::format("usage: {} {}", kProgram, c.name);
+  std::string s = "usage: " + (c.name.empty() ? c.program : c.program + " " + c.name);
   if (!c.synopsis.empty()) {
     s += " " + c.synopsis;
   } else {
