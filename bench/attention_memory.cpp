@@ -3,13 +3,15 @@
 // forward + VJP, then one JVP, in float on the CPU backend; see
 // docs/performance.md.
 //
-//   attention_memory [--heads HQ HKV] [--rows R] [--head-dim DH] [--tok T ...]
+//   attention_memory [--heads HQ] [--kv-heads HKV] [--rows R] [--head-dim DH] [--tok T]...
 //
 // Each (op, T) case runs in a fresh process (this program re-executed), so
 // its peak RSS (VmHWM) is its own: `peak` is the process's high-water mark,
 // `op peak` that minus the mark reached once the inputs and the cotangent
 // existed. Defaults: R 2, Hq 14, Hkv 2 (Qwen2.5-0.5B's heads), Dh 64,
 // T 512 1024 2048. Times are the best of 3 after a warm-up.
+#include "bench_common.hpp"
+
 #include <entropy_probe/tape/ops/attention.hpp>
 #include <entropy_probe/tape/ops/flash_attention.hpp>
 
@@ -40,25 +42,52 @@ double peak_rss_mib() {
   return -1;
 }
 
-Tensor<float> random_tensor(Shape shape, std::mt19937_64& rng) {
-  Tensor<float> t(std::move(shape));
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  for (index_t i = 0; i < t.numel(); ++i) t[i] = nd(rng);
-  return t;
-}
+using ep_bench::random_tensor;
 
 struct Config {
   index_t rows = 2, hq = 14, hkv = 2, dh = 64;
   std::vector<index_t> toks = {512, 1024, 2048};
+  std::string child_op;  // run this one case in this process
 };
+
+const ep_cli::CommandSpec kSpec{
+    .description =
+        "Peak memory and time of causal_attention against flash_causal_attention (forward + VJP, then\n"
+        "JVP, float), each (op, T) case in a fresh process.",
+    .options = {{"--heads", "HQ", "query heads (default 14)"},
+                {"--kv-heads", "HKV", "key/value heads, dividing HQ (default 2)"},
+                {"--rows", "R", "rows of the batch (default 2)"},
+                {"--head-dim", "DH", "head dimension (default 64)"},
+                {"--tok", "T", "a sequence length; may be repeated (default 512, 1024 and 2048)", true},
+                {"--child", "OP", "causal or flash: run the one case (one --tok) in this process"}},
+    .help_column = 15,
+    .program = "attention_memory"};
+
+Config read_config(const ep_cli::ParsedArgs& a) {
+  Config c;
+  c.hq = ep_bench::count_option(a, "--heads", c.hq);
+  c.hkv = ep_bench::count_option(a, "--kv-heads", c.hkv);
+  if (c.hq % c.hkv != 0) throw a.failure(fmt::format("--kv-heads {} does not divide --heads {}", c.hkv, c.hq));
+  c.rows = ep_bench::count_option(a, "--rows", c.rows);
+  c.dh = ep_bench::count_option(a, "--head-dim", c.dh);
+  if (a.lists.count("--tok")) {
+    c.toks.clear();
+    for (std::uint64_t t : a.integers("--tok", std::uint64_t{1} << 31)) {
+      if (t < 1) throw a.failure("--tok must be at least 1, got 0");
+      c.toks.push_back(index_t(t));
+    }
+  }
+  c.child_op = a.choice<std::string>("--child", {{"causal", "causal"}, {"flash", "flash"}}).value_or("");
+  if (!c.child_op.empty() && c.toks.size() != 1) throw a.failure("--child runs one case: give one --tok");
+  return c;
+}
 
 // One case, in this process: prints "op T peak op_peak fwd_ms vjp_ms jvp_ms".
 int run_case(const Config& c, const std::string& op, index_t n_tok) {
-  std::mt19937_64 rng(1);
-  const Tensor<float> q = random_tensor({c.rows, n_tok, c.hq * c.dh}, rng);
-  const Tensor<float> k = random_tensor({c.rows, n_tok, c.hkv * c.dh}, rng);
-  const Tensor<float> v = random_tensor({c.rows, n_tok, c.hkv * c.dh}, rng);
-  const Tensor<float> cot = random_tensor({c.rows, n_tok, c.hq * c.dh}, rng);
+  const Tensor<float> q = random_tensor({c.rows, n_tok, c.hq * c.dh}, 1);
+  const Tensor<float> k = random_tensor({c.rows, n_tok, c.hkv * c.dh}, 2);
+  const Tensor<float> v = random_tensor({c.rows, n_tok, c.hkv * c.dh}, 3);
+  const Tensor<float> cot = random_tensor({c.rows, n_tok, c.hq * c.dh}, 4);
   std::vector<std::uint8_t> mask(static_cast<std::size_t>(c.rows * n_tok), 1);
   std::fill(mask.begin(), mask.begin() + n_tok / 8, 0);  // row 0 left-padded by T/8
   const double base = peak_rss_mib();
@@ -97,32 +126,10 @@ int run_case(const Config& c, const std::string& op, index_t n_tok) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Config c;
-  std::string child_op;
-  index_t child_tok = 0;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    auto num = [&](int j) { return static_cast<index_t>(std::atoll(argv[j])); };
-    if (a == "--heads" && i + 2 < argc) {
-      c.hq = num(i + 1), c.hkv = num(i + 2), i += 2;
-    } else if (a == "--rows" && i + 1 < argc) {
-      c.rows = num(++i);
-    } else if (a == "--head-dim" && i + 1 < argc) {
-      c.dh = num(++i);
-    } else if (a == "--tok") {
-      c.toks.clear();
-      while (i + 1 < argc && argv[i + 1][0] != '-') c.toks.push_back(num(++i));
-    } else if (a == "--child" && i + 2 < argc) {
-      child_op = argv[i + 1], child_tok = num(i + 2), i += 2;
-    } else {
-      std::fprintf(stderr,
-                   "attention_memory: unknown or incomplete argument '%s'\n"
-                   "usage: attention_memory [--heads HQ HKV] [--rows R] [--head-dim DH] [--tok T ...]\n",
-                   a.c_str());
-      return 2;
-    }
-  }
-  if (!child_op.empty()) return run_case(c, child_op, child_tok);
+  const auto parsed = ep_bench::parse_options<Config>(kSpec, argc, argv, read_config);
+  if (const int* code = std::get_if<int>(&parsed)) return *code;
+  const Config& c = std::get<Config>(parsed);
+  if (!c.child_op.empty()) return run_case(c, c.child_op, c.toks.front());
 
   std::printf("R %lld, Hq %lld, Hkv %lld, Dh %lld, float, forward + VJP (peak), then JVP; %d threads\n",
               static_cast<long long>(c.rows), static_cast<long long>(c.hq), static_cast<long long>(c.hkv),
@@ -135,14 +142,16 @@ int main(int argc, char** argv) {
       std::vector<std::string> args = {"/proc/self/exe",
                                        "--heads",
                                        std::to_string(c.hq),
+                                       "--kv-heads",
                                        std::to_string(c.hkv),
                                        "--rows",
                                        std::to_string(c.rows),
                                        "--head-dim",
                                        std::to_string(c.dh),
+                                       "--tok",
+                                       std::to_string(n_tok),
                                        "--child",
-                                       op,
-                                       std::to_string(n_tok)};
+                                       op};
       std::vector<char*> argp;
       for (std::string& s : args) argp.push_back(s.data());
       argp.push_back(nullptr);

@@ -1,96 +1,120 @@
-// What both microbenchmark programs share: a console reporter that keeps each
-// benchmark's median (or mean of single runs), the threading context printed
-// in the run's header, and the main() that runs them and prints a ratio table.
+// What every bench program builds its inputs from, and parses its options
+// with:
+//
+//   random_tensor      a float tensor of seeded normal draws (ops_bench, attention_memory)
+//   ProbeShape         a GPT-2-shaped LoRA model and its batch sizes (kLarge: the
+//                      configuration of docs/performance.md; kSmall: the smoke tests'),
+//   make_model, random_batch, random_adam_state
+//                      the model, E/U batches and Adam state of a shape (probe_bench, mpi_bench)
+//   parse_options      a bench's own options, by the CLI's parser (examples/cli/args.hpp):
+//                      --help, and a usage error naming the option (exit 2)
+//
+// probe_compare loads its inputs from a checkpoint directory instead; ops_bench
+// and probe_bench take Google Benchmark's flags (benchmark_main.hpp).
 #pragma once
 
-#include <entropy_probe/tensor/cpu_backend.hpp>
+#include "../examples/cli/args.hpp"
 
-#include <benchmark/benchmark.h>
+#include <entropy_probe/nn/gpt2.hpp>
+#include <entropy_probe/tensor/tensor.hpp>
+#include <tiny_models.hpp>
+
 #include <fmt/format.h>
 
-#include <functional>
-#include <map>
-#include <set>
+#include <cstdint>
+#include <cstdio>
+#include <random>
 #include <string>
+#include <string_view>
 #include <utility>
+#include <variant>
 #include <vector>
-
-#if defined(ENTROPY_PROBE_USE_CBLAS)
-#include <cblas.h>
-#endif
 
 namespace ep_bench {
 
-struct Times {
-  double wall = 0, cpu = 0;
-  double paired = 0;  // the x_baseline counter (0: none)
-};
+namespace ep = entropy_probe;
+using ep::index_t;
 
-// Console output as usual, plus per benchmark (by registered name) the
-// median wall and CPU time in seconds (the mean when run without repetitions).
-// CPU time is the main thread's: all of the work only with OPENBLAS_NUM_THREADS=1.
-class MedianCollector : public benchmark::ConsoleReporter {
- public:
-  std::map<std::string, Times> times;
-
-  void ReportRuns(const std::vector<Run>& runs) override {
-    ConsoleReporter::ReportRuns(runs);
-    for (const Run& r : runs) {
-      if (r.error_occurred) continue;
-      const double unit = benchmark::GetTimeUnitMultiplier(r.time_unit);
-      const auto c = r.counters.find("x_baseline");
-      const Times t{r.GetAdjustedRealTime() / unit, r.GetAdjustedCPUTime() / unit,
-                    c == r.counters.end() ? 0.0 : double(c->second)};
-      const std::string& name = r.run_name.function_name;
-      if (r.run_type == Run::RT_Aggregate && r.aggregate_name == "median") {
-        times[name] = t;
-        medians_.insert(name);
-      } else if (r.run_type == Run::RT_Iteration && !medians_.count(name)) {
-        auto& [sum, n] = singles_[name];
-        sum.wall += t.wall;
-        sum.cpu += t.cpu;
-        sum.paired += t.paired;
-        ++n;
-        times[name] = Times{sum.wall / n, sum.cpu / n, sum.paired / n};
-      }
-    }
-  }
-
- private:
-  std::set<std::string> medians_;
-  std::map<std::string, std::pair<Times, int>> singles_;
-};
-
-// The threading layers in play, printed in the run's header (docs/performance.md, Threading:
-// OpenBLAS's pthread pool must not compete with an OpenMP pool).
-inline void add_threading_context() {
-#if defined(ENTROPY_PROBE_USE_CBLAS) && defined(OPENBLAS_VERSION)
-  benchmark::AddCustomContext("blas",
-                              fmt::format("{} ({} threads)", openblas_get_config(), openblas_get_num_threads()));
-#else
-  benchmark::AddCustomContext("blas", "none (Eigen's GEMM)");
-#endif
-#if defined(_OPENMP)
-  benchmark::AddCustomContext("openmp", "ON: check OMP_WAIT_POLICY=PASSIVE (docs/performance.md, Threading)");
-#else
-  benchmark::AddCustomContext("openmp", "off");
-#endif
-  benchmark::AddCustomContext("cpu_backend_threads", fmt::format("{} (Eigen thread pool; ENTROPY_PROBE_NUM_THREADS)",
-                                                                 entropy_probe::CpuBackend::num_threads()));
+// Normal(0, stddev) draws from `seed`, one tensor per seed.
+inline ep::Tensor<float> random_tensor(ep::Shape shape, std::uint64_t seed, double stddev = 1.0) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> nd(0.0, stddev);
+  std::vector<float> host(static_cast<std::size_t>(ep::numel_of(shape)));
+  for (float& v : host) v = static_cast<float>(nd(rng));
+  return ep::Tensor<float>::from_host(std::move(shape), host);
 }
 
-// Registers the benchmarks, runs the selected ones, prints the ratio table.
-inline int run_main(int argc, char** argv, const std::function<void()>& register_all,
-                    const std::function<void(const std::map<std::string, Times>&)>& print_ratios) {
-  add_threading_context();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  register_all();
-  MedianCollector reporter;
-  benchmark::RunSpecifiedBenchmarks(&reporter);
-  print_ratios(reporter.times);
-  benchmark::Shutdown();
-  return 0;
+// A GPT-2-shaped LoRA model in float (LoRA on c_attn, c_proj, c_fc, alpha
+// 2 r, random B: a trained adapter, every LoRA gradient live) and its
+// batches of B prompts x G responses x T tokens, in microbatches of mb_size.
+struct ProbeShape {
+  const char* name;
+  index_t vocab, n_embd, n_layer, n_head, lora_r;
+  index_t B, G, T, mb_size;
+};
+inline constexpr ProbeShape kLarge{"large", 2048, 128, 4, 4, 8, 8, 4, 64, 4};
+inline constexpr ProbeShape kSmall{"small", 32, 8, 1, 2, 2, 2, 2, 8, 1};
+
+using Model = ep::nn::Gpt2LMHeadModel<float>;
+
+inline ep::nn::Gpt2Config model_config(const ProbeShape& s) {
+  ep::nn::Gpt2Config c;
+  c.vocab_size = s.vocab;
+  c.n_positions = s.T;
+  c.n_embd = s.n_embd;
+  c.n_layer = s.n_layer;
+  c.n_head = s.n_head;
+  return c;
+}
+
+inline ep::nn::LoraConfig lora_config(const ProbeShape& s) {
+  ep::nn::LoraConfig l;
+  l.r = s.lora_r;
+  l.lora_alpha = 2.0 * double(s.lora_r);
+  l.target_modules = {"c_attn", "c_proj", "c_fc"};
+  l.init_lora_b_zero = false;  // a trained adapter: every LoRA gradient is live
+  return l;
+}
+
+inline Model make_model(const ProbeShape& s) { return Model(model_config(s), lora_config(s), 1); }
+
+// A seeded batch of the shape (tests/support/tiny_models.hpp: random prompt
+// and response lengths, some prompts left-padded, normal advantages).
+inline ep::TokenBatch random_batch(const ProbeShape& s, std::uint64_t seed) {
+  return ep_test::random_batch(s.B, s.G, s.T, s.vocab, seed);
+}
+
+using ep_test::random_adam_state;
+
+// A bench program's options (spec.program its name, spec.name empty), parsed
+// and read by read(const ParsedArgs&) -> Options (which throws a.failure(...)
+// on a bad value): the options, or the exit status to return after --help
+// (printed on stdout) or a usage error (on stderr, exit 2).
+template <class Options, class Read>
+std::variant<Options, int> parse_options(const ep_cli::CommandSpec& spec, int argc, char** argv, Read read) {
+  try {
+    const ep_cli::ParsedArgs a = ep_cli::parse_args(spec, std::vector<std::string>(argv + 1, argv + argc));
+    if (!a.help) return read(a);
+    std::fputs(ep_cli::command_help(spec).c_str(), stdout);
+    return ep_cli::kExitOk;
+  } catch (const ep_cli::UsageFailure& e) {
+    fmt::print(stderr, "{}\nsee '{} --help'\n", e.what(), spec.program);
+    return ep_cli::kExitUsage;
+  }
+}
+
+// A count option of at least `least` (`fallback` when absent), or a usage error naming it.
+inline index_t count_option(const ep_cli::ParsedArgs& a, const std::string& name, index_t fallback, index_t least = 1) {
+  const auto n = a.integer(name, std::uint64_t{1} << 40);
+  if (n && *n < std::uint64_t(least)) throw a.failure(fmt::format("{} must be at least {}, got {}", name, least, *n));
+  return n ? index_t(*n) : fallback;
+}
+
+// --shape small|large (default large) of a bench on ProbeShape.
+inline const ep_cli::OptionSpec kShapeOption{"--shape", "S",
+                                             "large (default: docs/performance.md) or small (smoke test)"};
+inline ProbeShape shape_option(const ep_cli::ParsedArgs& a) {
+  return a.choice<ProbeShape>("--shape", {{"large", kLarge}, {"small", kSmall}}).value_or(kLarge);
 }
 
 }  // namespace ep_bench

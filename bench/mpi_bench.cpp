@@ -3,7 +3,9 @@
 // follows, on the benchmark model; and a projection of the all-reduce to 8
 // and 64 ranks on a 100 Gb/s network from the measured message size.
 //
-//   mpirun -np 2 build/bench/mpi_bench
+//   mpirun -np 2 build/bench/mpi_bench [--shape large|small]
+#include "bench_common.hpp"
+
 #include <entropy_probe/dist/mpi.hpp>
 #include <entropy_probe/nn/gpt2.hpp>
 #include <entropy_probe/probe/components.hpp>
@@ -12,42 +14,18 @@
 
 #include <algorithm>
 #include <chrono>
-#include <random>
 #include <vector>
 
 using namespace entropy_probe;
 
 namespace {
 
-// The model and batch of bench/probe_bench (GPT-2 shaped, float).
-nn::Gpt2LMHeadModel<float> bench_model() {
-  nn::Gpt2Config c;
-  c.vocab_size = 2048;
-  c.n_positions = 128;
-  c.n_embd = 128;
-  c.n_layer = 4;
-  c.n_head = 4;
-  nn::LoraConfig l;
-  l.r = 8;
-  l.lora_alpha = 16;
-  l.target_modules = {"c_attn", "c_proj", "c_fc"};
-  l.init_lora_b_zero = false;
-  return nn::Gpt2LMHeadModel<float>(c, l, 1);
-}
-
-TokenBatch bench_batch(index_t B, index_t G, index_t T, index_t V) {
-  std::mt19937_64 rng(7);
-  TokenBatch b;
-  b.B = B;
-  b.G = G;
-  b.T = T;
-  for (index_t i = 0; i < B * G * T; ++i) b.sequences.push_back(std::int32_t(rng() % std::uint64_t(V)));
-  b.attention_mask.assign(b.sequences.size(), 1);
-  b.prompt_lens.assign(std::size_t(B), std::int32_t(T / 4));
-  std::normal_distribution<double> nd;
-  for (index_t i = 0; i < B * G; ++i) b.advantages.push_back(nd(rng));
-  return b;
-}
+const ep_cli::CommandSpec kSpec{
+    .description =
+        "The all-reduce of the summed parameter buffer against the accumulation it follows, under\n"
+        "mpirun -np N, on the model and batch of bench/probe_bench.",
+    .options = {ep_bench::kShapeOption},
+    .program = "mpi_bench"};
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -58,12 +36,16 @@ double median(std::vector<double> v) {
 
 int main(int argc, char** argv) {
   MpiSession mpi(argc, argv);
+  // Every rank parses the same arguments: a usage error ends them all alike.
+  const auto parsed = ep_bench::parse_options<ep_bench::ProbeShape>(kSpec, argc, argv, ep_bench::shape_option);
+  if (const int* code = std::get_if<int>(&parsed)) return *code;
+  const ep_bench::ProbeShape shape = std::get<ep_bench::ProbeShape>(parsed);
   return run_or_abort([&] {
     MpiCommunicator comm;
-    auto model = bench_model();
+    auto model = ep_bench::make_model(shape);
     auto reg = Registry<float>::build(model);
-    const TokenBatch E = bench_batch(8, 4, 64, model.vocab_size());
-    ProbeComponents<decltype(model)> c(model, reg, ProbeSettings{.mb_size = 4}, comm);
+    const TokenBatch E = ep_bench::random_batch(shape, 7);
+    ProbeComponents<decltype(model)> c(model, reg, ProbeSettings{.mb_size = shape.mb_size}, comm);
     using clock = std::chrono::steady_clock;
     const int reps = 7;
     std::vector<double> t_acc, t_red;
@@ -85,8 +67,9 @@ int main(int argc, char** argv) {
     if (comm.rank() == 0) {
       const double acc = median(t_acc), red = median(t_red);
       fmt::print(
-          "model: GPT-2 shaped, 4 layers, width 128, vocab 2048, LoRA r 8 (c_attn, c_proj, c_fc); "
-          "E: 8 prompts x 4 x 64 tokens, f32\n");
+          "model: GPT-2 shaped, {} layers, width {}, vocab {}, LoRA r {} (c_attn, c_proj, c_fc); "
+          "E: {} prompts x {} x {} tokens, f32\n",
+          shape.n_layer, shape.n_embd, shape.vocab, shape.lora_r, shape.B, shape.G, shape.T);
       fmt::print("ranks {}  trainable numel {}  message {:.2f} MiB (double)\n", comm.world(), reg.numel(),
                  bytes / 1048576.0);
       fmt::print("accumulate_sum_X (incl. all-reduce): median {:.4f} s\n", acc);

@@ -24,7 +24,7 @@
 #include <entropy_probe/tape/ops/linear.hpp>
 #include <entropy_probe/tape/ops/logprob.hpp>
 
-#include "bench_common.hpp"
+#include "benchmark_main.hpp"
 
 #include <benchmark/benchmark.h>
 #include <fmt/format.h>
@@ -49,17 +49,10 @@ using TapeF = ep::Tape<float>;
 
 namespace {
 
+using ep_bench::random_tensor;
 using ep_bench::Times;
 
 // ---- helpers -------------------------------------------------------------------
-
-TensorF random_tensor(ep::Shape shape, std::uint64_t seed, double stddev = 1.0) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> nd(0.0, stddev);
-  std::vector<float> host(static_cast<std::size_t>(ep::numel_of(shape)));
-  for (float& v : host) v = static_cast<float>(nd(rng));
-  return TensorF::from_host(std::move(shape), host);
-}
 
 // One row-major backend gemm call, C = alpha op(A) op(B) + beta C, exactly as
 // an op issues it (blas::mm_nn / mm_nt / mm_tn fix the leading dimensions).

@@ -24,10 +24,9 @@
 // 4 layers, 4 heads, LoRA r 8 on c_attn, c_proj, c_fc with random B; B = 8
 // prompts, G = 4, T = 64, mb_size 4, f32); "small" is a tiny model for the
 // ctest smoke test (--benchmark_filter=/small).
-#include <entropy_probe/probe/probe.hpp>
-#include <tiny_models.hpp>
+#include "benchmark_main.hpp"
 
-#include "bench_common.hpp"
+#include <entropy_probe/probe/probe.hpp>
 
 #include <benchmark/benchmark.h>
 #include <fmt/format.h>
@@ -40,19 +39,14 @@
 
 namespace ep = entropy_probe;
 using ep::index_t;
-using Model = ep::nn::Gpt2LMHeadModel<float>;
+using ep_bench::Model;
 
 namespace {
 
+using ep_bench::kLarge;
+using ep_bench::kSmall;
+using ep_bench::ProbeShape;
 using ep_bench::Times;
-
-struct ProbeShape {
-  const char* name;
-  index_t vocab, n_embd, n_layer, n_head, lora_r;
-  index_t B, G, T, mb_size;
-};
-const ProbeShape kLarge{"large", 2048, 128, 4, 4, 8, 8, 4, 64, 4};
-const ProbeShape kSmall{"small", 32, 8, 1, 2, 2, 2, 2, 8, 1};
 
 // Model, registry, batches, Adam state and mu_Y, built once per shape.
 struct Fixture {
@@ -68,32 +62,14 @@ struct Fixture {
   ep::ProbeComponents<Model>::Sum sum_Y;
   ep::ProbeComponents<Model>::Buffer mu_Y;
 
-  static ep::nn::Gpt2Config config(const ProbeShape& s) {
-    ep::nn::Gpt2Config c;
-    c.vocab_size = s.vocab;
-    c.n_positions = s.T;
-    c.n_embd = s.n_embd;
-    c.n_layer = s.n_layer;
-    c.n_head = s.n_head;
-    return c;
-  }
-  static ep::nn::LoraConfig lora(const ProbeShape& s) {
-    ep::nn::LoraConfig l;
-    l.r = s.lora_r;
-    l.lora_alpha = 2.0 * double(s.lora_r);
-    l.target_modules = {"c_attn", "c_proj", "c_fc"};
-    l.init_lora_b_zero = false;  // a trained adapter: every LoRA gradient is live
-    return l;
-  }
-
   explicit Fixture(const ProbeShape& sh)
       : s(sh),
-        model(config(sh), lora(sh), 1),
+        model(ep_bench::make_model(sh)),
         registry(ep::Registry<float>::build(model)),
         components(model, registry, ep::ProbeSettings{.mb_size = sh.mb_size}, comm),
-        E(ep_test::random_batch(sh.B, sh.G, sh.T, sh.vocab, 2)),
-        U(ep_test::random_batch(sh.B, sh.G, sh.T, sh.vocab, 3)),
-        state(ep_test::random_adam_state(registry, 4)),
+        E(ep_bench::random_batch(sh, 2)),
+        U(ep_bench::random_batch(sh, 3)),
+        state(ep_bench::random_adam_state(registry, 4)),
         sum_Y(components.accumulate_sum_Y(U)),
         mu_Y([this] {
           ep::AdamPreconditioner<float> precond(state);

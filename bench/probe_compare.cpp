@@ -2,7 +2,7 @@
 // for bench/compare_pytorch.py (the same phases with transformers + peft).
 //
 //   probe_compare CHECKPOINT_DIR [--E FILE] [--U FILE] [--phase sumxy|alpha|all]
-//                 [--warmup N] [--repeats N] [--mb N] [--double]
+//                 [--warmup N] [--repeats N] [--mb N] [--double]     (--help lists them)
 //
 // Loads the model (hf::load_model), the Adam state (optimizer.safetensors) and
 // the batches (default CHECKPOINT_DIR/E.safetensors, U.safetensors), then runs
@@ -18,6 +18,8 @@
 // seconds as "cpu_<phase>") of every timed round,
 // bars_dot / s_values of the last round (to cross-check the PyTorch side),
 // and the resident set size after loading (VmRSS, kB).
+#include "bench_common.hpp"
+
 #include <entropy_probe/entropy_probe.hpp>
 #include <entropy_probe/io/hf.hpp>
 
@@ -46,6 +48,35 @@ struct Options {
   ep::index_t mb = 0;
   bool use_double = false;
 };
+
+const ep_cli::CommandSpec kSpec{
+    .description =
+        "The probe phases on a checkpoint directory, timed, for bench/compare_pytorch.py; one JSON object\n"
+        "on stdout.",
+    .positionals = {{"CHECKPOINT_DIR", "config.json, model.safetensors, the LoRA adapter, optimizer.safetensors"}},
+    .options = {{"--E", "FILE", "the E batch (default CHECKPOINT_DIR/E.safetensors)"},
+                {"--U", "FILE", "the U batch (default CHECKPOINT_DIR/U.safetensors)"},
+                {"--phase", "P", "sumxy (sum_X, sum_Y), alpha or all (default)"},
+                {"--warmup", "N", "untimed rounds first (default 1)"},
+                {"--repeats", "N", "timed rounds (default 3)"},
+                {"--mb", "N", "prompts per microbatch, 0 = the whole batch (default 0)"},
+                {"--double", "", "run in float64 (default float32)"}},
+    .help_column = 16,
+    .program = "probe_compare"};
+
+Options read_options(const ep_cli::ParsedArgs& a) {
+  Options o;
+  o.dir = a.positionals[0];
+  o.phase =
+      a.choice<std::string>("--phase", {{"sumxy", "sumxy"}, {"alpha", "alpha"}, {"all", "all"}}).value_or(o.phase);
+  o.warmup = int(ep_bench::count_option(a, "--warmup", o.warmup, 0));
+  o.repeats = int(ep_bench::count_option(a, "--repeats", o.repeats));
+  o.mb = ep_bench::count_option(a, "--mb", o.mb, 0);
+  o.use_double = a.has_flag("--double");
+  o.E = a.path("--E", "a file name").value_or((std::filesystem::path(o.dir) / "E.safetensors").string());
+  o.U = a.path("--U", "a file name").value_or((std::filesystem::path(o.dir) / "U.safetensors").string());
+  return o;
+}
 
 long rss_kb(const char* field) {
   std::ifstream in("/proc/self/status");
@@ -156,54 +187,13 @@ int main_t(const Options& o) {
   return 0;
 }
 
-[[noreturn]] void usage(int code) {
-  std::fputs(
-      "usage: probe_compare CHECKPOINT_DIR [--E FILE] [--U FILE] [--phase sumxy|alpha|all]\n"
-      "                     [--warmup N] [--repeats N] [--mb N] [--double]\n",
-      code ? stderr : stdout);
-  std::exit(code);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-  Options o;
-  std::vector<std::string> args(argv + 1, argv + argc);
+  const auto parsed = ep_bench::parse_options<Options>(kSpec, argc, argv, read_options);
+  if (const int* code = std::get_if<int>(&parsed)) return *code;
+  const Options& o = std::get<Options>(parsed);
   try {
-    for (std::size_t i = 0; i < args.size(); ++i) {
-      const std::string& a = args[i];
-      auto value = [&]() -> const std::string& {
-        if (i + 1 >= args.size()) usage(2);
-        return args[++i];
-      };
-      if (a == "-h" || a == "--help")
-        usage(0);
-      else if (a == "--E")
-        o.E = value();
-      else if (a == "--U")
-        o.U = value();
-      else if (a == "--phase")
-        o.phase = value();
-      else if (a == "--warmup")
-        o.warmup = std::stoi(value());
-      else if (a == "--repeats")
-        o.repeats = std::stoi(value());
-      else if (a == "--mb")
-        o.mb = std::stol(value());
-      else if (a == "--double")
-        o.use_double = true;
-      else if (!a.empty() && a[0] == '-')
-        usage(2);
-      else if (o.dir.empty())
-        o.dir = a;
-      else
-        usage(2);
-    }
-    if (o.dir.empty() || (o.phase != "sumxy" && o.phase != "alpha" && o.phase != "all") || o.repeats < 1 ||
-        o.warmup < 0)
-      usage(2);
-    if (o.E.empty()) o.E = (std::filesystem::path(o.dir) / "E.safetensors").string();
-    if (o.U.empty()) o.U = (std::filesystem::path(o.dir) / "U.safetensors").string();
     return o.use_double ? main_t<double>(o) : main_t<float>(o);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "probe_compare: %s\n", e.what());

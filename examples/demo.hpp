@@ -8,6 +8,8 @@
 // calibration.svg (predicted against measured entropy change).
 #pragma once
 
+#include "cli/progress.hpp"
+
 #include <entropy_probe/entropy_probe.hpp>
 #include <entropy_probe/io/svg_plot.hpp>
 
@@ -24,6 +26,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace ep_demo {
@@ -135,19 +138,6 @@ inline double entropy_per_token(Model& model, const ep::TokenBatch& b) {
   return nll / std::max(tokens, 1.0);
 }
 
-// Progress lines on stderr, at most a few per second (and each phase's last).
-inline ep::ProgressCallback progress_printer() {
-  using clock = std::chrono::steady_clock;
-  auto last = std::make_shared<clock::time_point>(clock::now() - std::chrono::seconds(1));
-  return [last](std::string_view phase, ep::index_t done, ep::index_t total) {
-    const auto now = clock::now();
-    if (done < total && now - *last < std::chrono::milliseconds(250)) return;
-    *last = now;
-    std::fflush(stdout);  // keep the report and the progress lines in order on a shared terminal
-    fmt::print(stderr, "  [probe] {:<22} {:>4}/{} prompts\n", phase, done, total);
-  };
-}
-
 // One eta of the sweep; [0] the adamw direction (its truth the real AdamW
 // step), [1] precond_sgd (theta + eta mu_Y). The SEs are along precond_sgd.
 struct SweepRow {
@@ -166,25 +156,34 @@ inline void write_text(const std::filesystem::path& path, const std::string& tex
   if (!out) ep::fail<ep::InputError>("writing '{}' failed", path.string());
 }
 
-inline int run_demo(const DemoOptions& opt) {
+// Seconds per stage of the demo, each stage timed from the end of the last.
+class StageClock {
+ public:
   using clock = std::chrono::steady_clock;
-  const auto t_start = clock::now();
-  auto t_stage = t_start;
-  std::map<std::string, double> timing;  // seconds per stage of the demo
-  auto stage_done = [&](const char* name) {
+  void done(const char* stage) {
     const auto now = clock::now();
-    timing[name] = std::chrono::duration<double>(now - t_stage).count();
-    t_stage = now;
-  };
-  const DemoSizes s = opt.quick ? DemoSizes::quick() : DemoSizes{};
-  // The output folder first: a bad --out should fail before the work, not after.
-  const std::filesystem::path out_dir(opt.out_dir);
+    seconds[stage] = std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+  double since_start() const { return std::chrono::duration<double>(clock::now() - start_).count(); }
+  std::map<std::string, double> seconds;
+
+ private:
+  clock::time_point start_ = clock::now(), last_ = start_;
+};
+
+// The output folder, made before the work: a bad --out fails first, not last.
+inline std::filesystem::path make_out_dir(const std::string& dir) {
+  const std::filesystem::path out_dir(dir);
   std::error_code ec;
   std::filesystem::create_directories(out_dir, ec);
   if (ec || !std::filesystem::is_directory(out_dir))
     ep::fail<ep::InputError>("cannot create the output folder '{}': {}", out_dir.string(),
                              ec ? ec.message() : "a file of that name exists");
+  return out_dir;
+}
 
+inline void print_task(const DemoOptions& opt, const DemoSizes& s) {
   fmt::print("entropy-probe demo{} (seed {})\n\n", opt.quick ? " --quick" : "", opt.seed);
   fmt::print("Synthetic task, built in memory (nothing downloaded): prompts of {}-{} random tokens, {} sampled\n",
              s.prompt_min, s.prompt_max, s.G);
@@ -193,51 +192,75 @@ inline int run_demo(const DemoOptions& opt) {
   fmt::print("vocabulary; a uniform policy scores {:.2f}). After a few GRPO steps, the probe predicts how the next\n",
              double(s.target_tokens) / double(s.vocab));
   fmt::print("optimizer step changes the policy's entropy, and checks the prediction against the step itself.\n\n");
+}
 
-  // ---- a. the model ----------------------------------------------------------
+// ---- a. the model ----------------------------------------------------------------
+
+inline ep::nn::Gpt2Config model_config(const DemoSizes& s) {
   ep::nn::Gpt2Config cfg;
   cfg.vocab_size = s.vocab;
   cfg.n_embd = s.n_embd;
   cfg.n_layer = s.n_layer;
   cfg.n_head = s.n_head;
   cfg.n_positions = s.n_positions;
+  return cfg;
+}
+
+inline ep::nn::LoraConfig lora_config() {
   ep::nn::LoraConfig lora;
   lora.r = 4;
   lora.lora_alpha = 8;
   lora.target_modules = {"c_attn", "c_proj", "c_fc"};
   lora.init_lora_b_zero = true;  // PEFT's initialisation: the adapted model starts equal to the base
-  Model model(cfg, lora, derive_seed(opt.seed, 3));
-  // A base model with larger token embeddings than GPT-2's fresh init (std
-  // 0.02): the tied lm_head then has logits of order one (a policy with
-  // structure, not a uniform one), and the adapters can move it within a few
-  // steps, as a pretrained base allows.
-  {
-    std::mt19937_64 rng(derive_seed(opt.seed, 4));
-    model.wte().value = ep::nn::random_normal<double, ep::CpuBackend>({s.vocab, s.n_embd}, rng, s.wte_std);
-  }
-  const Registry train_reg = Registry::build(model);
+  return lora;
+}
+
+// A base model with larger token embeddings than GPT-2's fresh init (std
+// 0.02): the tied lm_head then has logits of order one (a policy with
+// structure, not a uniform one), and the adapters can move it within a few
+// steps, as a pretrained base allows.
+inline void widen_embeddings(Model& model, const DemoSizes& s, std::uint64_t seed) {
+  std::mt19937_64 rng(derive_seed(seed, 4));
+  model.wte().value = ep::nn::random_normal<double, ep::CpuBackend>({s.vocab, s.n_embd}, rng, s.wte_std);
+}
+
+inline void print_model(const DemoSizes& s, const ep::nn::LoraConfig& lora, const Registry& reg) {
   fmt::print(
       "Model: GPT-2 layout in double, vocab {}, n_embd {}, {} layers, {} heads; LoRA r {} alpha {} on "
       "c_attn, c_proj, c_fc\n",
       s.vocab, s.n_embd, s.n_layer, s.n_head, lora.r, lora.lora_alpha);
-  fmt::print("       {} trainable tensors ({} numbers), all in the LoRA view\n\n", train_reg.size(), train_reg.numel());
+  fmt::print("       {} trainable tensors ({} numbers), all in the LoRA view\n\n", reg.size(), reg.numel());
+}
 
-  // ---- b. a few real GRPO steps with AdamW --------------------------------------
+// ---- b. a few real GRPO steps with AdamW --------------------------------------------
+
+struct Training {
+  AdamState state;                               // the optimizer state after the last step
+  nlohmann::json log = nlohmann::json::array();  // per step: mean reward, entropy per token
+};
+
+// A sampled batch's mean reward and entropy per token, added to the training log under `step`.
+inline std::pair<double, double> log_batch(Training& t, Model& model, const ep::TokenBatch& b,
+                                           const nlohmann::json& step) {
+  const double reward = mean(*b.rewards), h_tok = entropy_per_token(model, b);
+  t.log.push_back({{"step", step}, {"mean_reward", reward}, {"entropy_per_token", h_tok}});
+  return {reward, h_tok};
+}
+
+inline Training train(Model& model, const Registry& reg, const DemoSizes& s, std::uint64_t seed) {
   ep::AdamHyper hyper;
   hyper.lr = s.lr;
   hyper.weight_decay = s.weight_decay;
-  AdamState train_state(train_reg.info(), hyper);
+  Training t{AdamState(reg.info(), hyper)};
   ep::SingleProcess comm;
-  ep::ProbeComponents<Model> trainer(model, train_reg, ep::ProbeSettings{}, comm);
-  nlohmann::json training = nlohmann::json::array();
+  ep::ProbeComponents<Model> trainer(model, reg, ep::ProbeSettings{}, comm);
   fmt::print("Training: {} GRPO steps, {} prompts x G {}, AdamW lr {:g}, weight decay {:g}\n", s.train_steps,
              s.train_prompts, s.G, s.lr, s.weight_decay);
   fmt::print("  step  mean reward  entropy/token (sampled batch)\n");
   for (int step = 1; step <= s.train_steps; ++step) {
-    const ep::TokenBatch U = sample_batch(model, s, s.train_prompts, derive_seed(opt.seed, 10, std::uint64_t(step)));
-    const double reward = mean(*U.rewards), h_tok = entropy_per_token(model, U);
+    const ep::TokenBatch U = sample_batch(model, s, s.train_prompts, derive_seed(seed, 10, std::uint64_t(step)));
+    const auto [reward, h_tok] = log_batch(t, model, U, step);
     fmt::print("  {:>4}  {:>11.3f}  {:>13.4f}\n", step, reward, h_tok);
-    training.push_back({{"step", step}, {"mean_reward", reward}, {"entropy_per_token", h_tok}});
     bool any = false;
     for (double a : U.advantages) any |= a != 0;
     if (!any) {  // every group tied: the RL gradient is exactly zero, nothing to step on
@@ -246,48 +269,79 @@ inline int run_demo(const DemoOptions& opt) {
     }
     const auto sum = trainer.accumulate_sum_Y(U);
     // The loss is -(1/B) sum_u LY[u]; its gradient goes to the optimizer.
-    ep::load_param_gradients(train_reg, sum.sum, -1.0 / double(sum.count));
-    ep::adamw_step(train_reg, train_state, s.lr);
-    train_reg.zero_grad();
+    ep::load_param_gradients(reg, sum.sum, -1.0 / double(sum.count));
+    ep::adamw_step(reg, t.state, s.lr);
+    reg.zero_grad();
   }
-  {
-    const ep::TokenBatch after = sample_batch(model, s, s.train_prompts, derive_seed(opt.seed, 11));
-    const double reward = mean(*after.rewards), h_tok = entropy_per_token(model, after);
-    fmt::print("  after {:>11.3f}  {:>13.4f}\n\n", reward, h_tok);
-    training.push_back({{"step", "after"}, {"mean_reward", reward}, {"entropy_per_token", h_tok}});
-  }
-  stage_done("training");
+  const ep::TokenBatch after = sample_batch(model, s, s.train_prompts, derive_seed(seed, 11));
+  const auto [reward, h_tok] = log_batch(t, model, after, "after");
+  fmt::print("  after {:>11.3f}  {:>13.4f}\n\n", reward, h_tok);
+  return t;
+}
 
-  // ---- c. the probe ---------------------------------------------------------------
+// ---- c. the probe -------------------------------------------------------------------
+
+// Full variance and the Adam ground truth at the training lr; both directions
+// over the sweep, each against the step it linearises (the baseline on E is
+// computed once for all of them).
+inline ep::ProbeConfig probe_config(const DemoSizes& s) {
   ep::ProbeConfig pc;
   pc.learning_rate = s.lr;
   pc.variance = ep::VarianceMode::full;
   pc.ground_truth = ep::StepKind::adam;
   pc.mb_size = s.mb_size;
-  // Both directions over the sweep, each against the step it linearises; the
-  // baseline on E is computed once for all of them.
   pc.directions = {ep::Direction::precond_sgd, ep::Direction::adamw};
   pc.lr_sweep = s.etas;
-  pc.progress = progress_printer();
-  ep::OfflineEntropyProbe probe(model, pc);
-  // The probe has its own registry; the trained optimizer state moves over
-  // parameter by parameter (same parameters, same ids), as a checkpoint's
-  // optimizer.safetensors would be loaded by registry name.
-  AdamState state(probe.registry().info(), train_state.hyper());
+  pc.progress = ep_cli::progress_printer([](const std::string& line) {
+    std::fflush(stdout);  // keep the report and the progress lines in order on a shared terminal
+    fmt::print(stderr, "  {}\n", line);
+  });
+  return pc;
+}
+
+// The trained optimizer state on the probe's own registry, moved over
+// parameter by parameter (same parameters, same ids), as a checkpoint's
+// optimizer.safetensors would be loaded by registry name.
+inline AdamState state_on(const Registry& probe_reg, const Registry& train_reg, const AdamState& train_state) {
+  AdamState state(probe_reg.info(), train_state.hyper());
   for (ep::index_t i = 0; i < train_reg.size(); ++i)
     if (const auto* e = train_state.entry(i)) state.set(train_reg.entry(i).id, *e);
+  return state;
+}
 
-  const ep::TokenBatch E = sample_batch(model, s, s.B_E, derive_seed(opt.seed, 20));
-  const ep::TokenBatch U = sample_batch(model, s, s.B_U, derive_seed(opt.seed, 21));
-  stage_done("sampling");
+struct ProbeRun {
+  ep::ProbeResult result;
+  ep::index_t E_responses = 0;  // the importance-sampled responses of the ground truth
+};
+
+// Samples E and U from the trained policy (stage "sampling") and runs the probe on them (stage "probe").
+inline ProbeRun probe_trained(Model& model, const Registry& train_reg, const AdamState& train_state, const DemoSizes& s,
+                              std::uint64_t seed, StageClock& clock) {
+  ep::OfflineEntropyProbe probe(model, probe_config(s));
+  const AdamState state = state_on(probe.registry(), train_reg, train_state);
+  const ep::TokenBatch E = sample_batch(model, s, s.B_E, derive_seed(seed, 20));
+  const ep::TokenBatch U = sample_batch(model, s, s.B_U, derive_seed(seed, 21));
+  clock.done("sampling");
   fmt::print(
       "Probe: E batch {} prompts x G {} (entropy gradient X), U batch {} prompts x G {} (update Y), "
       "microbatches of {}\n",
       E.B, E.G, U.B, U.G, s.mb_size);
-  const ep::ProbeResult r = probe.run(E, U, state);
-  stage_done("probe");
-  const double se_cond_1 = std::sqrt(r.conditional->var_s / double(r.B_E));  // at eta = 1
-  const double se_full_1 = std::sqrt(r.full->V_X + r.full->V_Y);
+  ProbeRun run{probe.run(E, U, state), E.rows()};
+  clock.done("probe");
+  return run;
+}
+
+// ---- the report ---------------------------------------------------------------------
+
+// The standard errors at eta = 1: the prediction and both SEs scale with eta.
+struct UnitSE {
+  double conditional = 0, full = 0;
+};
+inline UnitSE unit_se(const ep::ProbeResult& r) {
+  return {std::sqrt(r.conditional->var_s / double(r.B_E)), std::sqrt(r.full->V_X + r.full->V_Y)};
+}
+
+inline void print_probe(const ep::ProbeResult& r) {
   fmt::print("  bars_dot = mu_X . mu_Y = {:+.4e}   |mu_X| = {:.3e}   |mu_Y| = {:.3e}\n", r.bars_dot, r.mu_X_norm,
              r.mu_Y_norm);
   fmt::print(
@@ -299,23 +353,28 @@ inline int run_demo(const DemoOptions& opt) {
       "ground truth {:.2f})\n\n",
       r.truth->H_orig_tok, r.timing.at("total"), r.timing.at("sum_X"), r.timing.at("sum_Y"),
       r.timing.at("conditional_variance") + r.timing.at("full_variance"), r.timing.at("ground_truth"));
+}
 
-  // The sweep (ProbeConfig::lr_sweep, run by probe.run): X and Y once; the
-  // prediction and both SEs scale with eta, the ground truth takes the step
-  // at each eta along each direction.
-  std::vector<SweepRow> rows(s.etas.size());
+// The sweep (ProbeConfig::lr_sweep, run by probe.run) as one row per eta of `etas`:
+// the ground truth took the step at each eta along each direction.
+inline std::vector<SweepRow> sweep_rows(const ep::ProbeResult& r, const std::vector<double>& etas, UnitSE se) {
+  std::vector<SweepRow> rows(etas.size());
   for (const ep::SweepPoint& p : r.lr_sweep) {
-    const auto k = static_cast<std::size_t>(std::find(s.etas.begin(), s.etas.end(), p.learning_rate) - s.etas.begin());
+    const auto k = static_cast<std::size_t>(std::find(etas.begin(), etas.end(), p.learning_rate) - etas.begin());
     const int d = p.direction == ep::Direction::adamw ? 0 : 1;
     rows[k].eta = p.learning_rate;
-    rows[k].se_cond = p.learning_rate * se_cond_1;
-    rows[k].se_full = p.learning_rate * se_full_1;
+    rows[k].se_cond = p.learning_rate * se.conditional;
+    rows[k].se_full = p.learning_rate * se.full;
     rows[k].deltaH1[d] = p.deltaH1;
     rows[k].truth[d] = p.truth;
   }
-  timing["sweep"] = r.timing.at("lr_sweep");  // inside the probe stage
+  return rows;
+}
+
+inline void print_sweep(const std::vector<SweepRow>& rows, const ep::ProbeResult& r, UnitSE se,
+                        ep::index_t E_responses) {
   fmt::print("Learning-rate sweep (ratio = deltaH_true_tok / deltaH1; ESS of {} importance-sampled responses):\n",
-             E.rows());
+             E_responses);
   fmt::print("  {:>8} | {:^40} | {:^60}\n", "", "adamw: the real AdamW step", "precond_sgd: theta + eta mu_Y");
   fmt::print("  {:>8} | {:>11} {:>13} {:>7} {:>6} | {:>11} {:>9} {:>9} {:>13} {:>7} {:>6}\n", "eta", "deltaH1",
              "dH_true_tok", "ratio", "ESS", "deltaH1", "SE_cond", "SE_full", "dH_true_tok", "ratio", "ESS");
@@ -334,9 +393,14 @@ inline int run_demo(const DemoOptions& opt) {
   fmt::print(
       "Signal to noise |deltaH1| / SE_full = {:.1f} (|deltaH1| / SE_cond = {:.1f}), the same at every eta: "
       "both scale with eta.\n\n",
-      std::abs(r.bars_dot) / se_full_1, std::abs(r.bars_dot) / se_cond_1);
+      std::abs(r.bars_dot) / se.full, std::abs(r.bars_dot) / se.conditional);
+}
 
-  // ---- d. results.json and calibration.svg -----------------------------------------
+// ---- d. results.json and calibration.svg ----------------------------------------------
+
+inline nlohmann::json results_json(const ep::ProbeResult& r, const std::vector<SweepRow>& rows,
+                                   const Training& training, const DemoOptions& opt, const DemoSizes& s,
+                                   const ep::nn::LoraConfig& lora, const std::map<std::string, double>& timing) {
   nlohmann::json j = ep::to_json(r);
   nlohmann::json sweep = nlohmann::json::array();
   for (const SweepRow& row : rows)
@@ -358,7 +422,7 @@ inline int run_demo(const DemoOptions& opt) {
                        {"ratio", ratio(t.deltaH_true_tok, row.deltaH1[k])}});
     }
   j["sweep"] = sweep;
-  j["training"] = training;
+  j["training"] = training.log;
   j["demo"] = {{"seed", opt.seed},
                {"quick", opt.quick},
                {"task", fmt::format("synthetic: reward = fraction of response tokens with id < {} (vocabulary {})",
@@ -380,12 +444,13 @@ inline int run_demo(const DemoOptions& opt) {
                  {"weight_decay", s.weight_decay},
                  {"response_len", s.response_len}}}};
   j["demo"]["timing"] = timing;  // up to the sweep; writing the files is not included
-  const auto json_path = out_dir / "results.json";
-  write_text(json_path, j.dump(2) + "\n");
+  return j;
+}
 
+inline ep::ScatterPlot calibration_plot(const std::vector<SweepRow>& rows, const DemoSizes& s, std::uint64_t seed) {
   ep::ScatterPlot plot;
   plot.title = fmt::format("Entropy probe calibration, \u03b7 = {:g} \u2026 {:g} (seed {})", s.etas.front(),
-                           s.etas.back(), opt.seed);
+                           s.etas.back(), seed);
   plot.x_label = "measured \u0394H per token (deltaH_true_tok, importance-sampled on E)";
   plot.scale = ep::AxisScale::symlog;  // the sweep spans two decades: on linear axes the small steps would merge
   plot.y_label = "predicted \u0394H1 = \u03b7 \u03bcX\u00b7v  (bars: \u00b12 SE_deltaH1, along \u03bcY)";
@@ -396,14 +461,42 @@ inline int run_demo(const DemoOptions& opt) {
       series.points.push_back({row.truth[k].deltaH_true_tok, row.deltaH1[k], k == 0 ? 0.0 : 2 * row.se_full});
     plot.series.push_back(std::move(series));
   }
-  const auto svg_path = out_dir / "calibration.svg";
-  ep::write_svg(svg_path.string(), plot);
+  return plot;
+}
 
-  stage_done("output");
+// ---- the demo: make the data, probe, report, plot ----------------------------------------
+
+inline int run_demo(const DemoOptions& opt) {
+  StageClock clock;
+  const DemoSizes s = opt.quick ? DemoSizes::quick() : DemoSizes{};
+  const std::filesystem::path out_dir = make_out_dir(opt.out_dir);
+  print_task(opt, s);
+
+  const ep::nn::LoraConfig lora = lora_config();
+  Model model(model_config(s), lora, derive_seed(opt.seed, 3));
+  widen_embeddings(model, s, opt.seed);
+  const Registry train_reg = Registry::build(model);
+  print_model(s, lora, train_reg);
+  const Training training = train(model, train_reg, s, opt.seed);
+  clock.done("training");
+
+  const ProbeRun run = probe_trained(model, train_reg, training.state, s, opt.seed, clock);
+  const ep::ProbeResult& r = run.result;
+  const UnitSE se = unit_se(r);
+  print_probe(r);
+  const std::vector<SweepRow> rows = sweep_rows(r, s.etas, se);
+  clock.seconds["sweep"] = r.timing.at("lr_sweep");  // inside the probe stage
+  print_sweep(rows, r, se, run.E_responses);
+
+  const auto json_path = out_dir / "results.json";
+  write_text(json_path, results_json(r, rows, training, opt, s, lora, clock.seconds).dump(2) + "\n");
+  const auto svg_path = out_dir / "calibration.svg";
+  ep::write_svg(svg_path.string(), calibration_plot(rows, s, opt.seed));
+  clock.done("output");
   fmt::print("Wrote {} and {}\n", json_path.string(), svg_path.string());
+  std::map<std::string, double>& t = clock.seconds;
   fmt::print("Done in {:.1f} s (training {:.1f}, sampling E and U {:.1f}, probe {:.1f} of which the sweep {:.1f}).\n",
-             std::chrono::duration<double>(clock::now() - t_start).count(), timing["training"], timing["sampling"],
-             timing["probe"], timing["sweep"]);
+             clock.since_start(), t["training"], t["sampling"], t["probe"], t["sweep"]);
   return 0;
 }
 

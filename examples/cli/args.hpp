@@ -2,7 +2,8 @@
 // entropy_probe.cpp, `run` in run_command.hpp): a subcommand is a table of
 // its positionals and options (CommandSpec); parse_args turns its arguments
 // into ParsedArgs, whose typed readers name the option in every error;
-// command_help prints the table as the subcommand's --help.
+// command_help prints the table as the subcommand's --help. The benches'
+// programs parse with it too (bench/bench_common.hpp), as programs of their own.
 //
 // Accepted: --name VALUE, --name=VALUE, flags (no value), positionals, "--"
 // to end the options, -h / --help anywhere before "--" (help wins over
@@ -16,6 +17,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <optional>
@@ -29,12 +31,43 @@ namespace ep_cli {
 
 inline constexpr const char* kProgram = "entropy-probe";
 
-// Exit status of the program and of every subcommand.
+// Exit status of the program and of every subcommand; what each means is
+// kExitStatus below, the one table the --help texts are written from.
 inline constexpr int kExitOk = 0;
-inline constexpr int kExitError = 1;     // an error while running
-inline constexpr int kExitUsage = 2;     // a mistake on the command line
-inline constexpr int kExitInput = 3;     // a bad input file (`run`)
-inline constexpr int kExitNoDevice = 4;  // `run --device cuda` found no CUDA device
+inline constexpr int kExitError = 1;
+inline constexpr int kExitUsage = 2;
+inline constexpr int kExitInput = 3;
+inline constexpr int kExitNoDevice = 4;
+
+struct ExitStatus {
+  int code;
+  std::string_view meaning;
+};
+inline constexpr ExitStatus kExitStatus[] = {
+    {kExitOk, "success"},
+    {kExitError, "an error while running"},
+    {kExitUsage, "a usage error"},
+    {kExitInput, "a bad input file"},
+    {kExitNoDevice, "--device cuda found no CUDA device"},
+};
+
+// "Exit status: 0 success, 1 ...", broken into lines of at most `width` characters.
+inline std::string exit_status_help(std::size_t width = 100) {
+  std::string s = "Exit status:";
+  std::size_t line_start = 0;
+  for (std::size_t i = 0; i < std::size(kExitStatus); ++i) {
+    const std::string item =
+        fmt::format("{} {}{}", kExitStatus[i].code, kExitStatus[i].meaning, i + 1 < std::size(kExitStatus) ? "," : ".");
+    if (s.size() - line_start + 1 + item.size() > width) {
+      s += "\n";
+      line_start = s.size();
+    } else {
+      s += " ";
+    }
+    s += item;
+  }
+  return s;
+}
 
 // A mistake on the command line: reported with a pointer to --help, exit 2.
 class UsageFailure : public std::runtime_error {
@@ -66,6 +99,8 @@ struct CommandSpec {
   std::vector<OptionSpec> options{};
   std::string details{};  // free text after the option list
   int help_column = 18;   // width of the names column of --help
+  // The program's name; a program of its own (a bench) sets it and leaves `name` empty.
+  std::string program = kProgram;
 
   const OptionSpec* option(std::string_view n) const {
     for (const auto& o : options)
@@ -78,17 +113,18 @@ struct CommandSpec {
 // names the subcommand and the option.
 class ParsedArgs {
  public:
-  std::string command;                                    // "demo"
+  std::string program = kProgram;
+  std::string command;                                    // "demo"; empty for a program of its own
   std::map<std::string, std::string> values;              // options with a value, by name
   std::map<std::string, std::vector<std::string>> lists;  // repeated options' values, in order
   std::vector<std::string> flags;                         // flags given
   std::vector<std::string> positionals;
   bool help = false;
 
+  // "entropy-probe CMD", or the program alone.
+  std::string invoked() const { return command.empty() ? program : program + " " + command; }
   // "entropy-probe CMD: what", to throw.
-  UsageFailure failure(std::string_view what) const {
-    return UsageFailure(fmt::format("{} {}: {}", kProgram, command, what));
-  }
+  UsageFailure failure(std::string_view what) const { return UsageFailure(fmt::format("{}: {}", invoked(), what)); }
 
   bool has_flag(std::string_view f) const { return std::find(flags.begin(), flags.end(), f) != flags.end(); }
   std::optional<std::string> value(const std::string& name) const {
@@ -211,6 +247,7 @@ class ParsedArgs {
 // -h / --help it returns at once with `help` set and nothing checked.
 inline ParsedArgs parse_args(const CommandSpec& cmd, const std::vector<std::string>& args) {
   ParsedArgs out;
+  out.program = cmd.program;
   out.command = cmd.name;
   bool options_done = false;
   for (std::size_t i = 0; i < args.size(); ++i) {
@@ -270,7 +307,7 @@ inline std::string command_help(const CommandSpec& c) {
     }
     return s;
   };
-  std::string s = fmt::format("usage: {} {}", kProgram, c.name);
+  std::string s = "usage: " + (c.name.empty() ? c.program : c.program + " " + c.name);
   if (!c.synopsis.empty()) {
     s += " " + c.synopsis;
   } else {

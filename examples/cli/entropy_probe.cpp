@@ -9,8 +9,7 @@
 // arguments with the parser they share (args.hpp), so a new subcommand is one
 // more spec and one more entry.
 //
-// Exit status: 0 success, 1 an error while running, 2 a usage error
-// (`run`: 3 a bad input file, 4 --device cuda found no CUDA device).
+// Exit status: ep_cli::kExitStatus (args.hpp), listed by --help.
 #include "../demo.hpp"
 #include "args.hpp"
 #include "run_command.hpp"
@@ -106,9 +105,8 @@ std::string program_help() {
   s += fmt::format(
       "\noptions:\n  -h, --help   show this help\n  --version    print the version\n\n"
       "'{} COMMAND --help' describes a command's arguments and options.\n"
-      "Exit status: 0 success, 1 an error while running, 2 a usage error, 3 a bad input file (run, sample),\n"
-      "4 no CUDA device found (--device cuda).\n",
-      kProgram);
+      "{}\n",
+      kProgram, ep_cli::exit_status_help());
   return s;
 }
 

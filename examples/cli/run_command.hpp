@@ -5,10 +5,9 @@
 //   entropy-probe run CHECKPOINT_DIR --e-batch E.safetensors --u-batch U.safetensors [OPTIONS]
 //
 // run_command(argc, argv) takes the arguments after "run" (argv[0] is the
-// first of them) and returns the exit status: 0 success, 1 an error while
-// running, 2 a usage error (message and a pointer to --help on stderr), 3 a bad
-// input file (the message names the file and the key), 4 `--device cuda` and
-// no CUDA device found.
+// first of them) and returns the exit status (ep_cli::kExitStatus, args.hpp):
+// a usage error prints its message and a pointer to --help on stderr, a bad
+// input file names the file and the key.
 //
 // The arguments go through the parser every subcommand shares (args.hpp);
 // the probe itself is run_typed<T, B> (run_typed.hpp), on CpuBackend here
@@ -95,9 +94,8 @@ inline const ep_cli::CommandSpec& run_spec() {
       .details =
           "Without optimizer.safetensors every parameter has no Adam state (identity preconditioner, with a\n"
           "warning) and --lr is required. Batch files hold sequences [B,G,T], attention_mask [B,G,T], prompt_lens [B]\n"
-          "and advantages [B,G] (optional: max_lengths [B], rewards [B,G], position_ids [B,G,T]).\n"
-          "Exit status: 0 success, 1 an error while running, 2 a usage error, 3 a bad input file,\n"
-          "4 --device cuda found no CUDA device.",
+          "and advantages [B,G] (optional: max_lengths [B], rewards [B,G], position_ids [B,G,T]).\n" +
+          ep_cli::exit_status_help(),
       .help_column = 20};
   return spec;
 }
@@ -129,49 +127,50 @@ inline RunOptions parse_run_args(const std::vector<std::string>& args) {
   o.e_batch = required_file("--e-batch");
   o.u_batch = required_file("--u-batch");
   o.json_out = a.path("--json", "a file name");
-  o.lr = a.positive("--lr");
-  o.weighting = a.choice<ep::Weighting>("--weighting", {{"dr_grpo", ep::Weighting::dr_grpo},
+  ep::ProbeConfig& p = o.probe;
+  p.learning_rate = a.positive("--lr");
+  p.weighting = a.choice<ep::Weighting>("--weighting", {{"dr_grpo", ep::Weighting::dr_grpo},
                                                         {"per_token_avg", ep::Weighting::per_token_avg}})
-                    .value_or(o.weighting);
+                    .value_or(p.weighting);
   if (a.value("--mb-size") != "auto")
-    if (auto n = a.integer("--mb-size", std::uint64_t{1} << 40)) o.mb_size = static_cast<ep::index_t>(*n);
-  o.max_memory = a.bytes("--max-memory");
-  if (o.max_memory && o.mb_size)
-    throw a.failure(fmt::format("--max-memory sizes --mb-size auto; it has no effect with --mb-size {}", *o.mb_size));
+    if (auto n = a.integer("--mb-size", std::uint64_t{1} << 40)) p.mb_size = static_cast<ep::index_t>(*n);
+  p.memory_budget = a.bytes("--max-memory");
+  if (p.memory_budget && p.mb_size)
+    throw a.failure(fmt::format("--max-memory sizes --mb-size auto; it has no effect with --mb-size {}", *p.mb_size));
   o.dtype = a.choice<std::string>("--dtype", {{"f32", "f32"}, {"f64", "f64"}}).value_or(o.dtype);
   o.device = a.choice<Device>("--device", {{"cpu", Device::cpu}, {"cuda", Device::cuda}}).value_or(o.device);
   if (o.device == Device::cuda && !kHaveCuda)
     throw a.failure(
         "--device cuda: this build of entropy-probe has no CUDA support (rebuild with -DENTROPY_PROBE_CUDA=ON "
         "and a CUDA compiler, see docs/cuda.md), or use --device cpu");
-  o.variance = a.choice<ep::VarianceMode>("--variance", {{"none", ep::VarianceMode::none},
+  p.variance = a.choice<ep::VarianceMode>("--variance", {{"none", ep::VarianceMode::none},
                                                          {"conditional", ep::VarianceMode::conditional},
                                                          {"full", ep::VarianceMode::full}})
-                   .value_or(o.variance);
+                   .value_or(p.variance);
   if (auto g = a.choice<std::optional<ep::StepKind>>("--ground-truth", {{"none", std::nullopt},
                                                                         {"adam", ep::StepKind::adam},
                                                                         {"adamw", ep::StepKind::adam},
                                                                         {"precond_sgd", ep::StepKind::precond_sgd}}))
-    o.ground_truth = *g;
-  o.is = a.choice<ep::ISEstimator>("--is", {{"snis", ep::ISEstimator::snis}, {"clip", ep::ISEstimator::clip}})
-             .value_or(o.is);
-  o.clip_c = a.positive("--clip-c").value_or(o.clip_c);
-  o.temperature = a.positive("--temperature").value_or(o.temperature);
-  o.alpha_route =
+    p.ground_truth = *g;
+  p.is = a.choice<ep::ISEstimator>("--is", {{"snis", ep::ISEstimator::snis}, {"clip", ep::ISEstimator::clip}})
+             .value_or(p.is);
+  p.clip_c = a.positive("--clip-c").value_or(p.clip_c);
+  p.temperature = a.positive("--temperature").value_or(p.temperature);
+  p.alpha_route =
       a.choice<ep::AlphaRoute>("--alpha-route", {{"jvp", ep::AlphaRoute::jvp}, {"reverse", ep::AlphaRoute::reverse}})
-          .value_or(o.alpha_route);
+          .value_or(p.alpha_route);
   o.log_level = a.choice<ep::LogLevel>(
                      "--log-level",
                      {{"debug", ep::LogLevel::debug}, {"info", ep::LogLevel::info}, {"warning", ep::LogLevel::warning}})
                     .value_or(o.log_level);
   using Dirs = std::vector<ep::Direction>;
-  o.directions = a.choice<Dirs>("--direction", {{"precond_sgd", Dirs{ep::Direction::precond_sgd}},
+  p.directions = a.choice<Dirs>("--direction", {{"precond_sgd", Dirs{ep::Direction::precond_sgd}},
                                                 {"adamw", Dirs{ep::Direction::adamw}},
                                                 {"both", Dirs{ep::Direction::precond_sgd, ep::Direction::adamw}}})
-                     .value_or(o.directions);
-  o.lr_sweep = a.positive_list("--lr-sweep").value_or(o.lr_sweep);
+                     .value_or(p.directions);
+  p.lr_sweep = a.positive_list("--lr-sweep").value_or(p.lr_sweep);
   o.influence_csv = a.path("--influence-csv", "a file name");
-  o.influence = a.has_flag("--influence") || o.influence_csv.has_value();
+  p.influence = a.has_flag("--influence") || o.influence_csv.has_value();
   for (const auto& [name, out] : {std::pair{"--json", o.json_out}, std::pair{"--influence-csv", o.influence_csv}}) {
     if (!out) continue;
     const auto parent = std::filesystem::path(*out).parent_path();
@@ -182,9 +181,8 @@ inline RunOptions parse_run_args(const std::vector<std::string>& args) {
   return o;
 }
 
-// Runs fn(); an exception becomes its message on stderr and an exit status:
-// 2 usage (pointing at `entropy-probe COMMAND --help`), 3 bad input file, 4 no
-// CUDA device, 1 anything else.
+// Runs fn(); an exception becomes its message on stderr and the exit status
+// of its kind (a usage error also points at `entropy-probe COMMAND --help`).
 template <class F>
 int guarded(F&& fn, const std::string& who, const char* command = "run") {
   try {
@@ -249,7 +247,7 @@ inline int run_command(const std::vector<std::string>& args) {
       [&] {
         o = parse_run_args(args);
         if (o.help) return kExitOk;
-        if (!o.lr && !ep::hf::detail::is_file(detail::optimizer_path(o)) &&
+        if (!o.probe.learning_rate && !ep::hf::detail::is_file(detail::optimizer_path(o)) &&
             ep::hf::detail::is_file((std::filesystem::path(o.checkpoint) / "config.json").string()))
           throw UsageFailure(fmt::format(
               "entropy-probe run: {} has no optimizer.safetensors, so the learning rate must be given with --lr",

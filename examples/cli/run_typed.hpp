@@ -8,6 +8,7 @@
 #pragma once
 
 #include "args.hpp"
+#include "progress.hpp"
 
 #include <entropy_probe/entropy_probe.hpp>
 #include <entropy_probe/io/hf.hpp>
@@ -21,11 +22,9 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
-#include <string_view>
 #include <variant>
 #include <vector>
 
@@ -49,25 +48,14 @@ class DeviceUnavailable : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// `run`'s settings: the probe's own, parsed straight into `probe` (its
+// progress callback is set where the probe runs), and the command's.
 struct RunOptions {
+  ep::ProbeConfig probe;
   std::string checkpoint, e_batch, u_batch;
-  std::optional<double> lr;
-  ep::Weighting weighting = ep::Weighting::dr_grpo;
-  std::optional<ep::index_t> mb_size;       // unset: auto
-  std::optional<std::uint64_t> max_memory;  // bytes; unset: the backend's default budget
   std::string dtype = "f32";
   Device device = Device::cpu;
-  ep::VarianceMode variance = ep::VarianceMode::full;
-  std::optional<ep::StepKind> ground_truth;
-  ep::ISEstimator is = ep::ISEstimator::snis;
-  double clip_c = 10.0;
-  double temperature = 1.0;
-  std::optional<std::string> json_out;
-  std::vector<ep::Direction> directions{ep::Direction::precond_sgd};
-  bool influence = false;
-  std::vector<double> lr_sweep;
-  std::optional<std::string> influence_csv;
-  ep::AlphaRoute alpha_route = ep::AlphaRoute::jvp;
+  std::optional<std::string> json_out, influence_csv;
   ep::LogLevel log_level = ep::LogLevel::info;
   bool help = false;
 };
@@ -81,18 +69,6 @@ int run_on_cuda(const RunOptions& o, ep::Communicator& comm, int local_rank);
 
 inline std::string optimizer_path(const RunOptions& o) {
   return (std::filesystem::path(o.checkpoint) / "optimizer.safetensors").string();
-}
-
-// Progress lines on stderr at info level, at most a few per second.
-inline ep::ProgressCallback progress_printer() {
-  using clock = std::chrono::steady_clock;
-  auto last = std::make_shared<clock::time_point>(clock::now());
-  return [last](std::string_view phase, ep::index_t done, ep::index_t total) {
-    const auto now = clock::now();
-    if (done < total && now - *last < std::chrono::milliseconds(500)) return;
-    *last = now;
-    ep::log_info("[probe] {} {}/{} prompts", phase, done, total);
-  };
 }
 
 // The update sequences that push the entropy hardest each way: up to five
@@ -160,7 +136,7 @@ inline void print_summary(const ep::ProbeResult& r, const RunOptions& o, const s
     const ep::GroundTruth& t = *r.truth;
     fmt::print(
         "  ground truth ({} step, {}): deltaH_true_tok = {:+.6e} (compare with deltaH1), deltaH_true = {:+.6e}\n",
-        ep::to_string(*o.ground_truth), ep::to_string(o.is), t.deltaH_true_tok, t.deltaH_true);
+        ep::to_string(*o.probe.ground_truth), ep::to_string(o.probe.is), t.deltaH_true_tok, t.deltaH_true);
     fmt::print("      H_orig_tok = {:.6f}, H_upd_tok = {:.6f}, ESS = {:.1f} of {}\n", t.H_orig_tok, t.H_upd_tok, t.ESS,
                E.rows());
     fmt::print("      per sequence: deltaH_true = {:+.6e} +- {:.2e} (sampled)", t.deltaH_true, t.SE_deltaH_true);
@@ -232,21 +208,8 @@ ProbeOutcome probe_loaded(Model& model, const RunOptions& o, const ep::TokenBatc
   using B = typename Model::backend_type;
   E.validate(model.vocab_size(), o.e_batch);
   U.validate(model.vocab_size(), o.u_batch);
-  ep::ProbeConfig pc;
-  pc.learning_rate = o.lr;
-  pc.weighting = o.weighting;
-  pc.mb_size = o.mb_size;
-  pc.memory_budget = o.max_memory;
-  pc.temperature = o.temperature;
-  pc.variance = o.variance;
-  pc.alpha_route = o.alpha_route;
-  pc.ground_truth = o.ground_truth;
-  pc.is = o.is;
-  pc.clip_c = o.clip_c;
-  pc.directions = o.directions;
-  pc.influence = o.influence;
-  pc.lr_sweep = o.lr_sweep;
-  if (progress) pc.progress = progress_printer();
+  ep::ProbeConfig pc = o.probe;
+  if (progress) pc.progress = ep_cli::progress_printer([](const std::string& line) { ep::log_info("{}", line); });
   ep::OfflineEntropyProbe probe(model, pc, &comm);
   const std::string opt_path = optimizer_path(o);
   ProbeOutcome out;
@@ -255,7 +218,7 @@ ProbeOutcome probe_loaded(Model& model, const RunOptions& o, const ep::TokenBatc
                                                  : ep::AdamState<T, B>(probe.registry().info(), ep::AdamHyper{});
   if (!out.have_optimizer)
     ep::log_warning("{}: not found; no parameter has Adam state (identity preconditioner)", opt_path);
-  if (!o.lr && !(state.hyper().lr > 0))
+  if (!o.probe.learning_rate && !(state.hyper().lr > 0))
     ep::fail<ep::InputError>("{}: __metadata__ 'lr' = {} is not a usable learning rate; give --lr", opt_path,
                              state.hyper().lr);
   out.result = probe.run(E, U, state);

@@ -6,8 +6,8 @@
 //                        [--temperature T] [--top-p P] [--top-k K] [--stop-token ID]... [--seed S]
 //                        [--rewards REWARDS.jsonl] [--device cpu|cuda] --out BATCH.safetensors
 //
-// Exit status as `run`: 0 success, 1 an error while running, 2 a usage
-// error, 3 a bad input file (naming the file and line), 4 no CUDA device.
+// Exit status as `run` (ep_cli::kExitStatus); a bad input file's message
+// names the file and line.
 #pragma once
 
 #include "args.hpp"
@@ -51,9 +51,7 @@ inline const ep_cli::CommandSpec& sample_spec() {
               {"--device", "DEV", "cpu (default) or cuda (a CUDA build)"},
               {"--log-level", "L", "debug, info (default) or warning, on stderr"},
           },
-      .details =
-          "Exit status: 0 success, 1 an error while running, 2 a usage error, 3 a bad input file,\n"
-          "4 --device cuda found no CUDA device.",
+      .details = ep_cli::exit_status_help(),
       .help_column = 22};
   return spec;
 }

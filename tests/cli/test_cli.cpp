@@ -486,19 +486,19 @@ TEST_CASE("cli run: --mb-size auto is the default and --max-memory takes a byte 
     a.insert(a.end(), extra.begin(), extra.end());
     return ep_run::parse_run_args(a);
   };
-  CHECK_FALSE(parse({}).mb_size);
-  CHECK_FALSE(parse({}).max_memory);
-  CHECK_FALSE(parse({"--mb-size", "auto"}).mb_size);
-  CHECK(parse({"--mb-size", "0"}).mb_size == 0);
-  CHECK(parse({"--mb-size", "3"}).mb_size == 3);
+  CHECK_FALSE(parse({}).probe.mb_size);
+  CHECK_FALSE(parse({}).probe.memory_budget);
+  CHECK_FALSE(parse({"--mb-size", "auto"}).probe.mb_size);
+  CHECK(parse({"--mb-size", "0"}).probe.mb_size == 0);
+  CHECK(parse({"--mb-size", "3"}).probe.mb_size == 3);
   const std::uint64_t K = 1024;
-  CHECK(parse({"--max-memory", "8589934592"}).max_memory == 8589934592u);
-  CHECK(parse({"--max-memory", "2K"}).max_memory == 2 * K);
-  CHECK(parse({"--max-memory", "512M"}).max_memory == 512 * K * K);
-  CHECK(parse({"--max-memory=512MiB"}).max_memory == 512 * K * K);
-  CHECK(parse({"--max-memory", "1.5GiB"}).max_memory == 3 * K * K * K / 2);
-  CHECK(parse({"--max-memory", "6G", "--mb-size", "auto"}).max_memory == 6 * K * K * K);
-  CHECK(parse({"--max-memory", "1T"}).max_memory == K * K * K * K);
+  CHECK(parse({"--max-memory", "8589934592"}).probe.memory_budget == 8589934592u);
+  CHECK(parse({"--max-memory", "2K"}).probe.memory_budget == 2 * K);
+  CHECK(parse({"--max-memory", "512M"}).probe.memory_budget == 512 * K * K);
+  CHECK(parse({"--max-memory=512MiB"}).probe.memory_budget == 512 * K * K);
+  CHECK(parse({"--max-memory", "1.5GiB"}).probe.memory_budget == 3 * K * K * K / 2);
+  CHECK(parse({"--max-memory", "6G", "--mb-size", "auto"}).probe.memory_budget == 6 * K * K * K);
+  CHECK(parse({"--max-memory", "1T"}).probe.memory_budget == K * K * K * K);
 }
 
 TEST_CASE("cli run: a --max-memory below what the model holds is a clear error, exit 1", "[cli][memory]") {
