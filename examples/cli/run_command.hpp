@@ -81,6 +81,9 @@ inline const ep_cli::CommandSpec& run_spec() {
                "or both: the update direction(s) deltaH1 is predicted along"},
               {"--influence", "", "per-sequence entropy influence of every U sequence (adamw when computed)"},
               {"--influence-csv", "OUT", "write the per-sequence influences as CSV to OUT (implies --influence)"},
+              {"--control-variates", "",
+               "also the control-variate estimate of deltaH1 along precond_sgd, with its SE beside\n"
+               "the plain one (one more forward-tangent pass over E)"},
               {"--lr-sweep", "LIST",
                "learning rates X,Y,... or a log grid START:STOP:N: deltaH1 and the ground truth\n"
                "of each along every --direction (the baseline on E computed once)"},
@@ -171,6 +174,7 @@ inline RunOptions parse_run_args(const std::vector<std::string>& args) {
   p.lr_sweep = a.positive_list("--lr-sweep").value_or(p.lr_sweep);
   o.influence_csv = a.path("--influence-csv", "a file name");
   p.influence = a.has_flag("--influence") || o.influence_csv.has_value();
+  p.control_variates = a.has_flag("--control-variates");
   for (const auto& [name, out] : {std::pair{"--json", o.json_out}, std::pair{"--influence-csv", o.influence_csv}}) {
     if (!out) continue;
     const auto parent = std::filesystem::path(*out).parent_path();

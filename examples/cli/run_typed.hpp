@@ -130,6 +130,14 @@ inline void print_summary(const ep::ProbeResult& r, const RunOptions& o, const s
     fmt::print("  exp_avg_sq = 0 with a nonzero U gradient: {} entries ({} LoRA), {:.3g} of |mu_Y|^2\n", z.all, z.lora,
                z.all_share);
   if (r.influence_direction) print_top_influences(r);
+  if (r.control_variates) {
+    const ep::ControlVariates& cv = *r.control_variates;
+    fmt::print(
+        "  control variates ({} features, cross-fitted): deltaH1 = {:+.6e} +- {:.3e}  (plain {:+.6e} +- {:.3e})\n",
+        cv.features.size(), cv.deltaH1, cv.SE, cv.deltaH1_plain, cv.SE_plain);
+  } else if (o.probe.control_variates) {
+    fmt::print("  control variates: not computed (too few E prompts for the features; see the warning)\n");
+  }
   if (r.conditional) fmt::print("  SE_conditional = {:.3e}\n", r.conditional->se_conditional);
   if (r.full) fmt::print("  V_X = {:.3e}, V_Y = {:.3e}\n", r.full->V_X, r.full->V_Y);
   if (r.truth) {
@@ -158,8 +166,8 @@ inline void print_summary(const ep::ProbeResult& r, const RunOptions& o, const s
     }
   }
   std::string timing;
-  for (const char* k : {"load", "sum_X", "sum_Y", "conditional_variance", "full_variance", "influence", "ground_truth",
-                        "lr_sweep", "total"})
+  for (const char* k : {"load", "sum_X", "sum_Y", "conditional_variance", "full_variance", "control_variates",
+                        "influence", "ground_truth", "lr_sweep", "total"})
     if (auto it = r.timing.find(k); it != r.timing.end())
       timing += fmt::format("{}{} {:.3f}", timing.empty() ? "" : ", ", k, it->second);
   fmt::print("  timing (s): {}\n", timing);

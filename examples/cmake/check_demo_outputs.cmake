@@ -13,7 +13,7 @@ foreach(name results.json calibration.svg)
 endforeach()
 
 file(READ "${OUT_DIR}/results.json" json)
-foreach(key deltaH1 SE_deltaH1 SE_conditional deltaH_true_tok ESS registry sweep training)
+foreach(key deltaH1 SE_deltaH1 SE_conditional deltaH_true_tok ESS registry sweep training control_variates)
   string(JSON value ERROR_VARIABLE err GET "${json}" ${key})
   if(err)
     message(FATAL_ERROR "${OUT_DIR}/results.json: no key '${key}' (${err})")

@@ -45,7 +45,10 @@ BATCH_KEYS = {
 # Checkpoint.run's options: `entropy-probe run`'s (examples/cli/run_command.hpp)
 # without --e-batch/--u-batch (the arguments), --dtype/--device (the
 # Checkpoint's), --json (the result is returned) and --log-level (logging's).
-RUN_OPTIONS = ("lr", "weighting", "mb_size", "variance", "ground_truth", "is", "clip_c", "temperature", "alpha_route")
+# Flags (`--control-variates`) are booleans: True passes the flag, False leaves it out.
+RUN_OPTIONS = ("lr", "weighting", "mb_size", "variance", "ground_truth", "is", "clip_c", "temperature", "alpha_route",
+               "control_variates")
+RUN_FLAGS = ("control_variates",)
 
 Batch = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -162,7 +165,7 @@ class Checkpoint:
     def run(self, E: Batch, U: Batch, **options: Any) -> dict:
         """The offline entropy probe on batches E and U (dicts or batch-file paths), with the options of
         `entropy-probe run` (RUN_OPTIONS: lr, weighting, mb_size, variance, ground_truth, is, clip_c,
-        temperature, alpha_route). Returns the result with the keys of `entropy-probe run --json`."""
+        temperature, alpha_route, control_variates=True|False). Returns the result with the keys of `entropy-probe run --json`."""
         args = [self.path]
         for flag, batch, name in (("--e-batch", E, "E batch"), ("--u-batch", U, "U batch")):
             b = _to_core_batch(batch, name)
@@ -177,6 +180,12 @@ class Checkpoint:
             if key == "ground_truth" and value is None:
                 value = "none"
             if value is None:
+                continue
+            if key in RUN_FLAGS:
+                if not isinstance(value, (bool, np.bool_)):
+                    raise UsageError(f"Checkpoint.run: {key} = {value!r}; expected True or False")
+                if value:
+                    args.append("--" + key.replace("_", "-"))
                 continue
             args += ["--" + key.replace("_", "-"), _cli_option_value(key, value)]
         _sync_log_level()

@@ -101,6 +101,8 @@ def test_bad_options(ckpt):
         ckpt.run(E, U, lr=-1.0)
     with pytest.raises(ep.UsageError, match="mb_size"):
         ckpt.run(E, U, mb_size=1.5)
+    with pytest.raises(ep.UsageError, match="control_variates = 'yes'; expected True or False"):
+        ckpt.run(E, U, control_variates="yes")
     with pytest.raises(ep.UsageError, match="no CUDA support"):
         ep.Checkpoint(D, device="cuda")
     with pytest.raises(ep.UsageError, match="dtype must be 'f32' or 'f64'"):

@@ -19,6 +19,7 @@ GOLDEN_REL = 1e-9
 OPTION_SETS = [
     {"ground_truth": "adam"},
     {"ground_truth": "precond_sgd", "weighting": "per_token_avg", "temperature": 0.7, "mb_size": 1},
+    {"control_variates": True},
 ]
 
 
@@ -46,6 +47,9 @@ def assert_same(got, want, path=""):
 def cli_args(options):
     out = []
     for k, v in options.items():
+        if isinstance(v, bool):  # a flag
+            out += ["--" + k.replace("_", "-")] if v else []
+            continue
         out += ["--" + k.replace("_", "-"), repr(v) if isinstance(v, float) else str(v)]
     return out
 
@@ -56,7 +60,7 @@ def checkpoints():
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)
-@pytest.mark.parametrize("options", OPTION_SETS, ids=["adam", "precond_sgd_per_token_tau_mb"])
+@pytest.mark.parametrize("options", OPTION_SETS, ids=["adam", "precond_sgd_per_token_tau_mb", "control_variates"])
 def test_run_equals_cli(name, options, checkpoints, cli, tmp_path):
     d = GOLDEN / name
     got = checkpoints[name].run(str(d / "E.safetensors"), str(d / "U.safetensors"), **options)

@@ -219,6 +219,39 @@ TEST_CASE("cli run: --direction both and --influence-csv report both directions 
   CHECK(last == j["influence"][3]["influence"].get<double>());
 }
 
+TEST_CASE("cli run: --control-variates prints and writes the estimate beside the plain one", "[cli]") {
+  Gpt2Setup s;
+  const std::string out = s.dir.file("cv.json");
+  const std::vector<std::string> args{s.ckpt, "--e-batch", s.E,   "--u-batch",   s.U,       "--json",
+                                      out,    "--dtype",   "f64", "--log-level", "warning", "--control-variates"};
+  {
+    // The setup's E batch has 4 prompts of G = 3: 5 features need 7.
+    const Outcome o = run(args);
+    INFO(o.err);
+    REQUIRE(o.rc == 0);
+    CHECK_THAT(o.err, Contains("B_E = 4 prompts for 5 features"));
+    CHECK_THAT(o.out, Contains("control variates: not computed"));
+    const json j = read_json(out);
+    CHECK_FALSE(j.contains("control_variates"));
+    CHECK(j["config"]["control_variates"] == true);
+  }
+  hf::save_batch(random_batch(9, 3, 8, 11, 35), s.E);
+  const Outcome o = run(args);
+  INFO(o.err);
+  REQUIRE(o.rc == 0);
+  CHECK_THAT(o.out, Contains("control variates (5 features, cross-fitted)"));
+  const json j = read_json(out);
+  REQUIRE(j.contains("control_variates"));
+  const json& cv = j["control_variates"];
+  CHECK(cv["features"].size() == 5);
+  CHECK(cv["beta"].size() == 5);
+  CHECK(cv["deltaH1_plain"].get<double>() == Approx(j["deltaH1"].get<double>()).epsilon(1e-12));
+  const double se_plain = j["learning_rate"].get<double>() * std::sqrt(j["V_X"].get<double>());
+  CHECK(cv["SE_plain"].get<double>() == Approx(se_plain).epsilon(1e-10));
+  CHECK(cv["SE"].get<double>() > 0);
+  CHECK(j["timing"].contains("control_variates"));
+}
+
 TEST_CASE("cli run: --lr-sweep on a log grid gives a table and one JSON point per direction and eta", "[cli]") {
   Gpt2Setup s;
   const std::string out = s.dir.file("sweep.json");

@@ -284,3 +284,207 @@ TEST_CASE("exactness: Rao-Blackwellised and sampled entropies have the same expe
     CHECK(std::abs((is_rb1 - rb0) - (H1 - H0)) < 1e-12 * H0);
   }
 }
+
+namespace {
+
+// Every response of `len` tokens after `prefix`, each its own prompt (G = 1),
+// so one pass gives the per-response terms the enumerations combine.
+TokenBatch responses_as_prompts(const std::vector<std::int32_t>& prefix, index_t len) {
+  TokenBatch b;
+  b.G = 1;
+  b.T = static_cast<index_t>(prefix.size()) + len;
+  b.B = 1;
+  for (index_t k = 0; k < len; ++k) b.B *= kVocab;
+  for (index_t y = 0; y < b.B; ++y) {
+    b.sequences.insert(b.sequences.end(), prefix.begin(), prefix.end());
+    b.sequences.resize(b.sequences.size() + static_cast<std::size_t>(len));
+    index_t rest = y;  // the response's tokens are y's base-5 digits, most significant first
+    for (std::size_t k = 1; k <= static_cast<std::size_t>(len); ++k, rest /= kVocab)
+      b.sequences[b.sequences.size() - k] = std::int32_t(rest % kVocab);
+    b.prompt_lens.push_back(std::int32_t(prefix.size()));
+  }
+  b.attention_mask.assign(b.sequences.size(), 1);
+  b.advantages.assign(static_cast<std::size_t>(b.B), 0.0);
+  b.validate(kVocab, "responses");
+  return b;
+}
+
+// Per response y of responses_as_prompts: probability, s_y = X . v (G = 1:
+// the X loss weight -S / L times Sdot) and the features of a one-response
+// group, all through the library's pass and functions.
+struct ResponseTerms {
+  std::vector<double> p, s;
+  SequenceTerms terms;
+  ControlVariateFeatures features;  // per response (G = 1)
+};
+
+ResponseTerms response_terms(Model& m, const Registry<double>& reg, const TokenBatch& all,
+                             const ParamBuffer<double>& v) {
+  SingleProcess comm;
+  ProbeComponents<Model> c(m, reg, ProbeSettings{.mb_size = 0}, comm);
+  const auto st = c.sequence_tangents(all, v, "enumeration", /*entropy=*/true);
+  ResponseTerms r;
+  const std::vector<double> W = x_loss_weights(all, st.S, Weighting::dr_grpo);
+  r.terms = {all.B, 1, st.S, st.H, st.Sdot, {}};
+  double total = 0;
+  for (index_t y = 0; y < all.B; ++y) {
+    r.p.push_back(std::exp(st.S[std::size_t(y)]));
+    total += r.p.back();
+    r.s.push_back(W[std::size_t(y)] * st.Sdot[std::size_t(y)]);
+    r.terms.L.push_back(double(all.gen_length(y, 0)));
+  }
+  REQUIRE(total == Approx(1.0).epsilon(1e-12));
+  r.features = control_variate_features(r.terms);
+  return r;
+}
+
+// E[mean_b s_cv_b] over every batch of `n` i.i.d. prompts drawn from the
+// responses, by enumerating multisets (the estimate is symmetric in the
+// prompts) weighted by their probability; `columns` picks the features. Also
+// E of the in-sample version (beta fitted on all prompts, the one reported),
+// which is biased: the contrast shows the enumeration can see a bias.
+struct EnumeratedMeans {
+  double cross_fitted = 0, in_sample = 0, plain = 0, var_plain = 0, var_cv = 0;
+};
+
+EnumeratedMeans enumerate_batches(const ResponseTerms& r, index_t n, const std::vector<index_t>& columns) {
+  const auto N = static_cast<index_t>(r.p.size());
+  ControlVariateFeatures f;
+  for (index_t k : columns) f.names.push_back(r.features.names[std::size_t(k)]);
+  f.prompts = n;
+  const auto K = static_cast<index_t>(columns.size());
+  f.Z.assign(static_cast<std::size_t>(n * K), 0.0);
+  std::vector<index_t> pick(static_cast<std::size_t>(n), 0);
+  std::vector<double> s(static_cast<std::size_t>(n));
+  std::vector<double> factorial{1};
+  for (index_t k = 1; k <= n; ++k) factorial.push_back(factorial.back() * double(k));
+  EnumeratedMeans e;
+  while (true) {
+    double w = factorial[std::size_t(n)];  // distinct orderings of the multiset, times its probability
+    index_t run = 1;
+    for (index_t b = 0; b < n; ++b) {
+      const index_t y = pick[std::size_t(b)];
+      w *= r.p[std::size_t(y)];
+      s[std::size_t(b)] = r.s[std::size_t(y)];
+      for (index_t k = 0; k < K; ++k) f.Z[std::size_t(b * K + k)] = r.features.at(y, columns[std::size_t(k)]);
+      if (b > 0 && y == pick[std::size_t(b - 1)]) {
+        ++run;
+      } else {
+        run = 1;
+      }
+      w /= double(run);
+    }
+    const auto cv = control_variate_estimate(s, f, 1.0);
+    if (!cv) FAIL("no control-variate estimate for a batch of " << n << " prompts and " << K << " features");
+    double in_sample = 0;
+    for (index_t b = 0; b < n; ++b) {
+      double c = s[std::size_t(b)];
+      for (index_t k = 0; k < K; ++k) c -= cv->beta[std::size_t(k)] * f.at(b, k);
+      in_sample += c / double(n);
+    }
+    e.cross_fitted += w * cv->deltaH1;
+    e.in_sample += w * in_sample;
+    e.plain += w * cv->deltaH1_plain;
+    e.var_plain += w * cv->SE_plain * cv->SE_plain;
+    e.var_cv += w * cv->SE * cv->SE;
+    // Next multiset: nondecreasing picks.
+    index_t b = n - 1;
+    while (b >= 0 && pick[std::size_t(b)] == N - 1) --b;
+    if (b < 0) break;
+    ++pick[std::size_t(b)];
+    for (index_t j = b + 1; j < n; ++j) pick[std::size_t(j)] = pick[std::size_t(b)];
+  }
+  return e;
+}
+
+}  // namespace
+
+TEST_CASE("exactness: control variates have mean zero and keep the estimate unbiased, by enumeration",
+          "[probe][exact][control_variates]") {
+  // docs/math.md (m). All 125 responses after the prompt (2), and all 25
+  // after the prompt (2, 0) (the same model, a second prompt with fewer
+  // responses, so that batches of four are enumerable).
+  Model m = enumerable_model(4);
+  auto reg = Registry<double>::build(m);
+  const auto v = random_direction(reg, 12);
+  const ResponseTerms r3 = response_terms(m, reg, responses_as_prompts({kPrompt}, kLen), v);
+  REQUIRE(r3.features.names == std::vector<std::string>{"score", "surprisal_minus_entropy"});
+
+  // E[s] = (grad H / 3) . v exactly (G = 1: X = -(S / 3) grad S).
+  auto gradH = exact_entropy_gradient(m, reg);
+  const double exact = dot_param_buffers(gradH, v) / double(kLen);
+  double Es = 0;
+  for (std::size_t y = 0; y < r3.p.size(); ++y) Es += r3.p[y] * r3.s[y];
+  REQUIRE(std::abs(exact) > 1e-3);
+  CHECK(rel(Es, exact) < 1e-10);
+
+  SECTION("every feature has expectation zero, the leave-one-out ones over all G = 2 pairs") {
+    // G = 1: score and surprisal_minus_entropy, over the 125 responses.
+    for (index_t k = 0; k < r3.features.count(); ++k) {
+      double mean = 0, scale = 0;
+      for (std::size_t y = 0; y < r3.p.size(); ++y) {
+        mean += r3.p[y] * r3.features.at(index_t(y), k);
+        scale += r3.p[y] * std::abs(r3.features.at(index_t(y), k));
+      }
+      INFO(r3.features.names[std::size_t(k)] << ": E = " << mean << ", E|z| = " << scale);
+      REQUIRE(scale > 1e-2);
+      CHECK(std::abs(mean) < 1e-12 * scale);
+    }
+    // G = 2: every ordered pair (y1, y2) as one group.
+    const auto n = static_cast<index_t>(r3.p.size());
+    std::vector<double> mean, scale;
+    std::vector<std::string> names;
+    for (index_t a = 0; a < n; ++a)
+      for (index_t b = 0; b < n; ++b) {
+        SequenceTerms t{1, 2, {}, {}, {}, {}};
+        for (index_t y : {a, b}) {
+          t.S.push_back(r3.terms.S[std::size_t(y)]);
+          t.RB.push_back(r3.terms.RB[std::size_t(y)]);
+          t.Sdot.push_back(r3.terms.Sdot[std::size_t(y)]);
+          t.L.push_back(r3.terms.L[std::size_t(y)]);
+        }
+        const ControlVariateFeatures f = control_variate_features(t);
+        if (names.empty()) {
+          names = f.names;
+          mean.assign(names.size(), 0.0);
+          scale.assign(names.size(), 0.0);
+        }
+        const double w = r3.p[std::size_t(a)] * r3.p[std::size_t(b)];
+        for (index_t k = 0; k < f.count(); ++k) {
+          mean[std::size_t(k)] += w * f.at(0, k);
+          scale[std::size_t(k)] += w * std::abs(f.at(0, k));
+        }
+      }
+    REQUIRE(names == std::vector<std::string>{"score", "score_x_loo_length", "score_x_loo_surprisal_per_token",
+                                              "score_x_loo_entropy_per_token", "surprisal_minus_entropy"});
+    for (std::size_t k = 0; k < names.size(); ++k) {
+      INFO(names[k] << ": E = " << mean[k] << ", E|Z| = " << scale[k]);
+      REQUIRE(scale[k] > 1e-2);
+      CHECK(std::abs(mean[k]) < 1e-12 * scale[k]);
+    }
+  }
+
+  SECTION("the cross-fitted estimate is unbiased over all batches of three prompts, one feature each") {
+    for (index_t k = 0; k < r3.features.count(); ++k) {
+      const EnumeratedMeans e = enumerate_batches(r3, 3, {k});
+      INFO(r3.features.names[std::size_t(k)] << ": E[deltaH1_cv] = " << e.cross_fitted << ", E[plain] = " << e.plain
+                                             << ", in-sample " << e.in_sample << ", exact " << exact);
+      CHECK(rel(e.plain, exact) < 1e-10);
+      CHECK(rel(e.cross_fitted, exact) < 1e-10);
+      CHECK(rel(e.in_sample, exact) > 1e-4);  // fitting on the prompt itself is biased: the check has power
+    }
+  }
+
+  SECTION("both features over all batches of four prompts after the prompt (2, 0)") {
+    const ResponseTerms r2 = response_terms(m, reg, responses_as_prompts({kPrompt, 0}, 2), v);
+    double Es2 = 0;
+    for (std::size_t y = 0; y < r2.p.size(); ++y) Es2 += r2.p[y] * r2.s[y];
+    REQUIRE(std::abs(Es2) > 1e-4);
+    const EnumeratedMeans e = enumerate_batches(r2, 4, {0, 1});
+    INFO("E[s] = " << Es2 << ", E[deltaH1_cv] = " << e.cross_fitted << ", in-sample " << e.in_sample
+                   << ", E[SE_plain^2] = " << e.var_plain << ", E[SE_cv^2] = " << e.var_cv);
+    CHECK(rel(e.plain, Es2) < 1e-10);
+    CHECK(rel(e.cross_fitted, Es2) < 1e-10);
+    CHECK(rel(e.in_sample, Es2) > 1e-4);
+  }
+}

@@ -2,6 +2,7 @@
 // probe components (docs/math.md, docs/checkpoints.md). Every failing run is checked
 // to leave the model's parameters, their grads and the Adam state unchanged,
 // bit for bit.
+#include "../support/log_capture.hpp"
 #include "../support/tiny_models.hpp"
 
 #include <entropy_probe/io/result_json.hpp>
@@ -96,19 +97,6 @@ void check_unchanged(const AdamSnapshot& a, const AdamSnapshot& b) {
     CHECK(a.step[i] == b.step[i]);
   }
 }
-
-// Collects log warnings while alive.
-struct WarningCapture {
-  std::vector<std::string> warnings;
-  WarningCapture() {
-    set_log_sink([this](LogLevel l, std::string_view m) {
-      if (l == LogLevel::warning) warnings.emplace_back(m);
-    });
-  }
-  ~WarningCapture() { set_log_sink({}); }
-  WarningCapture(const WarningCapture&) = delete;
-  WarningCapture& operator=(const WarningCapture&) = delete;
-};
 
 ProbeConfig base_config(VarianceMode variance = VarianceMode::full) {
   ProbeConfig cfg;
@@ -421,6 +409,7 @@ TEST_CASE("probe edge: phases that do not run leave their keys out of the result
     VarianceMode variance;
     bool truth;
     std::set<std::string> extra, timing;
+    bool control_variates = false;  // with B_E = 4 below its features + 2: the pass runs, no estimate
   };
   const std::vector<Case> cases = {
       {VarianceMode::none, false, {}, {"sum_X", "sum_Y", "total"}},
@@ -430,11 +419,13 @@ TEST_CASE("probe edge: phases that do not run leave their keys out of the result
        true,
        unite(unite(conditional_keys, full_keys), truth_keys),
        {"sum_X", "sum_Y", "conditional_variance", "full_variance", "ground_truth", "total"}},
+      {VarianceMode::none, false, {}, {"sum_X", "sum_Y", "control_variates", "total"}, true},
   };
   for (const Case& k : cases) {
     CAPTURE(to_string(k.variance), k.truth);
     ProbeConfig cfg = base_config(k.variance);
     if (k.truth) cfg.ground_truth = StepKind::precond_sgd;
+    cfg.control_variates = k.control_variates;
     OfflineEntropyProbe probe(model, cfg);
     const auto state = random_adam_state(probe.registry(), 10);
     const ProbeResult r = probe.run(E, U, state);
@@ -456,13 +447,16 @@ TEST_CASE("probe edge: phases that do not run leave their keys out of the result
     CHECK(keys_of(j["config"]) == std::set<std::string>{"learning_rate", "learning_rate_source", "weighting", "mb_size",
                                                         "memory_budget", "temperature", "variance", "alpha_route",
                                                         "ground_truth", "is", "clip_c", "directions", "influence",
-                                                        "lr_sweep"});
+                                                        "lr_sweep", "control_variates"});
+    CHECK(j["config"]["control_variates"] == k.control_variates);
+    CHECK(r.first_order_per_sequence.size() == (k.control_variates ? 8u : 0u));
     // A microbatch size per loop that ran (full_variance_X only when the
     // alpha trick's values could not be reused).
     std::set<std::string> loops = {"sum_X", "sum_Y"};
     if (k.variance != VarianceMode::none) loops.insert("conditional_variance");
     if (k.variance == VarianceMode::full) loops.insert("full_variance_Y");
     if (k.truth) loops.insert({"ground_truth_baseline", "ground_truth"});
+    if (k.control_variates) loops.insert("control_variates");
     std::set<std::string> ran = keys_of(j["microbatch"]);
     ran.erase("full_variance_X");
     CHECK(ran == loops);

@@ -78,6 +78,11 @@ inline nlohmann::json to_json(const ProbeResult& r) {
     j["influence"] = inf;
     j["influence_direction"] = to_string(*r.influence_direction);
   }
+  if (r.control_variates) {
+    const ControlVariates& cv = *r.control_variates;
+    j["control_variates"] = {{"features", cv.features},           {"deltaH1", cv.deltaH1},   {"SE", cv.SE},
+                             {"deltaH1_plain", cv.deltaH1_plain}, {"SE_plain", cv.SE_plain}, {"beta", cv.beta}};
+  }
   if (!r.lr_sweep.empty()) {
     // Per point: deltaH1 is on the per-token scale of deltaH_true_tok (docs/math.md (e)).
     nlohmann::json sweep = nlohmann::json::array();
@@ -125,6 +130,7 @@ inline nlohmann::json to_json(const ProbeResult& r) {
   for (Direction d : c.directions) cfg["directions"].push_back(to_string(d));
   cfg["influence"] = c.influence;
   cfg["lr_sweep"] = c.lr_sweep;
+  cfg["control_variates"] = c.control_variates;
   j["config"] = cfg;
   return j;
 }

@@ -310,13 +310,18 @@ class ProbeComponents {
                       [](const TokenBatch& mb, std::span<const double>) { return y_loss_weights(mb); });
   }
 
-  // For every sequence (b, g) of `batch` (row b*G + g, all ranks): the
-  // directional derivative of its term of the loss along `tangent`,
-  //   d[b,g] = W[b,g] * (dS[b,g]/dtheta . tangent),
-  // by forward mode: one pass per microbatch on a forward-tangent tape, so
-  // values and tangents flow together and each finished layer is freed.
-  std::vector<double> per_sequence_directional(const TokenBatch& batch, const Buffer& tangent,
-                                               const LossWeightsFn& weights, const char* phase) const {
+  // Per sequence of a batch (row b*G + g, batch order, all ranks): S, the
+  // directional derivative Sdot = dS/dtheta . tangent and, when asked, the
+  // Rao-Blackwellised entropy sum H (docs/math.md (k); empty without).
+  struct SequenceTangents {
+    std::vector<double> S, Sdot, H;
+  };
+
+  // All three from one forward-mode pass per microbatch on a forward-tangent
+  // tape, so values and tangents flow together and each finished layer is
+  // freed; the entropies come from the same chunked lm-head pass as S.
+  SequenceTangents sequence_tangents(const TokenBatch& batch, const Buffer& tangent, const char* phase,
+                                     bool entropy = false) const {
     require_bound_to(tangent, *registry_, phase);
     // The tangent in T, converted once for every microbatch; the tape
     // borrows its entries.
@@ -329,12 +334,14 @@ class ProbeComponents {
         return *converted;
     }
     ();
-    std::vector<double> d(static_cast<std::size_t>(batch.rows()), 0.0);
+    const auto rows = static_cast<std::size_t>(batch.rows());
+    const std::size_t parts = entropy ? 3 : 2;
+    std::vector<double> all(parts * rows, 0.0);  // S, Sdot[, H]: one allreduce
     for_each_microbatch(batch, phase, [&](const TokenBatch& mb, std::span<const index_t> prompts) {
       Tape<T, B> tape(forward_tangents, param_tangents(tangent_t, phase));
-      Var S = record_sequence_logprobs(tape, *model_, mb, settings_.temperature);
+      std::vector<double> h;
+      Var S = record_sequence_logprobs(tape, *model_, mb, settings_.temperature, entropy ? &h : nullptr);
       const std::vector<double> s = to_double(tape.value(S));
-      const std::vector<double> W = weights(mb, s);
       const Tensor<T, B>* sdot = tape.tangent(S);
       if (!sdot)
         fail<Error>(
@@ -345,10 +352,35 @@ class ProbeComponents {
       for (index_t j = 0; j < mb.B; ++j)
         for (index_t g = 0; g < mb.G; ++g) {
           const auto row = static_cast<std::size_t>(j * mb.G + g);
-          d[static_cast<std::size_t>(prompts[static_cast<std::size_t>(j)] * batch.G + g)] = W[row] * sd[row];
+          const auto at = static_cast<std::size_t>(prompts[static_cast<std::size_t>(j)] * batch.G + g);
+          all[at] = s[row];
+          all[rows + at] = sd[row];
+          if (entropy) all[2 * rows + at] = h[row];
         }
     });
-    comm_->allreduce_sum(std::span<double>(d));
+    comm_->allreduce_sum(std::span<double>(all));
+    const auto part = [&](std::size_t k) {
+      return std::vector<double>(all.begin() + static_cast<std::ptrdiff_t>(k * rows),
+                                 all.begin() + static_cast<std::ptrdiff_t>((k + 1) * rows));
+    };
+    SequenceTangents out;
+    out.S = part(0);
+    out.Sdot = part(1);
+    if (entropy) out.H = part(2);
+    return out;
+  }
+
+  // For every sequence (b, g) of `batch` (row b*G + g, all ranks): the
+  // directional derivative of its term of the loss along `tangent`,
+  //   d[b,g] = W[b,g] * (dS[b,g]/dtheta . tangent),
+  // with W the phase's loss weights of the whole batch (they are per prompt,
+  // so the same as per microbatch).
+  std::vector<double> per_sequence_directional(const TokenBatch& batch, const Buffer& tangent,
+                                               const LossWeightsFn& weights, const char* phase) const {
+    const SequenceTangents st = sequence_tangents(batch, tangent, phase);
+    const std::vector<double> W = weights(batch, st.S);
+    std::vector<double> d(st.S.size());
+    for (std::size_t i = 0; i < d.size(); ++i) d[i] = W[i] * st.Sdot[i];
     return d;
   }
 

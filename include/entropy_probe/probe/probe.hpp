@@ -6,6 +6,7 @@
 
 #include "entropy_probe/optim/adam.hpp"
 #include "entropy_probe/probe/components.hpp"
+#include "entropy_probe/probe/control_variates.hpp"
 #include "entropy_probe/probe/ground_truth.hpp"
 #include "entropy_probe/probe/variance.hpp"
 
@@ -53,6 +54,11 @@ struct ProbeConfig {
   // and every eta here, deltaH1 and the ground truth of that step; empty:
   // none. The baseline statistics on E are computed once for all of them.
   std::vector<double> lr_sweep;
+  // The control-variate estimate of the first-order prediction along mu_Y
+  // (docs/math.md (m)): S, the Rao-Blackwellised entropies and Sdot along
+  // mu_Y on E from one forward-tangent pass, which also serves as full
+  // variance's V_X pass.
+  bool control_variates = false;
 };
 
 // The step kind whose ground truth measures a direction's prediction: the
@@ -103,6 +109,11 @@ struct ProbeResult {
   std::vector<SequenceInfluence> influence;  // U batch order (prompt-major); empty unless configured
   std::optional<Direction> influence_direction;
   std::vector<SweepPoint> lr_sweep;  // direction-major, in the order of ProbeConfig
+  // With ProbeConfig::control_variates: y[b,g] = W[b,g] Sdot[b,g] per E
+  // sequence (row b*G + g), (1/B_E) sum y = bars_dot of precond_sgd; and the
+  // estimate, empty when B_E is too small for its features (a warning says so).
+  std::vector<double> first_order_per_sequence;
+  std::optional<ControlVariates> control_variates;
   RegistrySummary registry;
   std::map<std::string, double> timing;       // seconds per phase, and "total"
   std::map<std::string, index_t> microbatch;  // prompts per microbatch each phase ran with (rank 0's)
@@ -232,12 +243,21 @@ class OfflineEntropyProbe {
       r.conditional = est.estimate(E, mu_Y, eta, config_.alpha_route);
       r.timing["conditional_variance"] = seconds_since(t0);
     }
+    // X_b . mu_Y over all trainables, when the control-variate pass gave it.
+    std::vector<double> x_directional;
+    if (config_.control_variates) {
+      t0 = clock::now();
+      x_directional = control_variate_phase(E, mu_Y, eta, r);
+      r.timing["control_variates"] = seconds_since(t0);
+    }
     if (config_.variance == VarianceMode::full) {
       t0 = clock::now();
       const bool reuse = r.conditional && r.conditional->lora_used == mu_Y.present_count();
       r.full = full_variance(
           components_, E, U, mu_X, mu_Y, bars_dot_precond, eta, [&](Buffer& b) { precond.apply(b); },
-          reuse ? &r.conditional->s_values : nullptr);
+          reuse                   ? &r.conditional->s_values
+          : x_directional.empty() ? nullptr
+                                  : &x_directional);
       r.timing["full_variance"] = seconds_since(t0);
     }
     last_ = Cached{sum_Y.sum, mu_Y, r.B_U};
@@ -290,6 +310,27 @@ class OfflineEntropyProbe {
     Buffer sum_Y_raw, mu_Y;
     index_t B_U;
   };
+
+  // The control-variate phase (docs/math.md (m)): one forward-tangent pass
+  // over E along mu_Y gives S, Sdot and the Rao-Blackwellised entropies per
+  // sequence; y = W Sdot with the X loss weights; s_b = sum_g y[b,g] is
+  // X_b . mu_Y over all trainables (returned for full variance's V_X).
+  std::vector<double> control_variate_phase(const TokenBatch& E, const Buffer& mu_Y, double eta, ProbeResult& r) const {
+    const auto st = components_.sequence_tangents(E, mu_Y, "control_variates", /*entropy=*/true);
+    const std::vector<double> W = x_loss_weights(E, st.S, config_.weighting);
+    SequenceTerms terms{E.B, E.G, st.S, st.H, st.Sdot, {}};
+    std::vector<double> s(static_cast<std::size_t>(E.B), 0.0);
+    r.first_order_per_sequence.resize(st.S.size());
+    for (index_t b = 0; b < E.B; ++b)
+      for (index_t g = 0; g < E.G; ++g) {
+        const auto row = static_cast<std::size_t>(b * E.G + g);
+        r.first_order_per_sequence[row] = W[row] * st.Sdot[row];
+        s[static_cast<std::size_t>(b)] += r.first_order_per_sequence[row];
+        terms.L.push_back(static_cast<double>(E.gen_length(b, g)));
+      }
+    r.control_variates = control_variate_estimate(s, control_variate_features(terms), eta);
+    return s;
+  }
 
   // influence[u,g] = scale * W[u,g] * (grad S[u,g] . tangent) with the Y
   // loss weights W, for every row of U.
