@@ -456,7 +456,7 @@ TEST_CASE("probe edge: phases that do not run leave their keys out of the result
     CHECK(keys_of(j["config"]) == std::set<std::string>{"learning_rate", "learning_rate_source", "weighting", "mb_size",
                                                         "memory_budget", "temperature", "variance", "alpha_route",
                                                         "ground_truth", "is", "clip_c", "directions", "influence",
-                                                        "lr_sweep"});
+                                                        "influence_matrix", "influence_truth", "lr_sweep"});
     // A microbatch size per loop that ran (full_variance_X only when the
     // alpha trick's values could not be reused).
     std::set<std::string> loops = {"sum_X", "sum_Y"};
