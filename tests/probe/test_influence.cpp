@@ -24,8 +24,8 @@ double rel(double a, double b) { return std::abs(a - b) / std::max({std::abs(a),
 
 // A state with unequal step counts, one parameter without state and weight
 // decay, as the directions tests use.
-AdamState<double> uneven_state(const Registry<double>& reg) {
-  auto state = random_adam_state(reg, 61, "h.1.mlp.c_fc.lora_A");
+AdamState<double> uneven_state(const Registry<double>& reg, const std::string& stateless = "h.1.mlp.c_fc.lora_A") {
+  auto state = random_adam_state(reg, 61, stateless);
   state.hyper().weight_decay = 0.1;
   for (index_t i = 0; i < state.size(); ++i)
     if (auto* e = state.entry(i)) e->step = double(1 + i % 3);
@@ -61,14 +61,18 @@ ParamBuffer<double> sequence_direction_by_hand(const ProbeComponents<Model>& c, 
 
 }  // namespace
 
-TEST_CASE("influence matrix: entries match brute force, column sums are the influences, the total is deltaH1",
-          "[probe][influence]") {
-  auto model = tiny_gpt2<double>(62, /*lm_head=*/true);
-  const TokenBatch E = random_batch(3, 2, 8, 11, 63);
-  TokenBatch U = random_batch(3, 3, 8, 11, 64);
+namespace {
+
+// The matrix of `model` on E (3 x 2 sequences) and U (3 x 3) against brute
+// force, both directions; `stateless` names a parameter without Adam state.
+template <class Model>
+void check_influence_matrix(Model& model, const std::string& family, const std::string& stateless) {
+  const index_t vocab = model.vocab_size();
+  const TokenBatch E = random_batch(3, 2, 8, vocab, 63);
+  const TokenBatch U = random_batch(3, 3, 8, vocab, 64);
   const double eta = 1e-2;
   for (Direction dir : {Direction::adamw, Direction::precond_sgd}) {
-    CAPTURE(to_string(dir));
+    CAPTURE(family, to_string(dir));
     ProbeConfig cfg;
     cfg.learning_rate = eta;
     cfg.variance = VarianceMode::none;
@@ -78,7 +82,8 @@ TEST_CASE("influence matrix: entries match brute force, column sums are the infl
                                              : std::vector{Direction::precond_sgd};
     OfflineEntropyProbe probe(model, cfg);
     const auto& reg = probe.registry();
-    const AdamState<double> state = uneven_state(reg);
+    const AdamState<double> state = uneven_state(reg, stateless);
+    REQUIRE(state.missing_count() == 1);
     set_log_sink([](LogLevel, std::string_view) {});
     const ProbeResult r = probe.run(E, U, state);
     set_log_sink({});
@@ -110,12 +115,12 @@ TEST_CASE("influence matrix: entries match brute force, column sums are the infl
       CHECK(m.rows[std::size_t(i)].completion == i % E.G);
       Tape<double> tape;
       Var S = record_sequence_logprobs(tape, model, E, 1.0);
-      const auto s_values = ProbeComponents<decltype(model)>::to_double(tape.value(S));
+      const auto s_values = ProbeComponents<Model>::to_double(tape.value(S));
       const double w_x = x_loss_weights(E, s_values, Weighting::dr_grpo)[std::size_t(i)];
       std::vector<double> one_hot(std::size_t(E.rows()), 0.0);
       one_hot[std::size_t(i)] = 1;
       reg.zero_grad();
-      tape.backward(S, ProbeComponents<decltype(model)>::from_double(one_hot));
+      tape.backward(S, ProbeComponents<Model>::from_double(one_hot));
       auto x = zeros_like_params<double>(reg);
       add_into_param_buffer(x, reg, w_x / double(E.B));  // x_i = W_X grad S_i / B_E
       reg.zero_grad();
@@ -157,9 +162,9 @@ TEST_CASE("influence matrix: entries match brute force, column sums are the infl
     CAPTURE(all, dr.deltaH1);
     CHECK(rel(all, dr.deltaH1) < 1e-12);
     std::printf(
-        "influence matrix %s: entries vs brute force %.3e, momentum/decay rows %.3e, column sums vs influences "
+        "influence matrix %s %s: entries vs brute force %.3e, momentum/decay rows %.3e, column sums vs influences "
         "%.3e, total vs deltaH1 %.3e\n",
-        to_string(dir), worst_entry, worst_momentum, worst_column, rel(all, dr.deltaH1));
+        family.c_str(), to_string(dir), worst_entry, worst_momentum, worst_column, rel(all, dr.deltaH1));
 
     const nlohmann::json j = to_json(r);
     const auto& jm = j["influence_matrix"];
@@ -183,6 +188,18 @@ TEST_CASE("influence matrix: entries match brute force, column sums are the infl
     CHECK(first.rfind(fmt::format("0,0,{:.17g},", m.at(0, 0)), 0) == 0);
     std::filesystem::remove(csv);
   }
+}
+
+}  // namespace
+
+TEST_CASE("influence matrix: entries match brute force, column sums are the influences, the total is deltaH1",
+          "[probe][influence]") {
+  auto gpt2 = tiny_gpt2<double>(62, /*lm_head=*/true);
+  check_influence_matrix(gpt2, "gpt2", "h.1.mlp.c_fc.lora_A");
+  nn::LoraConfig lora = tiny_lora();
+  lora.target_modules = {"q_proj", "v_proj", "up_proj", "down_proj"};
+  nn::Qwen2ForCausalLM<double> qwen2(tiny_qwen2_config(/*tie=*/false), lora, 69);
+  check_influence_matrix(qwen2, "qwen2", "layers.1.mlp.up_proj.lora_A");
 }
 
 TEST_CASE("influence matrix: refused by name when too large", "[probe][influence]") {
