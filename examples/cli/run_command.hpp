@@ -33,6 +33,7 @@
 
 #include <fmt/format.h>
 
+#include <charconv>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -84,6 +85,16 @@ inline const ep_cli::CommandSpec& run_spec() {
               {"--control-variates", "",
                "also the control-variate estimate of deltaH1 along precond_sgd, with its SE beside\n"
                "the plain one (one more forward-tangent pass over E)"},
+              {"--influence-matrix", "",
+               "the influence matrix over (E sequence, U sequence), eta * x_(b,g') . v_(u,g), along the\n"
+               "influence direction (implies --influence; refused beyond 1e7 entries)"},
+              {"--influence-matrix-csv", "OUT",
+               "write the influence matrix as CSV to OUT (implies --influence-matrix)"},
+              {"--influence-truth", "K",
+               "the ground truth of the step along each of the K update sequences of largest\n"
+               "|influence| alone (implies --influence; the baseline on E computed once)"},
+              {"--influence-truth-seq", "LIST",
+               "the same for the listed update sequences U:G,U:G,... (prompt:completion)"},
               {"--lr-sweep", "LIST",
                "learning rates X,Y,... or a log grid START:STOP:N: deltaH1 and the ground truth\n"
                "of each along every --direction (the baseline on E computed once)"},
@@ -112,6 +123,34 @@ inline constexpr bool kHaveCuda =
 #else
     false;
 #endif
+
+// --influence-truth-seq's value: U:G pairs (prompt:completion), comma-separated.
+// Whether they lie in the U batch is checked by the probe, which has it.
+inline std::vector<ep::SequenceRef> parse_sequence_list(const ep_cli::ParsedArgs& a, const std::string& list) {
+  std::vector<ep::SequenceRef> out;
+  std::size_t pos = 0;
+  while (true) {
+    const std::size_t end = list.find(',', pos);
+    const std::string item = list.substr(pos, end == std::string::npos ? end : end - pos);
+    const std::size_t colon = item.find(':');
+    std::uint64_t part[2] = {0, 0};
+    bool ok = colon != std::string::npos;
+    for (int k = 0; ok && k < 2; ++k) {
+      const std::string_view s =
+          k == 0 ? std::string_view(item).substr(0, colon) : std::string_view(item).substr(colon + 1);
+      const auto [e, ec] = std::from_chars(s.data(), s.data() + s.size(), part[k]);
+      ok = !s.empty() && ec == std::errc() && e == s.data() + s.size() && part[k] < (std::uint64_t{1} << 40);
+    }
+    if (!ok)
+      throw a.failure(fmt::format(
+          "--influence-truth-seq expects U:G,U:G,... (prompt:completion, non-negative integers), got '{}' in '{}'",
+          item, list));
+    out.push_back({static_cast<ep::index_t>(part[0]), static_cast<ep::index_t>(part[1])});
+    if (end == std::string::npos) break;
+    pos = end + 1;
+  }
+  return out;
+}
 
 // The arguments after "run". Throws UsageFailure.
 inline RunOptions parse_run_args(const std::vector<std::string>& args) {
@@ -173,9 +212,17 @@ inline RunOptions parse_run_args(const std::vector<std::string>& args) {
                      .value_or(p.directions);
   p.lr_sweep = a.positive_list("--lr-sweep").value_or(p.lr_sweep);
   o.influence_csv = a.path("--influence-csv", "a file name");
+  o.influence_matrix_csv = a.path("--influence-matrix-csv", "a file name");
+  p.influence_matrix = a.has_flag("--influence-matrix") || o.influence_matrix_csv.has_value();
+  if (auto k = a.integer("--influence-truth", std::uint64_t{1} << 40)) {
+    if (*k == 0) throw a.failure("--influence-truth expects a count of at least 1, got '0'");
+    p.influence_truth.largest = static_cast<ep::index_t>(*k);
+  }
+  if (auto list = a.value("--influence-truth-seq")) p.influence_truth.sequences = parse_sequence_list(a, *list);
   p.influence = a.has_flag("--influence") || o.influence_csv.has_value();
   p.control_variates = a.has_flag("--control-variates");
-  for (const auto& [name, out] : {std::pair{"--json", o.json_out}, std::pair{"--influence-csv", o.influence_csv}}) {
+  for (const auto& [name, out] : {std::pair{"--json", o.json_out}, std::pair{"--influence-csv", o.influence_csv},
+                                  std::pair{"--influence-matrix-csv", o.influence_matrix_csv}}) {
     if (!out) continue;
     const auto parent = std::filesystem::path(*out).parent_path();
     std::error_code ec;

@@ -55,7 +55,7 @@ struct RunOptions {
   std::string checkpoint, e_batch, u_batch;
   std::string dtype = "f32";
   Device device = Device::cpu;
-  std::optional<std::string> json_out, influence_csv;
+  std::optional<std::string> json_out, influence_csv, influence_matrix_csv;
   ep::LogLevel log_level = ep::LogLevel::info;
   bool help = false;
 };
@@ -88,6 +88,21 @@ inline void print_top_influences(const ep::ProbeResult& r) {
   fmt::print("  most positive:\n");
   for (std::size_t i = 0; i < std::min(kTop, order.size()) && order[order.size() - 1 - i]->influence > 0; ++i)
     line(*order[order.size() - 1 - i]);
+  bool header = false;
+  for (const auto& s : r.influence) {
+    if (!s.truth) continue;
+    if (!header) fmt::print("  true change along single sequences (compare deltaH_true_tok with the influence):\n");
+    header = true;
+    fmt::print(
+        "    prompt {:>4} completion {:>3}: influence {:+.3e}, deltaH_true_tok {:+.3e}, deltaH_true {:+.3e} +- "
+        "{:.2e}\n",
+        s.prompt, s.completion, s.influence, s.truth->deltaH_true_tok, s.truth->deltaH_true, s.truth->SE_deltaH_true);
+  }
+  if (r.influence_matrix) {
+    const ep::InfluenceMatrix& m = *r.influence_matrix;
+    fmt::print("  influence matrix: {} E x {} U sequences{}\n", m.rows.size(), m.columns.size(),
+               m.momentum.empty() ? "" : " (with momentum and decay shares per E sequence)");
+  }
 }
 
 inline void print_summary(const ep::ProbeResult& r, const RunOptions& o, const std::string& model_type,
@@ -167,7 +182,7 @@ inline void print_summary(const ep::ProbeResult& r, const RunOptions& o, const s
   }
   std::string timing;
   for (const char* k : {"load", "sum_X", "sum_Y", "conditional_variance", "full_variance", "control_variates",
-                        "influence", "ground_truth", "lr_sweep", "total"})
+                        "influence", "influence_matrix", "ground_truth", "lr_sweep", "influence_truth", "total"})
     if (auto it = r.timing.find(k); it != r.timing.end())
       timing += fmt::format("{}{} {:.3f}", timing.empty() ? "" : ", ", k, it->second);
   fmt::print("  timing (s): {}\n", timing);
@@ -263,6 +278,10 @@ int run_typed(const RunOptions& o, ep::Communicator& comm) {
         if (o.influence_csv) {
           ep::write_influence_csv(r, *o.influence_csv);
           fmt::print("  wrote {}\n", *o.influence_csv);
+        }
+        if (o.influence_matrix_csv) {
+          ep::write_influence_matrix_csv(r, *o.influence_matrix_csv);
+          fmt::print("  wrote {}\n", *o.influence_matrix_csv);
         }
         return kExitOk;
       },

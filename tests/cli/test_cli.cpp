@@ -250,6 +250,48 @@ TEST_CASE("cli run: --control-variates prints and writes the estimate beside the
   CHECK(cv["SE_plain"].get<double>() == Approx(se_plain).epsilon(1e-10));
   CHECK(cv["SE"].get<double>() > 0);
   CHECK(j["timing"].contains("control_variates"));
+TEST_CASE("cli run: --influence-matrix-csv and --influence-truth write the matrix and the chosen truths", "[cli]") {
+  Gpt2Setup s;
+  const std::string out = s.dir.file("result.json"), csv = s.dir.file("matrix.csv");
+  const Outcome o = run({s.ckpt,    "--e-batch",
+                         s.E,       "--u-batch",
+                         s.U,       "--json",
+                         out,       "--direction",
+                         "adamw",   "--influence-matrix-csv",
+                         csv,       "--influence-truth",
+                         "1",       "--influence-truth-seq",
+                         "2:0,0:1", "--variance",
+                         "none",    "--dtype",
+                         "f64",     "--log-level",
+                         "warning"});
+  INFO(o.err);
+  REQUIRE(o.rc == 0);
+  CHECK_THAT(o.out, Contains("influence matrix: ") && Contains("true change along single sequences"));
+  const json j = read_json(out);
+  const json& m = j["influence_matrix"];
+  REQUIRE(m["columns"].size() == 6);  // U: B = 3, G = 2
+  REQUIRE(m["values"].size() == m["rows"].size());
+  // Column sums are the influences.
+  for (std::size_t c = 0; c < 6; ++c) {
+    double column = 0;
+    for (const auto& row : m["values"]) column += row[c].get<double>();
+    CHECK(column == Approx(j["influence"][c]["influence"].get<double>()).epsilon(1e-12));
+  }
+  CHECK(j["influence"][4].contains("truth"));  // 2:0
+  CHECK(j["influence"][1].contains("truth"));  // 0:1
+  std::size_t with_truth = 0;
+  for (const auto& e : j["influence"]) with_truth += e.contains("truth");
+  CHECK(with_truth >= 2);
+  CHECK(with_truth <= 3);
+  std::ifstream in(csv);
+  std::string header;
+  std::getline(in, header);
+  CHECK(header == "prompt,completion,u0:g0,u0:g1,u1:g0,u1:g1,u2:g0,u2:g1,momentum,decay");
+
+  const Outcome bad = run({s.ckpt, "--e-batch", s.E, "--u-batch", s.U, "--influence-truth-seq", "3:0", "--variance",
+                           "none", "--log-level", "warning"});
+  CHECK(bad.rc == 1);
+  CHECK_THAT(bad.err, Contains("(--influence-truth-seq) 3:0 is outside the U batch of 3 prompts x 2 completions"));
 }
 
 TEST_CASE("cli run: --lr-sweep on a log grid gives a table and one JSON point per direction and eta", "[cli]") {
@@ -395,6 +437,12 @@ TEST_CASE("cli run: usage errors exit 2 with a pointer to --help", "[cli][errors
       {with({"--direction", "sgd"}), "--direction must be one of precond_sgd, adamw, both, got 'sgd'"},
       {with({"--influence-csv", s.dir.file("no/such/dir/i.csv")}), "--influence-csv"},
       {with({"--influence=1"}), "option '--influence' takes no value"},
+      {with({"--influence-matrix-csv", s.dir.file("no/such/dir/m.csv")}), "--influence-matrix-csv"},
+      {with({"--influence-truth", "0"}), "--influence-truth expects a count of at least 1, got '0'"},
+      {with({"--influence-truth", "-2"}), "--influence-truth expects a non-negative integer, got '-2'"},
+      {with({"--influence-truth-seq", "1:0,2"}),
+       "--influence-truth-seq expects U:G,U:G,... (prompt:completion, non-negative integers), got '2' in '1:0,2'"},
+      {with({"--influence-truth-seq", "1:x"}), "got '1:x' in '1:x'"},
       {with({"--lr-sweep", "1e-3,0"}),
        "--lr-sweep expects a list X,Y,... or a grid START:STOP:N of positive numbers "
        "('0' is not a positive number), got '1e-3,0'"},

@@ -54,6 +54,54 @@ TEST_CASE("mpi: a rank with no U prompts and no E prompts beyond the first", "[m
   compare(3, 1, StepKind::adam, AlphaRoute::jvp);
 }
 
+TEST_CASE("mpi: the influence matrix and single-sequence truths match one process", "[mpi][influence]") {
+  // E prompts are sharded for the matrix rows (B_E = 5: uneven; B_E = 1: a
+  // rank without rows), U is run whole on each rank; the truths step the same
+  // on every rank.
+  for (index_t B_E : {index_t(5), index_t(1)}) {
+    MpiCommunicator comm;
+    auto model = tiny_gpt2<double>(12, /*lm_head=*/true);
+    const TokenBatch E = random_batch(B_E, 2, 8, 11, 300 + std::uint64_t(B_E));
+    const TokenBatch U = random_batch(3, 2, 8, 11, 400);
+    ProbeConfig cfg;
+    cfg.mb_size = 2;
+    cfg.variance = VarianceMode::none;
+    cfg.directions = {Direction::precond_sgd, Direction::adamw};
+    cfg.influence_matrix = true;
+    cfg.influence_truth.largest = 2;
+    cfg.influence_truth.sequences = {{1, 0}};
+    OfflineEntropyProbe dist(model, cfg, &comm);
+    auto st = random_adam_state(dist.registry(), 6);
+    const ProbeResult pd = dist.run(E, U, st);
+    SingleProcess one;
+    OfflineEntropyProbe single(model, cfg, &one);
+    auto st1 = random_adam_state(single.registry(), 6);
+    const ProbeResult ps = single.run(E, U, st1);
+    // The per-token truths are differences of two ratios near H_orig_tok:
+    // compared on that scale, the rest of the JSON on its own.
+    for (std::size_t k = 0; k < ps.influence.size(); ++k) {
+      REQUIRE(pd.influence[k].truth.has_value() == ps.influence[k].truth.has_value());
+      if (!ps.influence[k].truth) continue;
+      const GroundTruth &a = *pd.influence[k].truth, &b = *ps.influence[k].truth;
+      CHECK(std::abs(a.deltaH_true_tok - b.deltaH_true_tok) <= 1e-12 * b.H_orig_tok);
+      CHECK(std::abs(a.rao_blackwell->deltaH_true_tok - b.rao_blackwell->deltaH_true_tok) <=
+            1e-12 * b.rao_blackwell->H_orig_tok);
+    }
+    auto rd = to_json(pd), rs = to_json(ps);
+    for (auto* j : {&rd, &rs})
+      for (auto& e : (*j)["influence"])
+        if (e.contains("truth")) {
+          e["truth"].erase("deltaH_tok");
+          e["truth"]["rao_blackwell"].erase("deltaH_tok");
+        }
+    REQUIRE(rs["influence_matrix"]["values"].size() == std::size_t(2 * B_E));
+    REQUIRE(rs["influence"][2].contains("truth"));
+    ep_test::require_results_close(rd, rs, "influence");
+    check_same_on_every_rank(comm, rd["influence_matrix"]["values"][0][3].get<double>(),
+                             rd["influence"][2]["truth"]["deltaH"].get<double>());
+  }
+}
+
 TEST_CASE("mpi: a device backend's parameter buffers (staged through the host) match one process", "[mpi]") {
   using Emulated = ep_parity::EmulatedDeviceBackend;
   MpiCommunicator comm;

@@ -74,6 +74,18 @@ inline nlohmann::json to_json(const ProbeResult& r) {
                      {"length", s.length},
                      {"influence", s.influence}});
       if (s.reward) inf.back()["reward"] = *s.reward;
+      if (s.truth) {
+        // deltaH and SE on the per-sequence scale of deltaH_true; deltaH_tok
+        // on the per-token scale of the influence.
+        const GroundTruth& t = *s.truth;
+        nlohmann::json o{
+            {"deltaH", t.deltaH_true}, {"SE", t.SE_deltaH_true}, {"deltaH_tok", t.deltaH_true_tok}, {"ESS", t.ESS}};
+        if (t.rao_blackwell)
+          o["rao_blackwell"] = {{"deltaH", t.rao_blackwell->deltaH_true},
+                                {"SE", t.rao_blackwell->SE_deltaH_true},
+                                {"deltaH_tok", t.rao_blackwell->deltaH_true_tok}};
+        inf.back()["truth"] = o;
+      }
     }
     j["influence"] = inf;
     j["influence_direction"] = to_string(*r.influence_direction);
@@ -82,6 +94,25 @@ inline nlohmann::json to_json(const ProbeResult& r) {
     const ControlVariates& cv = *r.control_variates;
     j["control_variates"] = {{"features", cv.features},           {"deltaH1", cv.deltaH1},   {"SE", cv.SE},
                              {"deltaH1_plain", cv.deltaH1_plain}, {"SE_plain", cv.SE_plain}, {"beta", cv.beta}};
+  }
+  if (r.influence_matrix) {
+    const InfluenceMatrix& m = *r.influence_matrix;
+    auto refs = [](const std::vector<SequenceRef>& v) {
+      nlohmann::json a = nlohmann::json::array();
+      for (const SequenceRef& s : v) a.push_back({{"prompt", s.prompt}, {"completion", s.completion}});
+      return a;
+    };
+    nlohmann::json values = nlohmann::json::array();
+    for (std::size_t i = 0; i < m.rows.size(); ++i)
+      values.push_back(std::vector<double>(m.values.begin() + static_cast<std::ptrdiff_t>(i * m.columns.size()),
+                                           m.values.begin() + static_cast<std::ptrdiff_t>((i + 1) * m.columns.size())));
+    nlohmann::json o{{"direction", to_string(m.direction)},
+                     {"rows", refs(m.rows)},
+                     {"columns", refs(m.columns)},
+                     {"values", values}};
+    if (!m.momentum.empty()) o["momentum"] = m.momentum;
+    if (!m.decay.empty()) o["decay"] = m.decay;
+    j["influence_matrix"] = o;
   }
   if (!r.lr_sweep.empty()) {
     // Per point: deltaH1 is on the per-token scale of deltaH_true_tok (docs/math.md (e)).
@@ -129,6 +160,10 @@ inline nlohmann::json to_json(const ProbeResult& r) {
   cfg["directions"] = nlohmann::json::array();
   for (Direction d : c.directions) cfg["directions"].push_back(to_string(d));
   cfg["influence"] = c.influence;
+  cfg["influence_matrix"] = c.influence_matrix;
+  nlohmann::json picked = nlohmann::json::array();
+  for (const SequenceRef& s : c.influence_truth.sequences) picked.push_back({s.prompt, s.completion});
+  cfg["influence_truth"] = {{"largest", c.influence_truth.largest}, {"sequences", picked}};
   cfg["lr_sweep"] = c.lr_sweep;
   cfg["control_variates"] = c.control_variates;
   j["config"] = cfg;
@@ -153,6 +188,26 @@ inline void write_influence_csv(const ProbeResult& r, const std::string& path) {
   for (const SequenceInfluence& s : r.influence)
     out << fmt::format("{},{},{:.17g},{},{},{:.17g}\n", s.prompt, s.completion, s.advantage,
                        s.reward ? fmt::format("{:.17g}", *s.reward) : std::string(), s.length, s.influence);
+  if (!out) fail<InputError>("writing '{}' failed", path);
+}
+
+// The influence matrix as CSV: one row per E sequence, `prompt,completion`
+// then one column per U sequence headed `u<prompt>:g<completion>`, then (adamw)
+// `momentum,decay`; full double precision.
+inline void write_influence_matrix_csv(const ProbeResult& r, const std::string& path) {
+  if (!r.influence_matrix) fail<UsageError>("write_influence_matrix_csv: the result has no influence matrix");
+  const InfluenceMatrix& m = *r.influence_matrix;
+  std::ofstream out(path);
+  if (!out) fail<InputError>("cannot open '{}' for writing", path);
+  out << "prompt,completion";
+  for (const SequenceRef& c : m.columns) out << fmt::format(",u{}:g{}", c.prompt, c.completion);
+  out << (m.momentum.empty() ? "\n" : ",momentum,decay\n");
+  for (std::size_t i = 0; i < m.rows.size(); ++i) {
+    out << m.rows[i].prompt << ',' << m.rows[i].completion;
+    for (std::size_t c = 0; c < m.columns.size(); ++c) out << fmt::format(",{:.17g}", m.at(i, c));
+    if (!m.momentum.empty()) out << fmt::format(",{:.17g},{:.17g}", m.momentum[i], m.decay[i]);
+    out << '\n';
+  }
   if (!out) fail<InputError>("writing '{}' failed", path);
 }
 

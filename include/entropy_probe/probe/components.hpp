@@ -191,6 +191,12 @@ inline std::vector<double> y_loss_weights(const TokenBatch& batch) {
 // Which loss a phase differentiates: its per-row weights from (batch, S).
 using LossWeightsFn = std::function<std::vector<double>(const TokenBatch&, std::span<const double>)>;
 
+// Who runs a pass over a batch: `shard`, each rank its share of the prompts
+// (comm.shard), results all-reduced, progress reported; `local`, this rank
+// every prompt itself, nothing reduced or reported (a pass nested in a phase
+// that shards and reports at its own level, e.g. the influence matrix).
+enum class PassScope { shard, local };
+
 template <CausalLM M>
 class ProbeComponents {
  public:
@@ -253,16 +259,26 @@ class ProbeComponents {
   // that cost fits in the memory budget (microbatch_size_for_budget), which
   // fails before a second microbatch when even one prompt does not fit. The
   // size each phase ran with is kept in microbatch_sizes().
+  //
+  // With scope = PassScope::local every prompt runs on this rank and no
+  // progress is reported.
   template <class Body>
-  index_t for_each_microbatch(const TokenBatch& batch, const char* phase, Body&& body) const {
-    const std::vector<index_t> mine = comm_->shard(batch.B);
+  index_t for_each_microbatch(const TokenBatch& batch, const char* phase, Body&& body,
+                              PassScope scope = PassScope::shard) const {
+    std::vector<index_t> mine;
+    if (scope == PassScope::shard) {
+      mine = comm_->shard(batch.B);
+    } else {
+      for (index_t b = 0; b < batch.B; ++b) mine.push_back(b);
+    }
     const auto total = static_cast<index_t>(mine.size());
     index_t done = 0;
     auto run = [&](index_t b0, index_t b1) {
       const std::vector<index_t> prompts(mine.begin() + b0, mine.begin() + b1);
       const TokenBatch mb = batch.select(prompts);
       body(mb, std::span<const index_t>(prompts));
-      report(phase, done += mb.B, total);
+      done += mb.B;
+      if (scope == PassScope::shard) report(phase, done, total);
     };
     index_t step = settings_.mb_size.value_or(1);
     if (!settings_.mb_size && total > 0) {
@@ -277,7 +293,10 @@ class ProbeComponents {
       // than a larger one's: cached beside its fresh blocks they would exceed
       // the budget (measured: +1.5 GiB on a 9 GiB budget), so they go back.
       if (step > 1) B::empty_cache();
-      log_info(
+      // At info level when the phase's size is new: a phase run once per
+      // sequence (the influence matrix) would repeat the same line each time.
+      const auto last = microbatch_sizes_.find(phase);
+      log(last == microbatch_sizes_.end() || last->second != std::min(step, total) ? LogLevel::info : LogLevel::debug,
           "[{}] microbatches of {} prompt(s): one prompt ({} responses x {} tokens) took {} above the {} in use, "
           "budget {}",
           phase, step, batch.G, batch.T, bytes_text(per_prompt), bytes_text(in_use), bytes_text(budget_));
@@ -319,9 +338,11 @@ class ProbeComponents {
 
   // All three from one forward-mode pass per microbatch on a forward-tangent
   // tape, so values and tangents flow together and each finished layer is
-  // freed; the entropies come from the same chunked lm-head pass as S.
+  // freed; the entropies come from the same chunked lm-head pass as S. With
+  // scope = PassScope::local this rank runs every row and nothing is
+  // all-reduced.
   SequenceTangents sequence_tangents(const TokenBatch& batch, const Buffer& tangent, const char* phase,
-                                     bool entropy = false) const {
+                                     bool entropy = false, PassScope scope = PassScope::shard) const {
     require_bound_to(tangent, *registry_, phase);
     // The tangent in T, converted once for every microbatch; the tape
     // borrows its entries.
@@ -337,7 +358,9 @@ class ProbeComponents {
     const auto rows = static_cast<std::size_t>(batch.rows());
     const std::size_t parts = entropy ? 3 : 2;
     std::vector<double> all(parts * rows, 0.0);  // S, Sdot[, H]: one allreduce
-    for_each_microbatch(batch, phase, [&](const TokenBatch& mb, std::span<const index_t> prompts) {
+    for_each_microbatch(
+        batch, phase,
+        [&](const TokenBatch& mb, std::span<const index_t> prompts) {
       Tape<T, B> tape(forward_tangents, param_tangents(tangent_t, phase));
       std::vector<double> h;
       Var S = record_sequence_logprobs(tape, *model_, mb, settings_.temperature, entropy ? &h : nullptr);
@@ -357,8 +380,9 @@ class ProbeComponents {
           all[rows + at] = sd[row];
           if (entropy) all[2 * rows + at] = h[row];
         }
-    });
-    comm_->allreduce_sum(std::span<double>(all));
+        },
+        scope);
+    if (scope == PassScope::shard) comm_->allreduce_sum(std::span<double>(all));
     const auto part = [&](std::size_t k) {
       return std::vector<double>(all.begin() + static_cast<std::ptrdiff_t>(k * rows),
                                  all.begin() + static_cast<std::ptrdiff_t>((k + 1) * rows));
@@ -374,14 +398,44 @@ class ProbeComponents {
   // directional derivative of its term of the loss along `tangent`,
   //   d[b,g] = W[b,g] * (dS[b,g]/dtheta . tangent),
   // with W the phase's loss weights of the whole batch (they are per prompt,
-  // so the same as per microbatch).
+  // so the same as per microbatch). scope as for sequence_tangents.
   std::vector<double> per_sequence_directional(const TokenBatch& batch, const Buffer& tangent,
-                                               const LossWeightsFn& weights, const char* phase) const {
-    const SequenceTangents st = sequence_tangents(batch, tangent, phase);
+                                               const LossWeightsFn& weights, const char* phase,
+                                               PassScope scope = PassScope::shard) const {
+    const SequenceTangents st = sequence_tangents(batch, tangent, phase, false, scope);
     const std::vector<double> W = weights(batch, st.S);
     std::vector<double> d(st.S.size());
     for (std::size_t i = 0; i < d.size(); ++i) d[i] = W[i] * st.Sdot[i];
     return d;
+  }
+
+  // grad S[b,g] of the one sequence (b, g) of `batch`, left in the
+  // registry's grads (zeroed first): one forward of prompt b through the
+  // microbatch driver (PassScope::local: on this rank, whoever shards), one
+  // backward seeded with the one-hot cotangent of row (b, g). Returns that
+  // row's loss weight W[b,g] of `weights`, from the prompt's S values. The
+  // per-row reverse pass of the influence matrix and of the truth along a
+  // single sequence (docs/math.md (h)); no gradient of another row is held.
+  double sequence_gradient(const TokenBatch& batch, index_t b, index_t g, const LossWeightsFn& weights,
+                           const char* phase) const {
+    if (b < 0 || b >= batch.B || g < 0 || g >= batch.G)
+      fail<UsageError>("{}: sequence ({}, {}) is outside a batch of {} prompts x {} completions", phase, b, g, batch.B,
+                       batch.G);
+    double w = 0;
+    for_each_microbatch(
+        batch.select({b}), phase,
+        [&](const TokenBatch& mb, std::span<const index_t>) {
+          registry_->zero_grad();
+          Tape<T, B> tape;
+          Var S = record_sequence_logprobs(tape, *model_, mb, settings_.temperature);
+          require_leaves_in_registry(tape, *registry_->info(), phase);
+          w = weights(mb, to_double(tape.value(S)))[static_cast<std::size_t>(g)];
+          std::vector<double> one_hot(static_cast<std::size_t>(mb.rows()), 0.0);
+          one_hot[static_cast<std::size_t>(g)] = 1.0;
+          tape.backward(S, from_double(one_hot));
+        },
+        PassScope::local);
+    return w;
   }
 
   // For every prompt b of `batch` (batch order, all ranks): the directional

@@ -190,6 +190,64 @@ SequenceStatistics ground_truth_baseline(const ProbeComponents<M>& c, const Toke
   return gathered_sequence_statistics(c, E, "ground_truth_baseline");
 }
 
+// The ground truth of any step: `step()` moves the registry parameters from
+// theta to theta+; they (values and grads) are restored afterwards, also when
+// anything throws. S1 on E is phase `phase`; S0 is `baseline` when given.
+template <CausalLM M, class Step>
+GroundTruth ground_truth_of_step(const ProbeComponents<M>& c, const TokenBatch& E, Step&& step, ISEstimator est,
+                                 double clip_c, const SequenceStatistics* baseline = nullptr,
+                                 const char* phase = "ground_truth") {
+  using T = typename M::scalar_type;
+  using B = typename M::backend_type;
+  if (est == ISEstimator::clip && !(clip_c > 0))  // checked before any work, not only at the end
+    fail<UsageError>("importance sampling: clip_c = {} must be positive", clip_c);
+  if (baseline &&
+      (baseline->S.size() != static_cast<std::size_t>(E.rows()) || baseline->H.size() != baseline->S.size()))
+    fail<UsageError>("ground_truth: a baseline of {} / {} sequences for an E batch of {}", baseline->S.size(),
+                     baseline->H.size(), E.rows());
+  const SequenceStatistics before = baseline ? *baseline : ground_truth_baseline(c, E);
+  const ParameterSnapshot<T, B> snapshot(c.registry());
+  SequenceStatistics after;
+  try {
+    step();
+    after = gathered_sequence_statistics(c, E, phase);
+  } catch (...) {
+    snapshot.restore();
+    throw;
+  }
+  snapshot.restore();
+
+  std::vector<double> L(before.S.size());
+  for (index_t b = 0; b < E.B; ++b)
+    for (index_t g = 0; g < E.G; ++g) L[static_cast<std::size_t>(b * E.G + g)] = double(E.gen_length(b, g));
+  return importance_sampled_entropies(before.S, after.S, L, est, clip_c, E.G, &before.H, &after.H);
+}
+
+// theta += eta * v for the entries present in v (the others stay).
+template <class T, class B>
+void step_along(const Registry<T, B>& reg, const ParamBuffer<double, B>& v, double eta) {
+  require_bound_to(v, reg, "step_along");
+  for (index_t i = 0; i < reg.size(); ++i) {
+    const auto* m = v.entry(i);
+    if (!m) continue;
+    T* p = reg.entry(i).param->value.data();
+    const double* mp = m->data();
+    B::parallel_for(m->numel(), [=] EP_HOST_DEVICE(index_t k) { p[k] = static_cast<T>(p[k] + eta * mp[k]); });
+  }
+}
+
+// The ground truth of the step theta+ = theta + eta * v along any direction
+// v (the precond_sgd kind is v = mu_Y; a single sequence's share v_{u,g} of
+// a direction, docs/math.md (h)).
+template <CausalLM M>
+GroundTruth ground_truth_along(const ProbeComponents<M>& c, const TokenBatch& E,
+                               const typename ProbeComponents<M>::Buffer& v, double eta, ISEstimator est, double clip_c,
+                               const SequenceStatistics* baseline = nullptr, const char* phase = "ground_truth") {
+  require_bound_to(v, c.registry(), "ground_truth_along");
+  return ground_truth_of_step(
+      c, E, [&] { step_along(c.registry(), v, eta); }, est, clip_c, baseline, phase);
+}
+
 template <CausalLM M>
 GroundTruth ground_truth(const ProbeComponents<M>& c, const TokenBatch& E, StepKind kind, double eta,
                          const typename ProbeComponents<M>::Buffer& sum_Y_raw, index_t B_U,
@@ -201,41 +259,15 @@ GroundTruth ground_truth(const ProbeComponents<M>& c, const TokenBatch& E, StepK
   const auto& reg = c.registry();
   require_bound_to(sum_Y_raw, reg, "ground_truth");
   require_bound_to(mu_Y, reg, "ground_truth");
-  if (est == ISEstimator::clip && !(clip_c > 0))  // checked before any work, not only at the end
-    fail<UsageError>("importance sampling: clip_c = {} must be positive", clip_c);
-
-  if (baseline &&
-      (baseline->S.size() != static_cast<std::size_t>(E.rows()) || baseline->H.size() != baseline->S.size()))
-    fail<UsageError>("ground_truth: a baseline of {} / {} sequences for an E batch of {}", baseline->S.size(),
-                     baseline->H.size(), E.rows());
-  const SequenceStatistics before = baseline ? *baseline : ground_truth_baseline(c, E);
-  const ParameterSnapshot<T, B> snapshot(reg);
-  SequenceStatistics after;
-  try {
-    if (kind == StepKind::adam) {
-      AdamState<T, B> scratch = state;  // the loaded state itself is never touched
-      load_param_gradients(reg, sum_Y_raw, -1.0 / double(B_U));
-      adamw_step(reg, scratch, eta);
-    } else {
-      for (index_t i = 0; i < reg.size(); ++i) {
-        const auto* m = mu_Y.entry(i);
-        if (!m) continue;
-        T* p = reg.entry(i).param->value.data();
-        const double* mp = m->data();
-        B::parallel_for(m->numel(), [=] EP_HOST_DEVICE(index_t k) { p[k] = static_cast<T>(p[k] + eta * mp[k]); });
-      }
-    }
-    after = gathered_sequence_statistics(c, E, "ground_truth");
-  } catch (...) {
-    snapshot.restore();
-    throw;
-  }
-  snapshot.restore();
-
-  std::vector<double> L(before.S.size());
-  for (index_t b = 0; b < E.B; ++b)
-    for (index_t g = 0; g < E.G; ++g) L[static_cast<std::size_t>(b * E.G + g)] = double(E.gen_length(b, g));
-  return importance_sampled_entropies(before.S, after.S, L, est, clip_c, E.G, &before.H, &after.H);
+  if (kind == StepKind::precond_sgd) return ground_truth_along(c, E, mu_Y, eta, est, clip_c, baseline);
+  return ground_truth_of_step(
+      c, E,
+      [&] {
+        AdamState<T, B> scratch = state;  // the loaded state itself is never touched
+        load_param_gradients(reg, sum_Y_raw, -1.0 / double(B_U));
+        adamw_step(reg, scratch, eta);
+      },
+      est, clip_c, baseline);
 }
 
 }  // namespace entropy_probe

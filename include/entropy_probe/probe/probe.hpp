@@ -29,6 +29,25 @@ inline const char* to_string(VarianceMode v) {
 enum class Direction { precond_sgd, adamw };
 inline const char* to_string(Direction d) { return d == Direction::adamw ? "adamw" : "precond_sgd"; }
 
+// One sequence of a batch: prompt b (or u), completion g.
+struct SequenceRef {
+  index_t prompt = 0, completion = 0;
+  auto operator<=>(const SequenceRef&) const = default;
+};
+
+// Which update sequences get the true change along their own share v_{u,g}
+// of the influence direction (docs/math.md (h)): the `largest` by
+// |influence| and the listed ones (the union; none when both are empty).
+struct InfluenceTruth {
+  index_t largest = 0;
+  std::vector<SequenceRef> sequences;
+  bool empty() const { return largest == 0 && sequences.empty(); }
+};
+
+// The influence matrix holds B_E G_E x B_U G_U doubles on the host; more
+// than this is refused before any work.
+inline constexpr double kInfluenceMatrixMaxEntries = 1e7;
+
 struct ProbeConfig {
   std::optional<double> learning_rate;  // eta; else the optimizer state's lr
   Weighting weighting = Weighting::dr_grpo;
@@ -50,6 +69,13 @@ struct ProbeConfig {
   // Per-sequence entropy influences along the adamw direction when it is
   // listed, else along precond_sgd.
   bool influence = false;
+  // The influence matrix over (E sequence, U sequence) along the same
+  // direction (docs/math.md (h)); implies influence.
+  bool influence_matrix = false;
+  // The ground truth along single update sequences' shares of the influence
+  // direction; implies influence. The baseline on E is shared with the other
+  // ground truths.
+  InfluenceTruth influence_truth;
   // Learning rates of a sweep (docs/math.md (l)): for every listed direction
   // and every eta here, deltaH1 and the ground truth of that step; empty:
   // none. The baseline statistics on E are computed once for all of them.
@@ -80,6 +106,24 @@ struct SequenceInfluence {
   double advantage = 0;
   std::optional<double> reward;
   double influence = 0;
+  // The ground truth (docs/math.md (e)) of the step theta + eta v_{u,g}
+  // along this sequence's share only; for the sequences of
+  // ProbeConfig::influence_truth.
+  std::optional<GroundTruth> truth;
+};
+
+// M[(b,g'), (u,g)] = eta x_{b,g'} . v_{u,g} with x_{b,g'} = W_X[b,g'] grad
+// S[b,g'] / B_E, E sequence (b,g')'s share of mu_X (docs/math.md (h)). Its
+// column sums are the influences; all entries plus the momentum and decay
+// shares make the direction's deltaH1.
+struct InfluenceMatrix {
+  Direction direction = Direction::precond_sgd;
+  std::vector<SequenceRef> rows, columns;  // E sequences, U sequences, prompt-major
+  std::vector<double> values;              // row-major, rows.size() x columns.size()
+  // Per row: eta x_{b,g'} . v_momentum and eta x_{b,g'} . v_decay; adamw
+  // only (empty for precond_sgd, whose shares are 0).
+  std::vector<double> momentum, decay;
+  double at(std::size_t row, std::size_t column) const { return values[row * columns.size() + column]; }
 };
 
 // One point of a learning-rate sweep: the first-order prediction and the
@@ -114,6 +158,7 @@ struct ProbeResult {
   // estimate, empty when B_E is too small for its features (a warning says so).
   std::vector<double> first_order_per_sequence;
   std::optional<ControlVariates> control_variates;
+  std::optional<InfluenceMatrix> influence_matrix;  // along influence_direction; unless configured, empty
   RegistrySummary registry;
   std::map<std::string, double> timing;       // seconds per phase, and "total"
   std::map<std::string, index_t> microbatch;  // prompts per microbatch each phase ran with (rank 0's)
@@ -180,6 +225,13 @@ class OfflineEntropyProbe {
     for (std::size_t k = 0; k < config_.lr_sweep.size(); ++k)
       if (!(config_.lr_sweep[k] > 0) || !std::isfinite(config_.lr_sweep[k]))
         fail<UsageError>("OfflineEntropyProbe: lr_sweep[{}] = {} must be positive and finite", k, config_.lr_sweep[k]);
+    if (config_.influence_matrix && double(E.rows()) * double(U.rows()) > kInfluenceMatrixMaxEntries)
+      fail<UsageError>(
+          "OfflineEntropyProbe: influence_matrix (--influence-matrix) of {} E x {} U sequences would hold {:.3g} "
+          "entries, over the limit of {:.0e}; use smaller batches",
+          E.rows(), U.rows(), double(E.rows()) * double(U.rows()), kInfluenceMatrixMaxEntries);
+    validate_influence_truth(config_.influence_truth, U);
+    const bool want_influence = config_.influence || config_.influence_matrix || !config_.influence_truth.empty();
     r.registry = summary();
 
     auto t0 = clock::now();
@@ -217,20 +269,30 @@ class OfflineEntropyProbe {
     }
     r.bars_dot = r.directions.front().bars_dot;
     r.deltaH1 = r.directions.front().deltaH1;
-    if (config_.influence) {
+    // The diagonal D of the influence direction: v_{u,g} = D W[u,g] grad
+    // S[u,g] / B_U with D = P (precond_sgd) or gradient_scale (adamw).
+    auto apply_direction_diagonal = [&](Buffer& b) {
+      if (adamw) {
+        multiply_param_buffers(b, adamw->gradient_scale);
+      } else {
+        precond.apply(b);
+      }
+    };
+    if (want_influence) {
       t0 = clock::now();
       // v_{u,g} . mu_X = (W[u,g] / B_U) grad S[u,g] . tangent with one tangent
-      // for the whole batch: P mu_X (precond_sgd; P is symmetric) or
-      // gradient_scale * mu_X (adamw).
+      // for the whole batch, D mu_X (D is diagonal, so symmetric).
       Buffer tangent = mu_X;
-      if (adamw) {
-        multiply_param_buffers(tangent, adamw->gradient_scale);
-      } else {
-        precond.apply(tangent);
-      }
+      apply_direction_diagonal(tangent);
       r.influence_direction = adamw ? Direction::adamw : Direction::precond_sgd;
       r.influence = sequence_influences(U, tangent, eta / double(r.B_U));
       r.timing["influence"] = seconds_since(t0);
+    }
+    if (config_.influence_matrix) {
+      t0 = clock::now();
+      r.influence_matrix =
+          influence_matrix(E, U, *r.influence_direction, apply_direction_diagonal, adamw ? &*adamw : nullptr, eta);
+      r.timing["influence_matrix"] = seconds_since(t0);
     }
     r.mu_X_norm = norm_param_buffer(mu_X);
     r.mu_Y_norm = norm_param_buffer(mu_Y);
@@ -283,6 +345,11 @@ class OfflineEntropyProbe {
           warn_collapsed_weights(r.lr_sweep.back().truth, E, step_kind(d.direction), eta_k);
         }
       r.timing["lr_sweep"] = seconds_since(t0);
+    }
+    if (!config_.influence_truth.empty()) {
+      t0 = clock::now();
+      influence_truths(E, U, apply_direction_diagonal, eta, *baseline_stats(), r.influence);
+      r.timing["influence_truth"] = seconds_since(t0);
     }
     r.timing["total"] = seconds_since(t_start);
     r.microbatch = components_.microbatch_sizes();
@@ -341,7 +408,7 @@ class OfflineEntropyProbe {
     for (index_t u = 0; u < U.B; ++u)
       for (index_t g = 0; g < U.G; ++g) {
         const auto row = static_cast<std::size_t>(u * U.G + g);
-        SequenceInfluence s{u, g, U.gen_length(u, g), U.advantage(u, g), std::nullopt, scale * d[row]};
+        SequenceInfluence s{u, g, U.gen_length(u, g), U.advantage(u, g), std::nullopt, scale * d[row], std::nullopt};
         if (U.rewards) s.reward = (*U.rewards)[row];
         out.push_back(s);
       }
@@ -359,6 +426,105 @@ class OfflineEntropyProbe {
           to_string(kind), eta, t.ESS, E.B * E.G, 100 * kCollapsedESSShare);
   }
   static constexpr double kCollapsedESSShare = 0.1;
+  // The influence matrix (docs/math.md (h)): per E sequence i = (b, g') of
+  // this rank's prompts, grad S_i by one reverse pass, then one forward-
+  // tangent pass over all of U along D grad S_i gives W_Y[u,g] grad S[u,g] .
+  // D grad S_i for every column at once. One parameter-sized buffer (the
+  // tangent) besides the registry's grads; rows are all-reduced at the end.
+  template <class ApplyDiagonal>
+  InfluenceMatrix influence_matrix(const TokenBatch& E, const TokenBatch& U, Direction direction,
+                                   ApplyDiagonal&& apply_diagonal, const AdamWDirection<B>* adamw, double eta) const {
+    InfluenceMatrix m;
+    m.direction = direction;
+    for (index_t b = 0; b < E.B; ++b)
+      for (index_t g = 0; g < E.G; ++g) m.rows.push_back({b, g});
+    for (index_t u = 0; u < U.B; ++u)
+      for (index_t g = 0; g < U.G; ++g) m.columns.push_back({u, g});
+    const std::size_t columns = m.columns.size();
+    m.values.assign(m.rows.size() * columns, 0.0);
+    if (adamw) m.momentum.assign(m.rows.size(), 0.0), m.decay.assign(m.rows.size(), 0.0);
+    const Weighting w = config_.weighting;
+    const LossWeightsFn x_weights = [w](const TokenBatch& mb, std::span<const double> S) {
+      return x_loss_weights(mb, S, w);
+    };
+    const LossWeightsFn y_weights = [](const TokenBatch& mb, std::span<const double>) { return y_loss_weights(mb); };
+    const double B_E = double(E.B), scale = eta / (B_E * double(U.B));
+    const std::vector<index_t> mine = comm_->shard(E.B);
+    index_t done = 0;
+    for (index_t b : mine) {
+      for (index_t g = 0; g < E.G; ++g) {
+        const auto row = static_cast<std::size_t>(b * E.G + g);
+        const double w_x = components_.sequence_gradient(E, b, g, x_weights, "influence_matrix_E");
+        Buffer tangent(registry_.info());
+        components_.add_into_param_buffer(tangent, 1.0);  // grad S_i
+        registry_.zero_grad();
+        if (adamw) {
+          m.momentum[row] = eta * w_x / B_E * components_.dot_param_buffers(tangent, adamw->momentum);
+          m.decay[row] = eta * w_x / B_E * components_.dot_param_buffers(tangent, adamw->decay);
+        }
+        apply_diagonal(tangent);
+        const std::vector<double> d =
+            components_.per_sequence_directional(U, tangent, y_weights, "influence_matrix_U", PassScope::local);
+        for (std::size_t col = 0; col < columns; ++col) m.values[row * columns + col] = scale * w_x * d[col];
+      }
+      components_.report("influence_matrix", ++done, static_cast<index_t>(mine.size()));
+    }
+    for (std::vector<double>* v : {&m.values, &m.momentum, &m.decay})
+      if (!v->empty()) comm_->allreduce_sum(std::span<double>(*v));
+    return m;
+  }
+
+  // The selection of ProbeConfig::influence_truth, checked against U before
+  // any work.
+  static void validate_influence_truth(const InfluenceTruth& t, const TokenBatch& U) {
+    if (t.largest < 0 || t.largest > U.rows())
+      fail<UsageError>(
+          "OfflineEntropyProbe: influence_truth.largest (--influence-truth) = {} must be between 0 and the U "
+          "batch's {} sequences",
+          t.largest, U.rows());
+    for (std::size_t k = 0; k < t.sequences.size(); ++k) {
+      const SequenceRef& s = t.sequences[k];
+      if (s.prompt < 0 || s.prompt >= U.B || s.completion < 0 || s.completion >= U.G)
+        fail<UsageError>(
+            "OfflineEntropyProbe: influence_truth.sequences (--influence-truth-seq) {}:{} is outside the U batch "
+            "of {} prompts x {} completions",
+            s.prompt, s.completion, U.B, U.G);
+      if (std::find(t.sequences.begin(), t.sequences.begin() + static_cast<std::ptrdiff_t>(k), s) !=
+          t.sequences.begin() + static_cast<std::ptrdiff_t>(k))
+        fail<UsageError>("OfflineEntropyProbe: influence_truth.sequences (--influence-truth-seq) lists {}:{} twice",
+                         s.prompt, s.completion);
+    }
+  }
+
+  // The ground truth along v_{u,g} = D W_Y[u,g] grad S[u,g] / B_U for each
+  // selected sequence, in U order, from the shared baseline on E: one reverse
+  // pass for grad S[u,g] (every rank: the step must be the same on all),
+  // one forward over E after the step.
+  template <class ApplyDiagonal>
+  void influence_truths(const TokenBatch& E, const TokenBatch& U, ApplyDiagonal&& apply_diagonal, double eta,
+                        const SequenceStatistics& baseline, std::vector<SequenceInfluence>& influence) const {
+    const InfluenceTruth& sel = config_.influence_truth;
+    std::vector<bool> chosen(influence.size(), false);
+    for (const SequenceRef& s : sel.sequences) chosen[static_cast<std::size_t>(s.prompt * U.G + s.completion)] = true;
+    std::vector<std::size_t> order(influence.size());
+    for (std::size_t k = 0; k < order.size(); ++k) order[k] = k;
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      return std::abs(influence[a].influence) > std::abs(influence[b].influence);
+    });
+    for (index_t k = 0; k < sel.largest; ++k) chosen[order[static_cast<std::size_t>(k)]] = true;
+    const LossWeightsFn y_weights = [](const TokenBatch& mb, std::span<const double>) { return y_loss_weights(mb); };
+    for (std::size_t row = 0; row < influence.size(); ++row) {
+      if (!chosen[row]) continue;
+      SequenceInfluence& s = influence[row];
+      const double w_y = components_.sequence_gradient(U, s.prompt, s.completion, y_weights, "influence_truth_U");
+      Buffer v(registry_.info());
+      components_.add_into_param_buffer(v, w_y / double(U.B));
+      registry_.zero_grad();
+      apply_diagonal(v);
+      s.truth = entropy_probe::ground_truth_along(components_, E, v, eta, config_.is, config_.clip_c, &baseline,
+                                                  "influence_truth");
+    }
+  }
 
   static void warn_zero_second_moment(const ZeroSecondMoment& z) {
     if (z.all == 0) return;
