@@ -14,6 +14,7 @@
 #include "entropy_probe/tensor/batch_grid.hpp"
 #include "entropy_probe/tensor/block_cache.hpp"
 #include "entropy_probe/tensor/owned_buffer.hpp"
+#include "entropy_probe/tensor/simd.hpp"
 
 #include <Eigen/Core>
 #include <unsupported/Eigen/CXX11/ThreadPool>
@@ -348,22 +349,30 @@ struct CpuBackend {
   //   unary_jvp:  ty[i]  = F::df(x[i]) * tx[i]
   // Here F's array forms run on cache-sized chunks, so exp and tanh are SIMD;
   // the CUDA backend runs the scalar forms in a kernel.
+  // A functor with float kernels (f_simd / df_simd) runs those on float.
   template <class F, class T>
   static void unary_map(index_t n, const T* x, T* y) {
-    for_chunks(n, [=](index_t i, index_t len) { vec(y + i, len) = F::f_array(vec(x + i, len)); });
+    if constexpr (has_simd<F, T>)
+      for_chunks(n, [=](index_t i, index_t len) { F::f_simd(len, x + i, y + i); });
+    else
+      for_chunks(n, [=](index_t i, index_t len) { vec(y + i, len) = F::f_array(vec(x + i, len)); });
   }
   template <class F, class T>
   static void unary_vjp(index_t n, const T* x, const T* gy, T* gx, bool assign = false) {
     for_chunks(n, [=](index_t i, index_t len) {
-      if (assign)
-        vec(gx + i, len) = vec(gy + i, len) * F::df_array(vec(x + i, len));
-      else
-        vec(gx + i, len) += vec(gy + i, len) * F::df_array(vec(x + i, len));
+      with_df<F>(x + i, len, [&](const auto& d) {
+        if (assign)
+          vec(gx + i, len) = vec(gy + i, len) * d;
+        else
+          vec(gx + i, len) += vec(gy + i, len) * d;
+      });
     });
   }
   template <class F, class T>
   static void unary_jvp(index_t n, const T* x, const T* tx, T* ty) {
-    for_chunks(n, [=](index_t i, index_t len) { vec(ty + i, len) = F::df_array(vec(x + i, len)) * vec(tx + i, len); });
+    for_chunks(n, [=](index_t i, index_t len) {
+      with_df<F>(x + i, len, [&](const auto& d) { vec(ty + i, len) = d * vec(tx + i, len); });
+    });
   }
 
   // The passes of a log-softmax over rows of logits (log_softmax_gather):
@@ -381,9 +390,11 @@ struct CpuBackend {
         const T* zr = z + rows[k] * V;
         const T mx = V > 0 ? vec(zr, V).maxCoeff() : -std::numeric_limits<T>::infinity();
         acc_t sum = 0;
+        alignas(64) T p[kChunk];
         for (index_t j = 0; j < V; j += kChunk) {
           const index_t len = std::min(kChunk, V - j);
-          sum += ((vec(zr + j, len) - mx) * T(s)).exp().template cast<acc_t>().sum();
+          exp_affine(len, zr + j, p, T(s), mx, T(0));
+          sum += vec(p, len).template cast<acc_t>().sum();
         }
         lse[k] = static_cast<acc_t>(mx) * s + std::log(sum);
       }
@@ -397,9 +408,11 @@ struct CpuBackend {
         const T* zr = z + rows[k] * V;
         T* gr = gz + rows[k] * V;
         const acc_t c = static_cast<acc_t>(g[rows[k]]) * s;
+        alignas(64) T p[kChunk];
         for (index_t j = 0; j < V; j += kChunk) {
           const index_t len = std::min(kChunk, V - j);
-          vec(gr + j, len) -= T(c) * (vec(zr + j, len) * T(s) - T(lse[k])).exp();
+          exp_scaled(len, zr + j, p, s, lse[k]);
+          vec(gr + j, len) -= T(c) * vec(p, len);
         }
         gr[targets[k]] += static_cast<T>(c);
       }
@@ -413,13 +426,48 @@ struct CpuBackend {
         const T* zr = z + rows[k] * V;
         const T* tr = t + rows[k] * V;
         acc_t sum = 0;
+        alignas(64) T p[kChunk];
         for (index_t j = 0; j < V; j += kChunk) {
           const index_t len = std::min(kChunk, V - j);
-          sum += ((vec(zr + j, len) * T(s) - T(lse[k])).exp() * vec(tr + j, len)).template cast<acc_t>().sum();
+          exp_scaled(len, zr + j, p, s, lse[k]);
+          sum += (vec(p, len) * vec(tr + j, len)).template cast<acc_t>().sum();
         }
         out[k] = sum;
       }
     });
+  }
+
+  // y[i] = exp(((x[i] - b) * a - c) - d) over [0, n) (y may be x): the exp
+  // of the softmax and attention row passes, with a shift c + d in two parts
+  // (split). Float runs the dispatched SIMD kernel of tensor/simd.hpp,
+  // double Eigen's exp.
+  template <class T>
+  static void exp_affine(index_t n, const T* x, T* y, T a, T b, T c, T d = T(0)) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (x == y)
+        simd::exp_affine_inplace(n, y, a, b, c, d);
+      else
+        simd::exp_affine(n, x, y, a, b, c, d);
+    } else {
+      vec(y, n) = (((vec(x, n) - b) * a - c) - d).exp();
+    }
+  }
+  // A number in acc_t as T parts hi + lo.
+  template <class T>
+  static std::pair<T, T> split(acc_t v) {
+    const T hi = static_cast<T>(v);
+    return {hi, static_cast<T>(v - static_cast<acc_t>(hi))};
+  }
+  // y[i] = exp(x[i] a - c) with a and c in acc_t, each split in two T parts
+  // (simd::exp_scaled): the softmax's p = exp(z s - lse).
+  template <class T>
+  static void exp_scaled(index_t n, const T* x, T* y, acc_t a, acc_t c) {
+    const auto [a_hi, a_lo] = split<T>(a);
+    const auto [c_hi, c_lo] = split<T>(c);
+    if constexpr (std::is_same_v<T, float>)
+      simd::exp_scaled(n, x, y, a_hi, a_lo, c_hi, c_lo);
+    else
+      vec(y, n) = ((vec(x, n) * a_hi - c_hi) + (vec(x, n) * a_lo - c_lo)).exp();
   }
 
   // sum of f(i) over [0, n), accumulated in double.
@@ -578,6 +626,24 @@ struct CpuBackend {
   // Chunks small enough that a chunk's inputs, outputs and array temporaries
   // stay in L1/L2 between the passes an array expression makes.
   static constexpr index_t kChunk = 2048;
+  template <class F, class T>
+  static constexpr bool has_simd = std::is_same_v<T, float>&& requires(const float* a, float* b) {
+    F::f_simd(index_t{}, a, b);
+    F::df_simd(index_t{}, a, b);
+  };
+  // body(d) with d the array f'(x) over one chunk (len <= kChunk): through
+  // the float kernel into a stack buffer, else Eigen's expression.
+  template <class F, class T, class Body>
+  static void with_df(const T* x, index_t len, Body&& body) {
+    if constexpr (has_simd<F, T>) {
+      alignas(64) float d[kChunk];
+      F::df_simd(len, x, d);
+      body(vec(static_cast<const float*>(d), len));
+    } else {
+      body(F::df_array(vec(x, len)));
+    }
+  }
+
   template <class F>
   static void for_chunks(index_t n, F f) {
     const index_t chunks = (n + kChunk - 1) / kChunk;

@@ -10,10 +10,12 @@
 // array expression, for the CPU backend's elementwise primitives: Eigen
 // evaluates exp and tanh with SIMD where glibc's scalar calls cost ~17 ns an
 // element (docs/performance.md). Host only; tests/tensor/test_cpu_backend.cpp
-// checks them against the scalar forms.
+// checks them against the scalar forms. A functor may add `f_simd` /
+// `df_simd` (float, host only): the CPU backend then uses those instead.
 #pragma once
 
 #include "entropy_probe/core/config.hpp"
+#include "entropy_probe/tensor/simd.hpp"
 
 #include <Eigen/Core>
 
@@ -128,6 +130,10 @@ struct Silu {
     const Eigen::Array<T, Eigen::Dynamic, 1> s = Sigmoid::f_array(x);  // once, used twice
     return Eigen::Array<T, Eigen::Dynamic, 1>(s * (T(1) + x * (T(1) - s)));
   }
+  // Float forms for the CPU backend: the dispatched kernels of simd.hpp
+  // (the MLP's activation is one of the largest non-product passes).
+  static void f_simd(index_t n, const float* x, float* y) { simd::silu(n, x, y); }
+  static void df_simd(index_t n, const float* x, float* d) { simd::silu_df(n, x, d); }
 };
 
 // GELU, exact form (PyTorch's default, transformers' "gelu"):

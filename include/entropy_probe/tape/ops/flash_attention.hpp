@@ -228,7 +228,7 @@ struct FlashCpu {
       if (n == 0) return 0;
       const T hi = static_cast<T>(shift), lo = static_cast<T>(shift - static_cast<acc_t>(hi));
       Row a(x, n);
-      a = ((a - hi) - lo).exp();
+      CpuBackend::exp_affine(n, x, x, T(1), T(0), hi, lo);
       if (!dense)
         for (index_t s = 0; s < n; ++s)
           if (!m[s]) x[s] = T(0);
