@@ -444,11 +444,10 @@ TEST_CASE("probe edge: phases that do not run leave their keys out of the result
     }
     CHECK(keys_of(j["registry"]) ==
           std::set<std::string>{"trainable_tensors", "lora_tensors", "trainable_numel", "names"});
-    CHECK(keys_of(j["config"]) == std::set<std::string>{"learning_rate", "learning_rate_source", "weighting", "mb_size",
-                                                        "memory_budget", "temperature", "variance", "alpha_route",
-                                                        "ground_truth", "is", "clip_c", "directions", "influence",
-                                                        "influence_matrix", "influence_truth", "lr_sweep",
-                                                        "control_variates"});
+    CHECK(keys_of(j["config"]) ==
+          std::set<std::string>{"learning_rate", "learning_rate_source", "weighting", "mb_size", "memory_budget",
+                                "temperature", "variance", "alpha_route", "ground_truth", "is", "clip_c", "directions",
+                                "influence", "influence_matrix", "influence_truth", "lr_sweep", "control_variates"});
     CHECK(j["config"]["control_variates"] == k.control_variates);
     CHECK(r.first_order_per_sequence.size() == (k.control_variates ? 8u : 0u));
     // A microbatch size per loop that ran (full_variance_X only when the

@@ -361,25 +361,25 @@ class ProbeComponents {
     for_each_microbatch(
         batch, phase,
         [&](const TokenBatch& mb, std::span<const index_t> prompts) {
-      Tape<T, B> tape(forward_tangents, param_tangents(tangent_t, phase));
-      std::vector<double> h;
-      Var S = record_sequence_logprobs(tape, *model_, mb, settings_.temperature, entropy ? &h : nullptr);
-      const std::vector<double> s = to_double(tape.value(S));
-      const Tensor<T, B>* sdot = tape.tangent(S);
-      if (!sdot)
-        fail<Error>(
-            "[JVP] {}: the tangent reached no sequence log-probability (no parameter of the forward pass "
-            "has an entry in the tangent buffer)",
-            phase);
-      const std::vector<double> sd = to_double(*sdot);
-      for (index_t j = 0; j < mb.B; ++j)
-        for (index_t g = 0; g < mb.G; ++g) {
-          const auto row = static_cast<std::size_t>(j * mb.G + g);
-          const auto at = static_cast<std::size_t>(prompts[static_cast<std::size_t>(j)] * batch.G + g);
-          all[at] = s[row];
-          all[rows + at] = sd[row];
-          if (entropy) all[2 * rows + at] = h[row];
-        }
+          Tape<T, B> tape(forward_tangents, param_tangents(tangent_t, phase));
+          std::vector<double> h;
+          Var S = record_sequence_logprobs(tape, *model_, mb, settings_.temperature, entropy ? &h : nullptr);
+          const std::vector<double> s = to_double(tape.value(S));
+          const Tensor<T, B>* sdot = tape.tangent(S);
+          if (!sdot)
+            fail<Error>(
+                "[JVP] {}: the tangent reached no sequence log-probability (no parameter of the forward pass "
+                "has an entry in the tangent buffer)",
+                phase);
+          const std::vector<double> sd = to_double(*sdot);
+          for (index_t j = 0; j < mb.B; ++j)
+            for (index_t g = 0; g < mb.G; ++g) {
+              const auto row = static_cast<std::size_t>(j * mb.G + g);
+              const auto at = static_cast<std::size_t>(prompts[static_cast<std::size_t>(j)] * batch.G + g);
+              all[at] = s[row];
+              all[rows + at] = sd[row];
+              if (entropy) all[2 * rows + at] = h[row];
+            }
         },
         scope);
     if (scope == PassScope::shard) comm_->allreduce_sum(std::span<double>(all));
