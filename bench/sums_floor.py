@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     ap.add_argument("--E", help="E batch (default CHECKPOINT/E.safetensors)")
     ap.add_argument("--U", help="U batch (default CHECKPOINT/U.safetensors)")
     ap.add_argument("--rows", type=int, default=1024, help="rows per timed product block")
-    ap.add_argument("--repeats", type=int, default=3, help="at least this many timed calls per distinct shape (the fastest counts)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="at least this many timed calls per distinct shape (the fastest counts)")
     ap.add_argument("--threads", type=int, default=1, choices=[1, THREADS],
                     help="time on 1 thread and divide by 2 (default), or on 2 threads as they are")
     ap.add_argument("--json", help="also write the result here")
