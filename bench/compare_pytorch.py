@@ -30,9 +30,13 @@ down; two real AdamW steps on a GRPO-style loss so LoRA B and the Adam state
 are real; E and U: B 8 prompts, G 4, T 96, random tokens with left-padded
 prompts (16-32 tokens) and right-padded responses.
 
-    /opt/golden-venv/bin/python bench/compare_pytorch.py --make-bench-checkpoint /tmp/bench_ckpt
-    /opt/golden-venv/bin/python bench/compare_pytorch.py --checkpoint /tmp/bench_ckpt \\
+    PYTHON bench/compare_pytorch.py --make-bench-checkpoint /tmp/bench_ckpt
+    PYTHON bench/compare_pytorch.py --checkpoint /tmp/bench_ckpt \\
         --cpp build/bench/probe_compare [--rounds 5] [--json results.json]
+
+PYTHON is the peer's interpreter (a venv with torch, transformers, peft, safetensors, numpy):
+bench/compare-all makes one (build/peer-venv) and runs this script with it; the workers run
+under the same interpreter (sys.executable).
 
 Targets (printed with the ratios): C++ sum X + sum Y <= 0.7x PyTorch, alpha
 trick <= 0.4x, peak memory <= 0.5x.
@@ -287,10 +291,12 @@ def torch_worker(args) -> None:
 # ---- the orchestrator -----------------------------------------------------------------------------
 
 
-def run_measured(cmd: list[str], env: dict, max_rss_kb: int = 0) -> tuple[dict | None, int, float]:
-    """Runs `cmd` as a fresh process; returns (its last JSON line on stdout, its peak RSS in kB
-    from wait4, its wall time in s). With max_rss_kb, a process whose RSS passes it is killed
-    (the shared machine is protected) and the JSON is None; the peak is then at least the limit."""
+def run_measured(cmd: list[str], env: dict, max_rss_kb: int = 0,
+                 raw: bool = False) -> tuple[dict | str | None, int, float]:
+    """Runs `cmd` as a fresh process; returns (its last JSON line on stdout, or with raw its whole
+    stdout, its peak RSS in kB from wait4, its wall time in s). With max_rss_kb, a process whose
+    RSS passes it is killed (the shared machine is protected) and the output is None; the peak is
+    then at least the limit."""
     import tempfile
 
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -313,7 +319,10 @@ def run_measured(cmd: list[str], env: dict, max_rss_kb: int = 0) -> tuple[dict |
         err.seek(0)
         if p.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{err.read().decode()[-3000:]}")
-        lines = [ln for ln in out.read().decode().splitlines() if ln.startswith("{")]
+        text = out.read().decode()
+        if raw:
+            return text, int(ru.ru_maxrss), wall
+        lines = [ln for ln in text.splitlines() if ln.startswith("{")]
         return (json.loads(lines[-1]) if lines else {}), int(ru.ru_maxrss), wall
 
 

@@ -26,11 +26,11 @@ A process whose RSS passes --max-rss-gib is killed (the machine is shared) and s
 0.5x PyTorch's sum phase; at T = 2048 at most 0.8x PyTorch's sdpa sums; the probe's peak
 growing at most 4x from T = 512 to 2048; load time at most PyTorch's.
 
-    /opt/golden-venv/bin/python bench/memory_compare.py --data /tmp/membench \\
+    PYTHON bench/memory_compare.py --data /tmp/membench \\
         --cli build/examples/entropy-probe [--quick] [--rounds 1] [--json out.json]
 
 Missing checkpoints are generated first (small: under a minute; qwen05b: about a minute and 1.1 GB).
---quick runs the small cases only.
+--quick runs the small cases only. PYTHON: the peer venv's interpreter (bench/compare_pytorch.py).
 """
 from __future__ import annotations
 

@@ -15,8 +15,11 @@ Checkpoints: --checkpoint DIR, a Qwen2 checkpoint directory with its adapter,
 e.g. bench/compare_pytorch.py --make-bench-checkpoint DIR (small) or
 bench/memory_compare.py --make-only --cases qwen05b (the Qwen2.5-0.5B shape).
 
-    /opt/golden-venv/bin/python bench/sample_compare.py --checkpoint /tmp/bench_ckpt \\
-        --cli build/examples/entropy-probe [--B 4 --G 4 --P 32 --M 64] [--rounds 3]
+    PYTHON bench/sample_compare.py --checkpoint /tmp/bench_ckpt \\
+        --cli build/examples/entropy-probe [--B 4 --G 4 --P 32 --M 64] [--rounds 3] [--json OUT]
+
+PYTHON: the peer venv's interpreter (bench/compare_pytorch.py). Peak memory of each process is
+its max RSS from os.wait4, as in bench/compare_pytorch.py.
 
 Target (issue 17): at least 2x generate's tokens/s at the 0.5B shape.
 """
@@ -28,7 +31,6 @@ import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +38,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from compare_pytorch import THREADS, load_torch_model  # noqa: E402
+from compare_pytorch import THREADS, load_torch_model, run_measured  # noqa: E402
 
 
 def write_prompts(path: str, B: int, P: int, vocab: int, seed: int) -> None:
@@ -65,27 +67,25 @@ def torch_worker(args) -> None:
     print(json.dumps({"tokens": n, "seconds": secs, "tokens_per_s": n / secs}))
 
 
-def run_cpp(args, env) -> float:
+def run_cpp(args, env) -> tuple[float, int]:
+    """(tokens/s, peak RSS in kB) of one `entropy-probe sample` process."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [args.cli, "sample", args.checkpoint, "--prompts", args.prompts, "--G", str(args.G),
                "--max-new-tokens", str(args.M), "--seed", "1", "--out", os.path.join(tmp, "b.safetensors"),
                "--log-level", "warning"]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
-    m = re.search(r"sampled (\d+) tokens in ([\d.]+) s: ([\d.]+) tokens/s", r.stdout)
+        stdout, peak, _ = run_measured(cmd, env, raw=True)  # exits naming the command if it fails
+    m = re.search(r"sampled (\d+) tokens in ([\d.]+) s: ([\d.]+) tokens/s", stdout)
     if not m or int(m.group(1)) != args.B * args.G * args.M:
-        sys.exit(f"unexpected output of {' '.join(cmd)}:\n{r.stdout}")
-    return float(m.group(3))
+        sys.exit(f"unexpected output of {' '.join(cmd)}:\n{stdout}")
+    return float(m.group(3)), peak
 
 
-def run_torch(args, env) -> float:
+def run_torch(args, env) -> tuple[float, int]:
+    """(tokens/s, peak RSS in kB) of one generate() worker process."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--checkpoint", args.checkpoint, "--prompts",
            args.prompts, "--G", str(args.G), "--M", str(args.M)]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"PyTorch worker failed ({r.returncode}):\n{r.stdout}{r.stderr}")
-    return json.loads(r.stdout.strip().splitlines()[-1])["tokens_per_s"]
+    out, peak, _ = run_measured(cmd, env)
+    return out["tokens_per_s"], peak
 
 
 def main(argv=None) -> int:
@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--P", type=int, default=32, help="prompt length")
     ap.add_argument("--M", type=int, default=64, help="new tokens per response")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", help="write the measurements (tokens/s and peak RSS per round) here")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--prompts", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -111,17 +112,25 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         args.prompts = os.path.join(tmp, "prompts.jsonl")
         write_prompts(args.prompts, args.B, args.P, vocab, seed=3)
-        cpp, torch = [], []
+        cpp, torch, peak = [], [], {"cpp": [], "torch": []}
         for r in range(args.rounds):
             sides = [("cpp", run_cpp, cpp), ("torch", run_torch, torch)]
-            for _, fn, acc in (sides if r % 2 == 0 else sides[::-1]):
-                acc.append(fn(args, env))
+            for side, fn, acc in (sides if r % 2 == 0 else sides[::-1]):
+                rate, kb = fn(args, env)
+                acc.append(rate)
+                peak[side].append(kb)
     c, t = statistics.median(cpp), statistics.median(torch)
     print(f"sampling {args.B} prompts x G {args.G}, prompt {args.P} tokens, {args.M} new tokens; "
           f"float32, {THREADS} threads, {args.rounds} rounds (median); load {os.getloadavg()[0]:.2f}")
     print(f"  entropy-probe sample  {c:10.1f} tokens/s   (rounds: {', '.join(f'{x:.1f}' for x in cpp)})")
     print(f"  transformers generate {t:10.1f} tokens/s   (rounds: {', '.join(f'{x:.1f}' for x in torch)})")
-    print(f"  ratio {c / t:.2f}x (target >= 2x at the 0.5B shape)")
+    print(f"  ratio {c / t:.2f}x (target >= 2x at the 0.5B shape); peak RSS {max(peak['cpp']) / 1024:.0f} MiB "
+          f"/ {max(peak['torch']) / 1024:.0f} MiB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": {"B": args.B, "G": args.G, "P": args.P, "M": args.M}, "cpp_tokens_per_s": cpp,
+                       "torch_tokens_per_s": torch, "cpp_peak_rss_kb": peak["cpp"],
+                       "torch_peak_rss_kb": peak["torch"], "load_average": os.getloadavg()}, f, indent=1)
     return 0
 
 
