@@ -455,7 +455,11 @@ inline nlohmann::json results_json(const ep::ProbeResult& r, const std::vector<S
   return j;
 }
 
-inline ep::ScatterPlot calibration_plot(const std::vector<SweepRow>& rows, const DemoSizes& s, std::uint64_t seed) {
+// Both directions over the sweep and, beside each precond_sgd point, the
+// control-variate estimate of the same deltaH1 (docs/math.md (m)): the probe
+// fits it at the training lr, and it and its SE scale with eta as deltaH1 does.
+inline ep::ScatterPlot calibration_plot(const std::vector<SweepRow>& rows, const ep::ProbeResult& r, const DemoSizes& s,
+                                        std::uint64_t seed) {
   ep::ScatterPlot plot;
   plot.title = fmt::format("Entropy probe calibration, \u03b7 = {:g} \u2026 {:g} (seed {})", s.etas.front(),
                            s.etas.back(), seed);
@@ -467,6 +471,18 @@ inline ep::ScatterPlot calibration_plot(const std::vector<SweepRow>& rows, const
     series.label = k == 0 ? "adamw: real AdamW step" : "precond_sgd: \u03b8 + \u03b7 \u03bcY";
     for (const SweepRow& row : rows)  // SE_deltaH1 is along mu_Y only: no bar for adamw
       series.points.push_back({row.truth[k].deltaH_true_tok, row.deltaH1[k], k == 0 ? 0.0 : 2 * row.se_full});
+    plot.series.push_back(std::move(series));
+  }
+  if (r.control_variates) {
+    const ep::ControlVariates& cv = *r.control_variates;
+    ep::PlotSeries series;
+    series.label = "control variates along \u03bcY (bars: \u00b12 SE, E noise only)";
+    series.marker = ep::Marker::diamond;
+    series.dodge_px = 9;  // beside its precond_sgd point, which has the same measured x
+    for (const SweepRow& row : rows) {
+      const double scale = row.eta / r.learning_rate;
+      series.points.push_back({row.truth[1].deltaH_true_tok, scale * cv.deltaH1, 2 * scale * cv.SE});
+    }
     plot.series.push_back(std::move(series));
   }
   return plot;
@@ -499,7 +515,7 @@ inline int run_demo(const DemoOptions& opt) {
   const auto json_path = out_dir / "results.json";
   write_text(json_path, results_json(r, rows, training, opt, s, lora, clock.seconds).dump(2) + "\n");
   const auto svg_path = out_dir / "calibration.svg";
-  ep::write_svg(svg_path.string(), calibration_plot(rows, s, opt.seed));
+  ep::write_svg(svg_path.string(), calibration_plot(rows, r, s, opt.seed));
   clock.done("output");
   fmt::print("Wrote {} and {}\n", json_path.string(), svg_path.string());
   std::map<std::string, double>& t = clock.seconds;

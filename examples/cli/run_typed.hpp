@@ -214,6 +214,21 @@ inline bool write_result_json(const ep::ProbeResult& r, const RunOptions& o, con
   return static_cast<bool>(out);
 }
 
+// --influence-csv and --influence-matrix-csv, when given; returns the files
+// written. The Python package's Checkpoint.run writes them the same way.
+inline std::vector<std::string> write_influence_csvs(const ep::ProbeResult& r, const RunOptions& o) {
+  std::vector<std::string> written;
+  if (o.influence_csv) {
+    ep::write_influence_csv(r, *o.influence_csv);
+    written.push_back(*o.influence_csv);
+  }
+  if (o.influence_matrix_csv) {
+    ep::write_influence_matrix_csv(r, *o.influence_matrix_csv);
+    written.push_back(*o.influence_matrix_csv);
+  }
+  return written;
+}
+
 // What `run` does between loading and reporting, for a loaded model and
 // validated-here batches: the probe configured from `o`, the Adam state of
 // CHECKPOINT_DIR/optimizer.safetensors (or none, with a warning), the run.
@@ -275,14 +290,7 @@ int run_typed(const RunOptions& o, ep::Communicator& comm) {
           }
           fmt::print("  wrote {}\n", *o.json_out);
         }
-        if (o.influence_csv) {
-          ep::write_influence_csv(r, *o.influence_csv);
-          fmt::print("  wrote {}\n", *o.influence_csv);
-        }
-        if (o.influence_matrix_csv) {
-          ep::write_influence_matrix_csv(r, *o.influence_matrix_csv);
-          fmt::print("  wrote {}\n", *o.influence_matrix_csv);
-        }
+        for (const std::string& path : write_influence_csvs(r, o)) fmt::print("  wrote {}\n", path);
         return kExitOk;
       },
       models);

@@ -34,5 +34,14 @@ list(LENGTH circles n_circles)
 if(NOT n_circles EQUAL sweep_len)
   message(FATAL_ERROR "${OUT_DIR}/calibration.svg has ${n_circles} points, the sweep ${sweep_len}")
 endif()
+# The control-variate estimate beside each precond_sgd point: one diamond per
+# learning rate (the sweep has an adamw and a precond_sgd entry per rate).
+string(REGEX MATCHALL "<path d=\"M" diamonds "${svg}")
+list(LENGTH diamonds n_diamonds)
+math(EXPR n_etas "${sweep_len} / 2")
+if(NOT n_diamonds EQUAL n_etas)
+  message(FATAL_ERROR "${OUT_DIR}/calibration.svg has ${n_diamonds} control-variate points, the sweep ${n_etas} "
+                      "learning rates")
+endif()
 message(STATUS "demo outputs in ${OUT_DIR}: results.json (${sweep_len} sweep entries), "
-               "calibration.svg (${n_circles} points)")
+               "calibration.svg (${n_circles} points, ${n_diamonds} control-variate points)")

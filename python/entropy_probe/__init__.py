@@ -43,12 +43,14 @@ BATCH_KEYS = {
 }
 
 # Checkpoint.run's options: `entropy-probe run`'s (examples/cli/run_command.hpp)
-# without --e-batch/--u-batch (the arguments), --dtype/--device (the
-# Checkpoint's), --json (the result is returned) and --log-level (logging's).
-# Flags (`--control-variates`) are booleans: True passes the flag, False leaves it out.
-RUN_OPTIONS = ("lr", "weighting", "mb_size", "variance", "ground_truth", "is", "clip_c", "temperature", "alpha_route",
-               "control_variates")
-RUN_FLAGS = ("control_variates",)
+# under the same names with underscores, without --e-batch/--u-batch (the
+# arguments), --dtype/--device (the Checkpoint's), --json (the result is
+# returned) and --log-level (logging's).
+RUN_OPTIONS = ("lr", "weighting", "mb_size", "max_memory", "variance", "ground_truth", "direction", "influence",
+               "influence_csv", "influence_matrix", "influence_matrix_csv", "influence_truth", "influence_truth_seq",
+               "lr_sweep", "control_variates", "is", "clip_c", "temperature", "alpha_route")
+# The command's flags (`--influence`): True passes the flag, False leaves it out.
+RUN_FLAGS = ("influence", "influence_matrix", "control_variates")
 
 Batch = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -119,16 +121,49 @@ def _sync_log_level() -> None:
     _core._set_log_level(_logger.getEffectiveLevel())
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
 def _cli_option_value(key: str, value: Any) -> str:
-    if isinstance(value, bool):
-        raise UsageError(f"Checkpoint.run: {key} = {value!r}; expected a {'number' if key != 'mb_size' else 'count'}")
-    if key == "mb_size":
-        if not isinstance(value, (int, np.integer)):
-            raise UsageError(f"Checkpoint.run: mb_size = {value!r}; expected an integer")
-        return str(int(value))
-    if isinstance(value, (int, float, np.integer, np.floating)):
+    """An option's value as the command's argument; the command checks it (range, choice) and names it."""
+    bad = lambda want: UsageError(f"Checkpoint.run: {key} = {value!r}; expected {want}")
+    if key in ("influence_csv", "influence_matrix_csv"):
+        if not isinstance(value, (str, os.PathLike)):
+            raise bad("a file name")
+        return os.fspath(value)
+    if key in ("mb_size", "influence_truth", "max_memory"):
+        if _is_int(value):
+            return str(int(value))
+        if (key, value) == ("mb_size", "auto") or (key == "max_memory" and isinstance(value, str)):
+            return value  # 'auto'; a size such as '6G'
+        raise bad({"mb_size": "an integer or 'auto'", "influence_truth": "an integer count K",
+                   "max_memory": "a number of bytes or a size such as '6G'"}[key])
+    if key == "influence_truth_seq":
+        # (prompt, completion) pairs -> "U:G,U:G,..."
+        sequence = lambda x: isinstance(x, Iterable) and not isinstance(x, (str, bytes))
+        pairs = [tuple(p) if sequence(p) else p for p in value] if sequence(value) else []
+        if not pairs or not all(isinstance(p, tuple) and len(p) == 2 and all(map(_is_int, p)) for p in pairs):
+            raise bad("a non-empty list of (prompt, completion) pairs of integers")
+        return ",".join(f"{int(u)}:{int(g)}" for u, g in pairs)
+    if key == "lr_sweep":
+        if isinstance(value, str):
+            return value  # the command's grid START:STOP:N
+        rates = list(value) if isinstance(value, Iterable) else None
+        if not rates or not all(map(_is_number, rates)):
+            raise bad("a non-empty list of learning rates or a grid 'START:STOP:N'")
+        return ",".join(repr(float(x)) for x in rates)
+    if isinstance(value, (bool, np.bool_)):
+        raise bad("a number" if key in ("lr", "clip_c", "temperature") else "a string")
+    if _is_number(value):
         return repr(float(value))  # round-trips exactly through the command's parser
-    return str(value)
+    if not isinstance(value, str):
+        raise bad("a number" if key in ("lr", "clip_c", "temperature") else "a string")
+    return value
 
 
 def _python_names(message: str) -> str:
@@ -164,8 +199,12 @@ class Checkpoint:
 
     def run(self, E: Batch, U: Batch, **options: Any) -> dict:
         """The offline entropy probe on batches E and U (dicts or batch-file paths), with the options of
-        `entropy-probe run` (RUN_OPTIONS: lr, weighting, mb_size, variance, ground_truth, is, clip_c,
-        temperature, alpha_route, control_variates=True|False). Returns the result with the keys of `entropy-probe run --json`."""
+        `entropy-probe run` under their names with underscores (RUN_OPTIONS; docs/python.md): lr,
+        weighting, mb_size, max_memory, variance, ground_truth, direction, is, clip_c, temperature,
+        alpha_route; the flags influence, influence_matrix, control_variates (True/False); influence_truth=K,
+        influence_truth_seq=[(prompt, completion), ...], lr_sweep=[eta, ...] (or "START:STOP:N");
+        influence_csv / influence_matrix_csv (file names the CSVs are written to). Returns the result with
+        the keys of `entropy-probe run --json`."""
         args = [self.path]
         for flag, batch, name in (("--e-batch", E, "E batch"), ("--u-batch", U, "U batch")):
             b = _to_core_batch(batch, name)

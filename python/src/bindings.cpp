@@ -195,6 +195,7 @@ class LoadedT final : public Loaded {
         [&](auto& model) {
           auto [r, have_optimizer] = ep_run::detail::probe_loaded(model, o, E.batch, U.batch, single, true);
           r.timing["total"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+          ep_run::detail::write_influence_csvs(r, o);
           return ep_run::detail::result_json(r, o, model_type(), have_optimizer).dump();
         },
         models_);

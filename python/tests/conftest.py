@@ -15,3 +15,17 @@ def cli():
     if path and not os.access(path, os.X_OK):
         pytest.fail(f"ENTROPY_PROBE_CLI={path} is not an executable")
     return path
+
+
+def eight_prompt_batch(ckpt, seed=5):
+    """An E batch sampled from the checkpoint's policy, 8 prompts x 4 responses, with GRPO advantages of
+    seeded rewards: the golden E's 4 prompts are too few for the control variates' cross-fitted fit
+    (features + 2 = 7 prompts)."""
+    import numpy as np
+
+    import entropy_probe as ep
+
+    batch = ckpt.sample([[1 + b, 2 + 2 * b, 3] for b in range(8)], G=4, max_new_tokens=8, seed=seed)
+    rewards = np.random.default_rng(seed).normal(size=(8, 4))
+    batch["rewards"], batch["advantages"] = rewards, ep.grpo_advantages(rewards)
+    return batch

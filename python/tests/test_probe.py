@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import entropy_probe as ep
-from conftest import CHECKPOINTS, GOLDEN
+from conftest import CHECKPOINTS, GOLDEN, eight_prompt_batch
 
 # Both run the same code (examples/cli/run_typed.hpp), compiled separately:
 # agreement to 1e-12 relative (measured: bit for bit).
@@ -50,8 +50,27 @@ def cli_args(options):
         if isinstance(v, bool):  # a flag
             out += ["--" + k.replace("_", "-")] if v else []
             continue
+        if k == "influence_truth_seq":  # [(prompt, completion), ...] -> U:G,U:G
+            v = ",".join(f"{u}:{g}" for u, g in v)
+        elif k == "lr_sweep":
+            v = ",".join(repr(x) for x in v)
         out += ["--" + k.replace("_", "-"), repr(v) if isinstance(v, float) else str(v)]
     return out
+
+
+def assert_equals_cli(ckpt, name, options, cli, tmp_path, e_batch=None):
+    """Checkpoint.run and `entropy-probe run --json` with the same options give the same result."""
+    d = GOLDEN / name
+    e_batch = str(e_batch or d / "E.safetensors")
+    got = ckpt.run(e_batch, str(d / "U.safetensors"), **options)
+    if cli is None:
+        pytest.skip("no entropy-probe program (ENTROPY_PROBE_CLI): see test_run_equals_golden")
+    out = tmp_path / "cli.json"
+    subprocess.run([cli, "run", str(d), "--e-batch", e_batch, "--u-batch", str(d / "U.safetensors"), "--dtype",
+                    "f64", "--json", str(out)] + cli_args(options),
+                   check=True, capture_output=True)
+    assert_same(got, json.loads(out.read_text()))
+    return got
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +81,29 @@ def checkpoints():
 @pytest.mark.parametrize("name", CHECKPOINTS)
 @pytest.mark.parametrize("options", OPTION_SETS, ids=["adam", "precond_sgd_per_token_tau_mb", "control_variates"])
 def test_run_equals_cli(name, options, checkpoints, cli, tmp_path):
-    d = GOLDEN / name
-    got = checkpoints[name].run(str(d / "E.safetensors"), str(d / "U.safetensors"), **options)
-    if cli is None:
-        pytest.skip("no entropy-probe program (ENTROPY_PROBE_CLI): see test_run_equals_golden")
-    out = tmp_path / "cli.json"
-    subprocess.run([cli, "run", str(d), "--e-batch", str(d / "E.safetensors"), "--u-batch",
-                    str(d / "U.safetensors"), "--dtype", "f64", "--json", str(out)] + cli_args(options),
-                   check=True, capture_output=True)
-    assert_same(got, json.loads(out.read_text()))
+    assert_equals_cli(checkpoints[name], name, options, cli, tmp_path)
+
+
+# Every option issue 18 added, in one run (test_science_options.py checks what each one adds).
+SCIENCE_OPTIONS = {
+    "direction": "both",
+    "influence": True,
+    "influence_matrix": True,
+    "influence_truth": 2,
+    "influence_truth_seq": [(0, 1), (1, 0)],
+    "lr_sweep": [1e-4, 3e-4],
+    "control_variates": True,
+    "ground_truth": "adam",
+}
+
+
+@pytest.mark.parametrize("name", ["gpt2_lora", "qwen2_lora"])
+def test_science_options_equal_cli(name, checkpoints, cli, tmp_path):
+    e_batch = tmp_path / "E8.safetensors"
+    ep.save_batch(eight_prompt_batch(checkpoints[name]), e_batch)
+    got = assert_equals_cli(checkpoints[name], name, SCIENCE_OPTIONS, cli, tmp_path, e_batch)
+    for key in ("directions", "influence", "influence_matrix", "control_variates", "lr_sweep"):
+        assert key in got, key
 
 
 @pytest.mark.parametrize("name", CHECKPOINTS)

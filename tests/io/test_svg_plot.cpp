@@ -126,6 +126,41 @@ TEST_CASE("svg plot: well-formed document with one circle per point and a legend
   require_finite_coordinates(s);
 }
 
+TEST_CASE("svg plot: a diamond series is drawn as paths, dodged sideways by its pixels", "[io][svg]") {
+  ScatterPlot p = two_series();
+  PlotSeries cv{"control variates", "", {{-0.019, -0.0175, 0.002}, {-0.0019, -0.0020, 0.0002}}};
+  cv.marker = Marker::diamond;
+  cv.dodge_px = 8;
+  p.series.push_back(cv);
+  const std::string s = render_svg(p);
+  CHECK(xml_problem(s).empty());
+  CHECK(count(s, "<circle") == 5);  // the diamonds are not circles
+  CHECK(count(s, "<path d=\"M") == 2);
+  CHECK(s.find(">control variates<") != std::string::npos);
+  require_finite_coordinates(s);
+  // The same points as circles, undodged: each diamond's top vertex sits 8 px
+  // right of the circle's centre and 5 px above it.
+  PlotSeries plain = cv;
+  plain.marker = Marker::circle;
+  plain.dodge_px = 0;
+  ScatterPlot q = two_series();
+  q.series.push_back(plain);
+  const std::string t = render_svg(q);
+  static const std::regex circle(R"re(<circle cx="([^"]*)" cy="([^"]*)")re");
+  static const std::regex diamond(R"re(<path d="M([^ ]*) ([^L]*)L)re");
+  std::vector<std::pair<double, double>> centres, tops;
+  for (auto it = std::sregex_iterator(t.begin(), t.end(), circle); it != std::sregex_iterator(); ++it)
+    centres.emplace_back(std::stod((*it)[1]), std::stod((*it)[2]));
+  for (auto it = std::sregex_iterator(s.begin(), s.end(), diamond); it != std::sregex_iterator(); ++it)
+    tops.emplace_back(std::stod((*it)[1]), std::stod((*it)[2]));
+  REQUIRE(centres.size() == 7);
+  REQUIRE(tops.size() == 2);
+  for (std::size_t i = 0; i < 2; ++i) {
+    CHECK(tops[i].first == Approx(centres[5 + i].first + 8).margin(0.011));
+    CHECK(tops[i].second == Approx(centres[5 + i].second - 5).margin(0.011));
+  }
+}
+
 TEST_CASE("svg plot: labels are escaped", "[io][svg]") {
   ScatterPlot p;
   p.title = "A<B & C>D";

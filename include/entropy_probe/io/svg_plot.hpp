@@ -28,10 +28,18 @@ struct PlotPoint {
   double y_err = 0;  // half-length of the error bar; 0 draws none
 };
 
+// A diamond tells a second estimate of the same quantity apart from a
+// circle series while both stay readable in grey scale.
+enum class Marker { circle, diamond };
+
 struct PlotSeries {
   std::string label;
   std::string color;  // any SVG colour; empty picks from a colour-blind-safe palette
   std::vector<PlotPoint> points;
+  Marker marker = Marker::circle;
+  // Horizontal shift in pixels when drawn (the data are unchanged), so two
+  // estimates at the same x sit side by side instead of hiding each other.
+  double dodge_px = 0;
 };
 
 // symlog maps v to sign(v) log10(1 + |v| / c): linear near zero, logarithmic
@@ -316,7 +324,7 @@ inline std::string render_svg(const ScatterPlot& plot) {
     o += fmt::format("<g stroke=\"{0}\" fill=\"{0}\">\n", color);
     for (const auto& p : s.points) {
       if (!finite(p)) continue;
-      const double e = err(p), cx = sx(p.x), cy = sy(p.y);
+      const double e = err(p), cx = sx(p.x) + (std::isfinite(s.dodge_px) ? s.dodge_px : 0.0), cy = sy(p.y);
       if (e > 0) {
         const double y0 = sy(p.y - e), y1 = sy(p.y + e);
         o += fmt::format("<line x1=\"{0}\" y1=\"{1}\" x2=\"{0}\" y2=\"{2}\" stroke-width=\"1.5\"/>\n", num(cx), num(y0),
@@ -325,9 +333,15 @@ inline std::string render_svg(const ScatterPlot& plot) {
           o += fmt::format("<line x1=\"{0}\" y1=\"{2}\" x2=\"{1}\" y2=\"{2}\" stroke-width=\"1.5\"/>\n", num(cx - 4),
                            num(cx + 4), num(yy));
       }
-      o += fmt::format(
-          "<circle cx=\"{}\" cy=\"{}\" r=\"4\" fill-opacity=\"0.85\" stroke=\"white\" stroke-width=\"0.8\"/>\n",
-          num(cx), num(cy));
+      if (s.marker == Marker::diamond)
+        o += fmt::format(
+            "<path d=\"M{0} {1}L{2} {3}L{0} {4}L{5} {3}Z\" fill-opacity=\"0.85\" stroke=\"white\" "
+            "stroke-width=\"0.8\"/>\n",
+            num(cx), num(cy - 5), num(cx + 5), num(cy), num(cy + 5), num(cx - 5));
+      else
+        o += fmt::format(
+            "<circle cx=\"{}\" cy=\"{}\" r=\"4\" fill-opacity=\"0.85\" stroke=\"white\" stroke-width=\"0.8\"/>\n",
+            num(cx), num(cy));
     }
     o += "</g>\n";
   }
