@@ -224,3 +224,90 @@ TEST_CASE("gelu_erf and relu: VJP and JVP against finite differences", "[ops][el
   CHECK(float_vs_double({random_tensor({6, 7}, rng, 2.0)},
                         [](auto& t, const std::vector<Var>& v) { return relu(t, v[0]); }) < 1e-6);
 }
+
+namespace {
+
+// Value, gradients (cotangent c) and tangent (tangents tg, tu) of
+// build(tape, gate, up) in T, as doubles.
+struct GatedRun {
+  std::vector<double> y, g_gate, g_up, ty;
+};
+template <class T, class Build>
+GatedRun run_gated(const TensorD& gate, const TensorD& up, const TensorD& c, const TensorD& tg, const TensorD& tu,
+                   Build build) {
+  auto to_doubles = [](const Tensor<T>& x) {
+    const std::vector<T> h = x.to_host();
+    return std::vector<double>(h.begin(), h.end());
+  };
+  Tape<T> t;
+  Var vg = t.input(gate.template cast<T>()), vu = t.input(up.template cast<T>());
+  Var y = build(t, vg, vu);
+  t.backward(y, c.template cast<T>());
+  t.set_tangent(vg, tg.template cast<T>());
+  t.set_tangent(vu, tu.template cast<T>());
+  t.jvp();
+  return {to_doubles(t.value(y)), to_doubles(*t.grad(vg)), to_doubles(*t.grad(vu)), to_doubles(*t.tangent(y))};
+}
+
+template <class F, class T>
+void check_gated_equals_composition(double tol) {
+  std::mt19937_64 rng(21);
+  // 7500 elements: several of the CPU backend's chunks and a short tail.
+  const Shape s{3, 2500};
+  const TensorD gate = random_tensor(s, rng, 3.0), up = random_tensor(s, rng), c = random_tensor(s, rng),
+                tg = random_tensor(s, rng), tu = random_tensor(s, rng);
+  const GatedRun fused =
+      run_gated<T>(gate, up, c, tg, tu, [](Tape<T>& t, Var g, Var u) { return gated_activation<F>(t, g, u); });
+  const GatedRun composed = run_gated<T>(gate, up, c, tg, tu, [](Tape<T>& t, Var g, Var u) {
+    return mul(t, detail::unary_elementwise<F>(t, g, "act"), u);
+  });
+  CHECK(rel_err(fused.y, composed.y) <= tol);
+  CHECK(rel_err(fused.g_gate, composed.g_gate) <= tol);
+  CHECK(rel_err(fused.g_up, composed.g_up) <= tol);
+  CHECK(rel_err(fused.ty, composed.ty) <= tol);
+}
+
+}  // namespace
+
+TEST_CASE("gated_activation: values against plain formulas", "[ops][elementwise]") {
+  std::mt19937_64 rng(18);
+  const TensorD g = random_tensor({5, 9}, rng, 3.0), u = random_tensor({5, 9}, rng);
+  Tape<double> t;
+  Var vg = t.input(g), vu = t.input(u);
+  const TensorD si = t.value(gated_activation<Silu>(t, vg, vu));
+  const TensorD ge = t.value(gated_activation<GeluTanh>(t, vg, vu));
+  const TensorD gr = t.value(gated_activation<GeluErf>(t, vg, vu));
+  const TensorD re = t.value(gated_activation<Relu>(t, vg, vu));
+  for (index_t i = 0; i < g.numel(); ++i) {
+    CAPTURE(i, g[i], u[i]);
+    CHECK(si[i] == Approx(silu_ref(g[i]) * u[i]).epsilon(1e-14).margin(1e-300));
+    // gelu_ref's 1 + tanh(u) cancels in the left tail: judged on the scale |g u|
+    CHECK(std::abs(ge[i] - gelu_ref(g[i]) * u[i]) <= 1e-14 * std::abs(g[i] * u[i]));
+    CHECK(gr[i] == Approx(gelu_erf_ref(g[i]) * u[i]).epsilon(1e-12).margin(1e-300));
+    CHECK(re[i] == relu_ref(g[i]) * u[i]);
+  }
+}
+
+// The decoder's MLP ran mul(activate(gate), up) before it ran the fused op:
+// forward, VJP and JVP must be the same, to rounding in double and within a
+// few float ulps of the scale in float (the SiLU kernels may contract into
+// FMAs differently).
+TEST_CASE("gated_activation: equals the composition mul(act(gate), up)", "[ops][elementwise]") {
+  check_gated_equals_composition<Silu, double>(1e-12);
+  check_gated_equals_composition<GeluTanh, double>(1e-12);
+  check_gated_equals_composition<GeluErf, double>(1e-12);
+  check_gated_equals_composition<Relu, double>(1e-12);
+  check_gated_equals_composition<Silu, float>(1e-6);
+  check_gated_equals_composition<GeluTanh, float>(1e-6);
+  check_gated_equals_composition<GeluErf, float>(1e-6);
+  check_gated_equals_composition<Relu, float>(1e-6);
+}
+
+TEST_CASE("gated_activation: shape mismatch is a usage error", "[ops][elementwise][errors]") {
+  Tape<double> t;
+  Var a = t.input(TensorD({2, 3})), b = t.input(TensorD({3, 2}));
+  REQUIRE_THROWS_AS(gated_activation<Silu>(t, a, b), UsageError);
+  REQUIRE_THROWS_WITH(gated_activation<Silu>(t, a, b),
+                      Catch::Contains("gated_activation: operand shapes [2, 3] and [3, 2] differ"));
+  CHECK(t.num_nodes() == 0);
+}

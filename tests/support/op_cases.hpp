@@ -84,6 +84,28 @@ void for_each_op_case(OpGroup group, Visit&& visit) {
       const auto s = random_tensor({2, 3, 7}, rng);
       visit("slice_last", std::vector<OpInput>{{s}},
             [](auto& t, const Vars& v) { return ep::slice_last(t, v[0], 2, 3); });
+      // The gated MLP's act(gate) * up, for each activation of a family.
+      const auto gate = random_tensor({4, 7}, rng, 3.0), up = random_tensor({4, 7}, rng);
+      visit("gated_activation<Silu> (SwiGLU)", std::vector<OpInput>{{gate}, {up}},
+            [](auto& t, const Vars& v) { return ep::gated_activation<ep::Silu>(t, v[0], v[1]); });
+      visit("gated_activation<Silu> (frozen gate)", std::vector<OpInput>{{gate, false}, {up}},
+            [](auto& t, const Vars& v) { return ep::gated_activation<ep::Silu>(t, v[0], v[1]); });
+      visit("gated_activation<Silu> (frozen up)", std::vector<OpInput>{{gate}, {up, false}},
+            [](auto& t, const Vars& v) { return ep::gated_activation<ep::Silu>(t, v[0], v[1]); });
+      visit("gated_activation<Silu>(x, x)", std::vector<OpInput>{{gate}},
+            [](auto& t, const Vars& v) { return ep::gated_activation<ep::Silu>(t, v[0], v[0]); });
+      // mul, recorded later, writes both gradients first: the fused rule adds.
+      visit("gated_activation<Silu> (gradients accumulate)", std::vector<OpInput>{{gate}, {up}},
+            [](auto& t, const Vars& v) {
+              const Var y = ep::gated_activation<ep::Silu>(t, v[0], v[1]);
+              return ep::add(t, y, ep::mul(t, v[0], v[1]));
+            });
+      visit("gated_activation<GeluTanh>", std::vector<OpInput>{{gate}, {up}},
+            [](auto& t, const Vars& v) { return ep::gated_activation<ep::GeluTanh>(t, v[0], v[1]); });
+      visit("gated_activation<GeluErf>", std::vector<OpInput>{{gate}, {up}},
+            [](auto& t, const Vars& v) { return ep::gated_activation<ep::GeluErf>(t, v[0], v[1]); });
+      visit("gated_activation<Relu>", std::vector<OpInput>{{gate}, {up}},
+            [](auto& t, const Vars& v) { return ep::gated_activation<ep::Relu>(t, v[0], v[1]); });
       break;
     }
     case OpGroup::linear: {

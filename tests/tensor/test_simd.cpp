@@ -133,3 +133,101 @@ TEST_CASE("simd: exp_scaled keeps p = exp(z s - lse) exact to float where z s an
   CpuBackend::exp_scaled(index_t(zd.size()), zd.data(), pd.data(), s, lse);
   for (std::size_t i = 0; i < z.size(); ++i) CHECK(std::abs(pd[i] - std::exp(zd[i] * s - lse)) <= 1e-15);
 }
+
+TEST_CASE("simd: silu_mul, its VJP and JVP against double, every set of outputs", "[tensor][simd]") {
+  // Gates over [-100, 100] (both saturations), ups, cotangents and tangents
+  // of mixed sign; n not a multiple of any vector width.
+  const index_t n = 20011;
+  const auto N = static_cast<std::size_t>(n);
+  std::vector<float> g(N), u(N), gy(N), tg(N), tu(N);
+  for (std::size_t i = 0; i < N; ++i) {
+    g[i] = -100.0f + 200.0f * float(i) / float(n - 1);
+    u[i] = std::sin(0.37f * float(i)) * 2.0f;
+    gy[i] = std::cos(0.11f * float(i));
+    tg[i] = std::sin(0.05f * float(i) + 1.0f);
+    tu[i] = std::cos(0.29f * float(i) + 2.0f);
+  }
+  // Reference terms in double, and the scale each is judged on (the sizes of
+  // its factors: silu'(g) = s + g s (1 - s) cancels near g = -1.28).
+  std::vector<double> y_ref(N), a_ref(N), b_ref(N), a_scale(N), b_scale(N);
+  for (std::size_t i = 0; i < N; ++i) {
+    const double x = g[i], s = 1.0 / (1.0 + std::exp(-x)), act = x * s;
+    const double d_size = s + std::abs(x) * s * (1.0 - s);
+    y_ref[i] = act * u[i];
+    a_ref[i] = double(gy[i]) * u[i] * (s + x * s * (1.0 - s));
+    b_ref[i] = double(gy[i]) * act;
+    a_scale[i] = std::abs(double(gy[i]) * u[i]) * d_size + 1e-30;
+    b_scale[i] = std::abs(double(gy[i]) * act) + 1e-30;
+  }
+  // A term carrying silu'(g) is judged on silu_df's bound above (1e-6 of the
+  // size of its terms) plus up to 8 float roundings of the products and sums
+  // around it (8 * 2^-24 < 5e-7); the others on silu's 1e-6.
+  const double kWithDf = 1.5e-6;
+  // Worst error relative to scale[i] + offset (offset: a value added onto).
+  auto worst = [&](const std::vector<float>& got, auto want, const std::vector<double>& scale, double offset = 0) {
+    double w = 0;
+    for (std::size_t i = 0; i < N; ++i) w = std::max(w, std::abs(got[i] - want(i)) / (scale[i] + offset));
+    return w;
+  };
+  std::vector<double> y_scale(N);
+  for (std::size_t i = 0; i < N; ++i) y_scale[i] = std::abs(y_ref[i]) + 1e-30;
+
+  std::vector<float> y(N);
+  simd::silu_mul(n, g.data(), u.data(), y.data());
+  CHECK(worst(
+            y, [&](std::size_t i) { return y_ref[i]; }, y_scale) < 1e-6);
+
+  // VJP: both outputs, one of them, assigning or adding onto 0.5.
+  for (bool want_g : {true, false})
+    for (bool want_u : {true, false})
+      for (bool assign : {true, false}) {
+        if (!want_g && !want_u) continue;
+        CAPTURE(want_g, want_u, assign);
+        const float base = assign ? std::numeric_limits<float>::quiet_NaN() : 0.5f;  // assign never reads
+        std::vector<float> gg(N, base), gu(N, base);
+        simd::silu_mul_vjp(n, g.data(), u.data(), gy.data(), want_g ? gg.data() : nullptr, assign,
+                           want_u ? gu.data() : nullptr, assign);
+        const double add = assign ? 0.0 : 0.5;
+        const double wg = want_g ? worst(
+                                       gg, [&](std::size_t i) { return add + a_ref[i]; }, a_scale, add)
+                                 : 0.0;
+        const double wu = want_u ? worst(
+                                       gu, [&](std::size_t i) { return add + b_ref[i]; }, b_scale, add)
+                                 : 0.0;
+        CAPTURE(wg, wu);
+        CHECK(wg < kWithDf);
+        CHECK(wu < 1e-6);
+      }
+
+  // JVP with both tangents, or one (the other zero).
+  for (int which = 0; which < 3; ++which) {
+    CAPTURE(which);
+    const bool with_g = which != 2, with_u = which != 1;
+    std::vector<float> ty(N);
+    simd::silu_mul_jvp(n, g.data(), u.data(), with_g ? tg.data() : nullptr, with_u ? tu.data() : nullptr, ty.data());
+    double w = 0;
+    for (std::size_t i = 0; i < N; ++i) {
+      const double x = g[i], s = 1.0 / (1.0 + std::exp(-x));
+      const double ta = with_g ? (s + x * s * (1.0 - s)) * double(tg[i]) * u[i] : 0.0,
+                   tb = with_u ? x * s * tu[i] : 0.0;
+      const double sc = (with_g ? (s + std::abs(x) * s * (1.0 - s)) * std::abs(tg[i] * u[i]) : 0.0) +
+                        std::abs(x * s * (with_u ? tu[i] : 0.0f)) + 1e-30;
+      w = std::max(w, std::abs(ty[i] - (ta + tb)) / sc);
+    }
+    CAPTURE(w);
+    CHECK(w < kWithDf);
+  }
+
+  // CpuBackend's gated primitives take the kernels for float Silu.
+  std::vector<float> yb(N), gg(N), gu(N), ty(N), ty_ref(N);
+  CpuBackend::gated_map<Silu>(n, g.data(), u.data(), yb.data());
+  CHECK(yb == y);
+  std::vector<float> gg_ref(N), gu_ref(N);
+  simd::silu_mul_vjp(n, g.data(), u.data(), gy.data(), gg_ref.data(), true, gu_ref.data(), true);
+  CpuBackend::gated_vjp<Silu>(n, g.data(), u.data(), gy.data(), gg.data(), true, gu.data(), true);
+  CHECK(gg == gg_ref);
+  CHECK(gu == gu_ref);
+  simd::silu_mul_jvp(n, g.data(), u.data(), tg.data(), tu.data(), ty_ref.data());
+  CpuBackend::gated_jvp<Silu>(n, g.data(), u.data(), tg.data(), tu.data(), ty.data());
+  CHECK(ty == ty_ref);
+}

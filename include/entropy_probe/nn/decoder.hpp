@@ -334,7 +334,7 @@ class DecoderForCausalLM {
   Var layer_output(Tape<T, B>& tape, Layer& l, Var h, Var att) {
     h = add(tape, h, l.o_proj.forward(tape, att));
     Var m = l.post_attention_layernorm.forward(tape, h);
-    Var gated = mul(tape, activate(tape, l.gate_proj.forward(tape, m), config_.hidden_act), l.up_proj.forward(tape, m));
+    Var gated = gated_activate(tape, l.gate_proj.forward(tape, m), l.up_proj.forward(tape, m), config_.hidden_act);
     return add(tape, h, l.down_proj.forward(tape, gated));
   }
 

@@ -375,6 +375,69 @@ struct CpuBackend {
     });
   }
 
+  // Gated maps of a functor F, y = F(g) * u (a gated MLP: SwiGLU for Silu),
+  // each one pass over the elements:
+  //   gated_map:  y[i]   = F::f(g[i]) * u[i]
+  //   gated_vjp:  gg[i] += gy[i] * u[i] * F::df(g[i]),  gu[i] += gy[i] * F::f(g[i])
+  //               (= with assign_g / assign_u: unfilled; a null gg or gu is not
+  //               wanted; gg and gu must not overlap)
+  //   gated_jvp:  ty[i]  = F::df(g[i]) * tg[i] * u[i] + F::f(g[i]) * tu[i]  (null tg / tu: zero)
+  // in the order of operations of unary_map followed by a product. A functor
+  // with float kernels (gated_simd, ...) runs those on float; otherwise F's
+  // array forms run on chunks, as in unary_map.
+  template <class F, class T>
+  static void gated_map(index_t n, const T* g, const T* u, T* y) {
+    if constexpr (has_gated_simd<F, T>)
+      for_chunks(n, [=](index_t i, index_t len) { F::gated_simd(len, g + i, u + i, y + i); });
+    else
+      for_chunks(n, [=](index_t i, index_t len) { vec(y + i, len) = F::f_array(vec(g + i, len)) * vec(u + i, len); });
+  }
+  template <class F, class T>
+  static void gated_vjp(index_t n, const T* g, const T* u, const T* gy, T* gg, bool assign_g, T* gu, bool assign_u) {
+    if constexpr (has_gated_simd<F, T>) {
+      for_chunks(n, [=](index_t i, index_t len) {
+        F::gated_vjp_simd(len, g + i, u + i, gy + i, gg ? gg + i : nullptr, assign_g, gu ? gu + i : nullptr, assign_u);
+      });
+    } else {
+      for_chunks(n, [=](index_t i, index_t len) {
+        if (gg)
+          with_df<F>(g + i, len, [&](const auto& d) {
+            if (assign_g)
+              vec(gg + i, len) = vec(gy + i, len) * vec(u + i, len) * d;
+            else
+              vec(gg + i, len) += vec(gy + i, len) * vec(u + i, len) * d;
+          });
+        if (gu) {
+          if (assign_u)
+            vec(gu + i, len) = vec(gy + i, len) * F::f_array(vec(g + i, len));
+          else
+            vec(gu + i, len) += vec(gy + i, len) * F::f_array(vec(g + i, len));
+        }
+      });
+    }
+  }
+  template <class F, class T>
+  static void gated_jvp(index_t n, const T* g, const T* u, const T* tg, const T* tu, T* ty) {
+    if constexpr (has_gated_simd<F, T>) {
+      for_chunks(n, [=](index_t i, index_t len) {
+        F::gated_jvp_simd(len, g + i, u + i, tg ? tg + i : nullptr, tu ? tu + i : nullptr, ty + i);
+      });
+    } else {
+      for_chunks(n, [=](index_t i, index_t len) {
+        if (tg)
+          with_df<F>(g + i, len, [&](const auto& d) {
+            if (tu)
+              vec(ty + i, len) =
+                  d * vec(tg + i, len) * vec(u + i, len) + F::f_array(vec(g + i, len)) * vec(tu + i, len);
+            else
+              vec(ty + i, len) = d * vec(tg + i, len) * vec(u + i, len);
+          });
+        else
+          vec(ty + i, len) = F::f_array(vec(g + i, len)) * vec(tu + i, len);
+      });
+    }
+  }
+
   // The passes of a log-softmax over rows of logits (log_softmax_gather):
   // for k in [0, m), row k is z[rows[k] * V .. + V) and p_kj = exp(z_kj s - lse[k]):
   //   softmax_lse:  lse[k] = log sum_j exp(z_kj s)                (max-shifted)
@@ -630,6 +693,12 @@ struct CpuBackend {
   static constexpr bool has_simd = std::is_same_v<T, float>&& requires(const float* a, float* b) {
     F::f_simd(index_t{}, a, b);
     F::df_simd(index_t{}, a, b);
+  };
+  template <class F, class T>
+  static constexpr bool has_gated_simd = std::is_same_v<T, float>&& requires(const float* a, float* b) {
+    F::gated_simd(index_t{}, a, a, b);
+    F::gated_vjp_simd(index_t{}, a, a, a, b, true, b, true);
+    F::gated_jvp_simd(index_t{}, a, a, a, a, b);
   };
   // body(d) with d the array f'(x) over one chunk (len <= kChunk): through
   // the float kernel into a stack buffer, else Eigen's expression.

@@ -30,6 +30,7 @@
 #include "entropy_probe/tensor/backend.hpp"
 #include "entropy_probe/tensor/batch_grid.hpp"
 #include "entropy_probe/tensor/block_cache.hpp"
+#include "entropy_probe/tensor/functors.hpp"
 #include "entropy_probe/tensor/owned_buffer.hpp"
 
 #include <cublas_v2.h>
@@ -453,6 +454,21 @@ struct CudaBackend {
   template <class F, class T>
   static void unary_jvp(index_t n, const T* x, const T* tx, T* ty) {
     parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] = F::df(x[i]) * tx[i]; });
+  }
+
+  // Gated maps y = F(g) * u (see CpuBackend): the scalar forms, one kernel
+  // each (functors.hpp).
+  template <class F, class T>
+  static void gated_map(index_t n, const T* g, const T* u, T* y) {
+    gated_map_scalar<F, CudaBackend>(n, g, u, y);
+  }
+  template <class F, class T>
+  static void gated_vjp(index_t n, const T* g, const T* u, const T* gy, T* gg, bool assign_g, T* gu, bool assign_u) {
+    gated_vjp_scalar<F, CudaBackend>(n, g, u, gy, gg, assign_g, gu, assign_u);
+  }
+  template <class F, class T>
+  static void gated_jvp(index_t n, const T* g, const T* u, const T* tg, const T* tu, T* ty) {
+    gated_jvp_scalar<F, CudaBackend>(n, g, u, tg, tu, ty);
   }
 
   // f(i) for i in [0, n): a grid-stride kernel calling the host/device functor.

@@ -11,7 +11,9 @@
 // evaluates exp and tanh with SIMD where glibc's scalar calls cost ~17 ns an
 // element (docs/performance.md). Host only; tests/tensor/test_cpu_backend.cpp
 // checks them against the scalar forms. A functor may add `f_simd` /
-// `df_simd` (float, host only): the CPU backend then uses those instead.
+// `df_simd` (float, host only): the CPU backend then uses those instead;
+// likewise `gated_simd` / `gated_vjp_simd` / `gated_jvp_simd` for the gated
+// maps act(gate) * up.
 #pragma once
 
 #include "entropy_probe/core/config.hpp"
@@ -134,6 +136,15 @@ struct Silu {
   // (the MLP's activation is one of the largest non-product passes).
   static void f_simd(index_t n, const float* x, float* y) { simd::silu(n, x, y); }
   static void df_simd(index_t n, const float* x, float* d) { simd::silu_df(n, x, d); }
+  // ... and of the gated MLP's silu(gate) * up (SwiGLU), one pass each.
+  static void gated_simd(index_t n, const float* g, const float* u, float* y) { simd::silu_mul(n, g, u, y); }
+  static void gated_vjp_simd(index_t n, const float* g, const float* u, const float* gy, float* gg, bool assign_g,
+                             float* gu, bool assign_u) {
+    simd::silu_mul_vjp(n, g, u, gy, gg, assign_g, gu, assign_u);
+  }
+  static void gated_jvp_simd(index_t n, const float* g, const float* u, const float* tg, const float* tu, float* ty) {
+    simd::silu_mul_jvp(n, g, u, tg, tu, ty);
+  }
 };
 
 // GELU, exact form (PyTorch's default, transformers' "gelu"):
@@ -189,5 +200,36 @@ struct Relu {
     return (x > T(0)).template cast<T>();
   }
 };
+
+// The gated maps y = F(g) * u of a backend (CpuBackend::gated_map /
+// gated_vjp / gated_jvp: same contract) in F's scalar forms, one
+// B::parallel_for each: the CUDA backend's implementation, which the tests'
+// emulated device runs on the CPU too.
+template <class F, class B, class T>
+void gated_map_scalar(index_t n, const T* g, const T* u, T* y) {
+  B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { y[i] = F::f(g[i]) * u[i]; });
+}
+template <class F, class B, class T>
+void gated_vjp_scalar(index_t n, const T* g, const T* u, const T* gy, T* gg, bool assign_g, T* gu, bool assign_u) {
+  B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) {
+    if (gg) {
+      const T a = gy[i] * u[i] * F::df(g[i]);
+      gg[i] = assign_g ? a : gg[i] + a;
+    }
+    if (gu) {
+      const T b = gy[i] * F::f(g[i]);
+      gu[i] = assign_u ? b : gu[i] + b;
+    }
+  });
+}
+template <class F, class B, class T>
+void gated_jvp_scalar(index_t n, const T* g, const T* u, const T* tg, const T* tu, T* ty) {
+  B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) {
+    T t(0);
+    if (tg) t = F::df(g[i]) * tg[i] * u[i];
+    if (tu) t += F::f(g[i]) * tu[i];
+    ty[i] = t;
+  });
+}
 
 }  // namespace entropy_probe

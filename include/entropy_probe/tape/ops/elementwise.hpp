@@ -6,6 +6,8 @@
 //   silu:       y = Silu(x)           dX += dy * f'(x)                  ty = f'(x) * tx
 //   gelu_erf:   y = GeluErf(x)        (likewise)
 //   relu:       y = Relu(x)           (likewise; f'(0) = 0 as in PyTorch)
+//   gated_activation<F>:  y = F(g) * u   (a gated MLP; SwiGLU for F = Silu)
+//               dG += dy * u * f'(g),  dU += dy * f(g)          ty = f'(g) tg u + f(g) tu
 //
 // Operands of add and mul must have the same shape (no broadcasting: a bias
 // add lives in linear). The scalar math is in tensor/functors.hpp, shared
@@ -115,6 +117,41 @@ Var mul(Tape<T, B>& tape, Var a, Var b) {
     });
   };
   return tape.record("mul", std::move(y), {a, b}, backward, jvp);
+}
+
+// y = F(gate) * up elementwise (same shapes), F a functor of
+// tensor/functors.hpp: the gated MLP of Llama / Qwen2 (SwiGLU, F = Silu) in
+// one pass instead of an activation then a product, and without the
+// activation's tensor. Both rules recompute f and f' from the inputs, which
+// are tape values already, so nothing is saved. gated_activation(x, x) is
+// fine: the two terms of its gradient go into the buffer one after the other.
+template <class F, class T, class B>
+Var gated_activation(Tape<T, B>& tape, Var gate, Var up) {
+  detail::elementwise_same_shape(tape, gate, up, "gated_activation");
+  const index_t n = tape.value(gate).numel();
+  auto y = Tensor<T, B>::uninitialized(tape.shape(gate));  // written in full below
+  B::template gated_map<F>(n, tape.value(gate).data(), tape.value(up).data(), y.data());
+  auto backward = [&tape, gate, up, n](Var self) {  // dG += dy * u * f'(g), dU += dy * f(g)
+    const T* gy = tape.grad_data(self);
+    const T* gp = tape.value(gate).data();
+    const T* up_ = tape.value(up).data();
+    if (gate.id == up.id) {  // one buffer: a term per call (the second one adds)
+      if (!tape.requires_grad(gate)) return;
+      const OutRef<T, B> first = tape.grad_into(gate);
+      B::template gated_vjp<F>(n, gp, up_, gy, first.data, first.fresh, static_cast<T*>(nullptr), false);
+      const OutRef<T, B> second = tape.grad_into(up);
+      B::template gated_vjp<F>(n, gp, up_, gy, static_cast<T*>(nullptr), false, second.data, second.fresh);
+      return;
+    }
+    const OutRef<T, B> gg = tape.requires_grad(gate) ? tape.grad_into(gate) : OutRef<T, B>{};
+    const OutRef<T, B> gu = tape.requires_grad(up) ? tape.grad_into(up) : OutRef<T, B>{};
+    B::template gated_vjp<F>(n, gp, up_, gy, gg.data, gg.fresh, gu.data, gu.fresh);
+  };
+  auto jvp = [&tape, gate, up, n](Var self) {  // ty = f'(g) tg u + f(g) tu; a null tangent is zero
+    B::template gated_jvp<F>(n, tape.value(gate).data(), tape.value(up).data(), tape.tangent_data(gate),
+                             tape.tangent_data(up), tape.tangent_into(self).data);  // assigns all of ty
+  };
+  return tape.record("gated_activation", std::move(y), {gate, up}, backward, jvp);
 }
 
 // y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), GPT-2's MLP activation.
