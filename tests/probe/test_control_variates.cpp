@@ -66,15 +66,6 @@ ControlVariateFeatures random_features(index_t B, index_t K, std::uint64_t seed)
   return f;
 }
 
-ParamBuffer<double> random_direction(const Registry<double>& reg, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> nd(0, 1);
-  auto v = zeros_like_params<double>(reg);
-  for (index_t i = 0; i < v.size(); ++i)
-    for (index_t k = 0; k < v.entry(i)->numel(); ++k) (*v.entry(i))[k] = nd(rng);
-  return v;
-}
-
 }  // namespace
 
 TEST_CASE("control variates: the cross-fitted least squares against normal equations, and the drop rule",

@@ -82,15 +82,6 @@ ParamBuffer<double> exact_entropy_gradient(Model& m, const Registry<double>& reg
   return g;
 }
 
-ParamBuffer<double> random_direction(const Registry<double>& reg, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<double> nd(0, 1);
-  auto v = zeros_like_params<double>(reg);
-  for (index_t i = 0; i < v.size(); ++i)
-    for (index_t k = 0; k < v.entry(i)->numel(); ++k) (*v.entry(i))[k] = nd(rng);
-  return v;
-}
-
 double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
 
 }  // namespace

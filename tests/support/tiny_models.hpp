@@ -110,4 +110,15 @@ AdamState<T> random_adam_state(const Registry<T>& reg, std::uint64_t seed, const
   return st;
 }
 
+// A buffer with a standard normal entry for every registry parameter: a
+// direction to contract gradients with.
+inline ParamBuffer<double> random_direction(const Registry<double>& reg, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> nd(0, 1);
+  auto v = zeros_like_params<double>(reg);
+  for (index_t i = 0; i < v.size(); ++i)
+    for (index_t k = 0; k < v.entry(i)->numel(); ++k) (*v.entry(i))[k] = nd(rng);
+  return v;
+}
+
 }  // namespace ep_test
