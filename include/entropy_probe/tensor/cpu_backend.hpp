@@ -501,8 +501,8 @@ struct CpuBackend {
   }
 
   // y[i] = exp(((x[i] - b) * a - c) - d) over [0, n) (y may be x): the exp
-  // of the softmax and attention row passes, with a shift c + d in two parts
-  // (split). Float runs the dispatched SIMD kernel of tensor/simd.hpp,
+  // of the softmax's lse pass and of attention, a shift c + d given in two
+  // parts (attention's hi + lo of a double shift). Float runs the dispatched SIMD kernel of tensor/simd.hpp,
   // double Eigen's exp.
   template <class T>
   static void exp_affine(index_t n, const T* x, T* y, T a, T b, T c, T d = T(0)) {
@@ -515,22 +515,14 @@ struct CpuBackend {
       vec(y, n) = (((vec(x, n) - b) * a - c) - d).exp();
     }
   }
-  // A number in acc_t as T parts hi + lo.
-  template <class T>
-  static std::pair<T, T> split(acc_t v) {
-    const T hi = static_cast<T>(v);
-    return {hi, static_cast<T>(v - static_cast<acc_t>(hi))};
-  }
-  // y[i] = exp(x[i] a - c) with a and c in acc_t, each split in two T parts
-  // (simd::exp_scaled): the softmax's p = exp(z s - lse).
+  // y[i] = exp(x[i] a - c) with a and c in acc_t (simd::exp_scaled: the
+  // argument in double): the softmax's p = exp(z s - lse).
   template <class T>
   static void exp_scaled(index_t n, const T* x, T* y, acc_t a, acc_t c) {
-    const auto [a_hi, a_lo] = split<T>(a);
-    const auto [c_hi, c_lo] = split<T>(c);
     if constexpr (std::is_same_v<T, float>)
-      simd::exp_scaled(n, x, y, a_hi, a_lo, c_hi, c_lo);
+      simd::exp_scaled(n, x, y, a, c);
     else
-      vec(y, n) = ((vec(x, n) * a_hi - c_hi) + (vec(x, n) * a_lo - c_lo)).exp();
+      vec(y, n) = (vec(x, n) * T(a) - T(c)).exp();
   }
 
   // sum of f(i) over [0, n), accumulated in double.
