@@ -33,10 +33,12 @@ rope type yarn), mistral_lora (sliding_window 16 >= the batches' 12 tokens,
 rope type dynamic with max_position_embeddings 8, so the frequencies scale at
 the batches' length 12).
 
-Exact command (from the repository root; deterministic, needs torch,
-transformers, peft, safetensors; no network):
+Exact commands (from the repository root; deterministic, needs torch,
+transformers, peft, safetensors: tools/peer_venv.py makes or reuses a virtual
+environment with them from PyPI and prints its python):
 
-    /opt/golden-venv/bin/python tools/make_golden.py --out tests/data/golden
+    py=$(python3 tools/peer_venv.py build/peer-venv)
+    "$py" tools/make_golden.py --out tests/data/golden
 
 Options: --only NAME (one checkpoint), --check (recompute into a temporary
 directory and compare with the committed golden.json files).
