@@ -6,15 +6,16 @@
 //     exactly as it would under nvcc;
 //   * ops batch small products as on a device (batch_scratch_elements), so
 //     attention runs all rows per strided-batched call;
-//   * the gated maps (SwiGLU) run the scalar forms CudaBackend runs, not the
-//     CPU's SIMD kernels;
+//   * the compositions (unary and gated maps, the log-softmax passes) run
+//     the generic forms of tensor/compositions.hpp over this backend's
+//     primitives, as CudaBackend's do, not the CPU's SIMD overrides it
+//     inherits (generic_compositions below);
 //   * sums and row reductions add in a blocked order, like a GPU's block
 //     reduction, and matrix products use Eigen instead of the CPU backend's
 //     BLAS, so results differ from CpuBackend by rounding, as CUDA's do.
 #pragma once
 
 #include <entropy_probe/tensor/cpu_backend.hpp>
-#include <entropy_probe/tensor/functors.hpp>
 
 #include <cmath>
 #include <limits>
@@ -29,6 +30,8 @@ struct EmulatedDeviceBackend : entropy_probe::CpuBackend {
   static constexpr const char* name = "emulated";
   static constexpr bool host_memory = false;
   static constexpr index_t batch_scratch_elements = index_t(1) << 26;
+  // The ops' dispatch skips the inherited overrides (unary_map, softmax_lse, ...).
+  static constexpr bool generic_compositions = true;
 
   // 8 interleaved partial sums (like threads of a block), then added up.
   template <class F>
@@ -61,19 +64,6 @@ struct EmulatedDeviceBackend : entropy_probe::CpuBackend {
       const acc_t s = sum(n, [&](index_t j) { return fs(r, j, m); });
       for (index_t j = 0; j < cols; ++j) g(r, j, m, s);
     }
-  }
-
-  template <class F, class T>
-  static void gated_map(index_t n, const T* g, const T* u, T* y) {
-    entropy_probe::gated_map_scalar<F, EmulatedDeviceBackend>(n, g, u, y);
-  }
-  template <class F, class T>
-  static void gated_vjp(index_t n, const T* g, const T* u, const T* gy, T* gg, bool assign_g, T* gu, bool assign_u) {
-    entropy_probe::gated_vjp_scalar<F, EmulatedDeviceBackend>(n, g, u, gy, gg, assign_g, gu, assign_u);
-  }
-  template <class F, class T>
-  static void gated_jvp(index_t n, const T* g, const T* u, const T* tg, const T* tu, T* ty) {
-    entropy_probe::gated_jvp_scalar<F, EmulatedDeviceBackend>(n, g, u, tg, tu, ty);
   }
 
   template <class T>

@@ -1,6 +1,8 @@
 // The CPU backend's primitives against plain scalar references: the SIMD
-// array forms of the shared functors, the softmax passes, the threaded loops
-// and the caching allocator.
+// array forms of the shared functors, the softmax passes (and the generic
+// compositions that CUDA runs instead), the threaded loops and the caching
+// allocator.
+#include <entropy_probe/tensor/compositions.hpp>
 #include <entropy_probe/tensor/cpu_backend.hpp>
 #include <entropy_probe/tensor/functors.hpp>
 #include <entropy_probe/tensor/tensor.hpp>
@@ -49,18 +51,43 @@ void check_functor_arrays(double tol) {
     df_ref[i] = static_cast<T>(F::df(static_cast<double>(x[i])));
     g[i] = T(0.25) * static_cast<T>(i % 7) - T(0.5);
   }
-  std::vector<T> y(x.size()), gx(x.size(), T(1)), ty(x.size());
-  CpuBackend::unary_map<F>(n, x.data(), y.data());
-  CpuBackend::unary_vjp<F>(n, x.data(), g.data(), gx.data());  // accumulates onto 1
-  CpuBackend::unary_jvp<F>(n, x.data(), g.data(), ty.data());
   std::vector<T> gx_ref(x.size()), ty_ref(x.size());
   for (std::size_t i = 0; i < x.size(); ++i) {
     gx_ref[i] = T(1) + g[i] * df_ref[i];
     ty_ref[i] = df_ref[i] * g[i];
   }
-  CHECK(max_err(y, f_ref) < tol);
-  CHECK(max_err(gx, gx_ref) < tol);
-  CHECK(max_err(ty, ty_ref) < tol);
+  for (const bool use_generic : {false, true}) {  // CpuBackend's overrides, then the generic compositions (CUDA's)
+    CAPTURE(use_generic);
+    std::vector<T> y(x.size()), gx(x.size(), T(1)), ty(x.size());  // gx: the VJP accumulates onto 1
+    if (use_generic) {
+      generic::unary_map<F, CpuBackend>(n, x.data(), y.data());
+      generic::unary_vjp<F, CpuBackend>(n, x.data(), g.data(), gx.data(), false);
+      generic::unary_jvp<F, CpuBackend>(n, x.data(), g.data(), ty.data());
+    } else {
+      CpuBackend::unary_map<F>(n, x.data(), y.data());
+      CpuBackend::unary_vjp<F>(n, x.data(), g.data(), gx.data());
+      CpuBackend::unary_jvp<F>(n, x.data(), g.data(), ty.data());
+    }
+    CHECK(max_err(y, f_ref) < tol);
+    CHECK(max_err(gx, gx_ref) < tol);
+    CHECK(max_err(ty, ty_ref) < tol);
+  }
+}
+
+// The three softmax passes through CpuBackend's overrides or, with
+// `use_generic`, the generic compositions (what CUDA runs).
+template <class T>
+void softmax_passes(bool use_generic, index_t m, index_t V, const T* z, const std::int32_t* rows,
+                    const std::int32_t* targets, const T* g, const T* t, acc_t s, acc_t* lse, acc_t* dot, T* gz) {
+  if (use_generic) {
+    generic::softmax_lse<CpuBackend>(m, V, z, rows, s, lse);
+    generic::softmax_dot<CpuBackend>(m, V, z, rows, lse, s, t, dot);
+    generic::softmax_vjp<CpuBackend>(m, V, z, rows, targets, lse, g, s, gz);
+  } else {
+    CpuBackend::softmax_lse(m, V, z, rows, s, lse);
+    CpuBackend::softmax_dot(m, V, z, rows, lse, s, t, dot);
+    CpuBackend::softmax_vjp(m, V, z, rows, targets, lse, g, s, gz);
+  }
 }
 
 }  // namespace
@@ -105,11 +132,12 @@ TEST_CASE("softmax passes match a scalar double reference", "[tensor][softmax]")
     dot_ref[k] = dot;
   }
 
+  const bool use_generic = GENERATE(false, true);  // CpuBackend's overrides, then the generic compositions
+  CAPTURE(use_generic);
   SECTION("double") {
     std::vector<double> lse(3), dot(3), gz(zd.size(), 0.5);
-    CpuBackend::softmax_lse(m, V, zd.data(), rows.data(), s, lse.data());
-    CpuBackend::softmax_dot(m, V, zd.data(), rows.data(), lse.data(), s, td.data(), dot.data());
-    CpuBackend::softmax_vjp(m, V, zd.data(), rows.data(), targets.data(), lse.data(), g.data(), s, gz.data());
+    softmax_passes(use_generic, m, V, zd.data(), rows.data(), targets.data(), g.data(), td.data(), s, lse.data(),
+                   dot.data(), gz.data());
     CHECK(max_err(lse, lse_ref) < 1e-14);
     CHECK(max_err(dot, dot_ref) < 1e-13);
     CHECK(max_err(gz, gz_ref) < 1e-14);  // rows not listed stay at 0.5
@@ -118,9 +146,8 @@ TEST_CASE("softmax passes match a scalar double reference", "[tensor][softmax]")
     std::vector<float> zf(zd.begin(), zd.end()), tf(td.begin(), td.end()), gf(g.begin(), g.end());
     std::vector<float> gz(zd.size(), 0.5f);
     std::vector<double> lse(3), dot(3);
-    CpuBackend::softmax_lse(m, V, zf.data(), rows.data(), s, lse.data());
-    CpuBackend::softmax_dot(m, V, zf.data(), rows.data(), lse.data(), s, tf.data(), dot.data());
-    CpuBackend::softmax_vjp(m, V, zf.data(), rows.data(), targets.data(), lse.data(), gf.data(), s, gz.data());
+    softmax_passes(use_generic, m, V, zf.data(), rows.data(), targets.data(), gf.data(), tf.data(), s, lse.data(),
+                   dot.data(), gz.data());
     CHECK(max_err(lse, lse_ref) < 1e-6);
     CHECK(max_err(dot, dot_ref) < 1e-5);
     CHECK(max_err(gz, std::vector<float>(gz_ref.begin(), gz_ref.end())) < 1e-6);

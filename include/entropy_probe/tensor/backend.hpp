@@ -3,6 +3,12 @@
 // static members, so a type that satisfies it runs every layer above. Each
 // backend header asserts it of its own type; the table in the docs says
 // what each member must do.
+//
+// Only primitives are required. The compositions over them (unary and gated
+// maps of a functor, the log-softmax passes) are written once in
+// tensor/compositions.hpp; a backend may declare members of the same names
+// and signatures as optional overrides (CpuBackend's SIMD forms), which the
+// ops then run instead.
 #pragma once
 
 #include "entropy_probe/core/config.hpp"

@@ -5,7 +5,9 @@
 // them (gemm and its batched form, parallel_for / parallel_for_2d
 // over a host/device functor, double-accumulated sums and row reductions),
 // so a second backend (CUDA, tensor/cuda_backend.hpp) only has to supply the
-// same primitives.
+// same primitives. Its SIMD forms of the unary and gated maps and of the
+// log-softmax passes are optional overrides of the generic compositions
+// (tensor/compositions.hpp).
 #pragma once
 
 #include "entropy_probe/core/config.hpp"
@@ -343,13 +345,14 @@ struct CpuBackend {
     });
   }
 
-  // Elementwise maps of a functor F of tensor/functors.hpp:
-  //   unary_map:  y[i]   = F::f(x[i])
-  //   unary_vjp:  gx[i] += gy[i] * F::df(x[i])   (= with `assign`: gx unfilled)
-  //   unary_jvp:  ty[i]  = F::df(x[i]) * tx[i]
-  // Here F's array forms run on cache-sized chunks, so exp and tanh are SIMD;
-  // the CUDA backend runs the scalar forms in a kernel.
-  // A functor with float kernels (f_simd / df_simd) runs those on float.
+  // Overrides of the compositions of tensor/compositions.hpp (the contracts
+  // are there; the ops reach these through its dispatch, unary_map<F, B>(...)
+  // and so on; a backend without them runs the generic forms, F's scalar
+  // forms one element per index).
+  //
+  // Elementwise maps of a functor F of tensor/functors.hpp: here F's array
+  // forms run on cache-sized chunks, so exp and tanh are SIMD. A functor
+  // with float kernels (f_simd / df_simd) runs those on float.
   template <class F, class T>
   static void unary_map(index_t n, const T* x, T* y) {
     if constexpr (has_simd<F, T>)
@@ -376,15 +379,10 @@ struct CpuBackend {
   }
 
   // Gated maps of a functor F, y = F(g) * u (a gated MLP: SwiGLU for Silu),
-  // each one pass over the elements:
-  //   gated_map:  y[i]   = F::f(g[i]) * u[i]
-  //   gated_vjp:  gg[i] += gy[i] * u[i] * F::df(g[i]),  gu[i] += gy[i] * F::f(g[i])
-  //               (= with assign_g / assign_u: unfilled; a null gg or gu is not
-  //               wanted; gg and gu must not overlap)
-  //   gated_jvp:  ty[i]  = F::df(g[i]) * tg[i] * u[i] + F::f(g[i]) * tu[i]  (null tg / tu: zero)
-  // in the order of operations of unary_map followed by a product. A functor
-  // with float kernels (gated_simd, ...) runs those on float; otherwise F's
-  // array forms run on chunks, as in unary_map.
+  // each one pass over the elements, in the order of operations of unary_map
+  // followed by a product. A functor with float kernels (gated_simd, ...)
+  // runs those on float; otherwise F's array forms run on chunks, as in
+  // unary_map.
   template <class F, class T>
   static void gated_map(index_t n, const T* g, const T* u, T* y) {
     if constexpr (has_gated_simd<F, T>)
@@ -438,14 +436,10 @@ struct CpuBackend {
     }
   }
 
-  // The passes of a log-softmax over rows of logits (log_softmax_gather):
-  // for k in [0, m), row k is z[rows[k] * V .. + V) and p_kj = exp(z_kj s - lse[k]):
-  //   softmax_lse:  lse[k] = log sum_j exp(z_kj s)                (max-shifted)
-  //   softmax_vjp:  gz_kj += c_k (onehot(targets[k])_j - p_kj),  c_k = g[rows[k]] s
-  //   softmax_dot:  out[k] = sum_j p_kj t_kj
-  // Sums and lse in double. Here exp runs on Eigen arrays in T (SIMD), a
-  // chunk at a time; the CUDA backend has the same three with one thread
-  // per element.
+  // The passes of a log-softmax over rows of logits (log_softmax_gather,
+  // lm_head_logprob). Sums and lse in double. Here a row at a time, exp on
+  // Eigen arrays in T (SIMD), a chunk at a time; the generic forms (CUDA's)
+  // reduce rows in double with one thread per element.
   template <class T>
   static void softmax_lse(index_t m, index_t V, const T* z, const std::int32_t* rows, acc_t s, acc_t* lse) {
     threads().run(m, row_grain(V), [=](index_t lo, index_t hi) {

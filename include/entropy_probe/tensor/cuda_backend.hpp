@@ -4,6 +4,9 @@
 // of CpuBackend (tensor/cpu_backend.hpp), so every op, the probe and the
 // reference models run on the device unchanged: Tensor<float, CudaBackend>,
 // nn::Qwen2ForCausalLM<float, CudaBackend>, OfflineEntropyProbe over it.
+// It overrides none of the compositions (elementwise and gated maps, the
+// log-softmax passes): the ops run their generic forms over these
+// primitives (tensor/compositions.hpp).
 //
 // Only for sources compiled by nvcc with --extended-lambda (the ops hand
 // __host__ __device__ lambdas to parallel_for); see docs/cuda.md.
@@ -30,7 +33,6 @@
 #include "entropy_probe/tensor/backend.hpp"
 #include "entropy_probe/tensor/batch_grid.hpp"
 #include "entropy_probe/tensor/block_cache.hpp"
-#include "entropy_probe/tensor/functors.hpp"
 #include "entropy_probe/tensor/owned_buffer.hpp"
 
 #include <cublas_v2.h>
@@ -439,38 +441,6 @@ struct CudaBackend {
                        cuda_detail::bytes_str(bytes));
   }
 
-  // Elementwise maps of a functor F (see CpuBackend): the scalar forms.
-  template <class F, class T>
-  static void unary_map(index_t n, const T* x, T* y) {
-    parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { y[i] = F::f(x[i]); });
-  }
-  template <class F, class T>
-  static void unary_vjp(index_t n, const T* x, const T* gy, T* gx, bool assign = false) {
-    parallel_for(n, [=] EP_HOST_DEVICE(index_t i) {
-      const T g = gy[i] * F::df(x[i]);
-      gx[i] = assign ? g : gx[i] + g;
-    });
-  }
-  template <class F, class T>
-  static void unary_jvp(index_t n, const T* x, const T* tx, T* ty) {
-    parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { ty[i] = F::df(x[i]) * tx[i]; });
-  }
-
-  // Gated maps y = F(g) * u (see CpuBackend): the scalar forms, one kernel
-  // each (functors.hpp).
-  template <class F, class T>
-  static void gated_map(index_t n, const T* g, const T* u, T* y) {
-    gated_map_scalar<F, CudaBackend>(n, g, u, y);
-  }
-  template <class F, class T>
-  static void gated_vjp(index_t n, const T* g, const T* u, const T* gy, T* gg, bool assign_g, T* gu, bool assign_u) {
-    gated_vjp_scalar<F, CudaBackend>(n, g, u, gy, gg, assign_g, gu, assign_u);
-  }
-  template <class F, class T>
-  static void gated_jvp(index_t n, const T* g, const T* u, const T* tg, const T* tu, T* ty) {
-    gated_jvp_scalar<F, CudaBackend>(n, g, u, tg, tu, ty);
-  }
-
   // f(i) for i in [0, n): a grid-stride kernel calling the host/device functor.
   // Small n gets smaller blocks (down to one warp), so that a loop over a few
   // thousand long rows, one thread each, spreads over every multiprocessor
@@ -544,45 +514,6 @@ struct CudaBackend {
     cuda_detail::row_max_sum_apply_kernel<<<grid, block, 0, context().stream()>>>(
         rows, cols, std::forward<L>(len), std::forward<FM>(fm), std::forward<FS>(fs), std::forward<G>(g));
     after_launch("row_max_sum_apply", grid, block);
-  }
-
-  // The log-softmax passes of CpuBackend (same contract), as row reductions
-  // and element-parallel passes: one block per row for the sums, one thread
-  // per element for the gradient.
-  template <class T>
-  static void softmax_lse(index_t m, index_t V, const T* z, const std::int32_t* rows, acc_t s, acc_t* lse) {
-    row_max(  // lse holds the row max until the last step
-        m, V, [=] EP_HOST_DEVICE(index_t k, index_t j) { return static_cast<acc_t>(z[rows[k] * V + j]) * s; }, lse);
-    Storage<acc_t> sum = allocate_uninitialized<acc_t>(m);
-    acc_t* sp = sum.data();
-    row_sum(
-        m, V,
-        [=] EP_HOST_DEVICE(index_t k, index_t j) {
-          return std::exp(static_cast<acc_t>(z[rows[k] * V + j]) * s - lse[k]);
-        },
-        sp);
-    parallel_for(m, [=] EP_HOST_DEVICE(index_t k) { lse[k] += std::log(sp[k]); });
-  }
-  template <class T>
-  static void softmax_vjp(index_t m, index_t V, const T* z, const std::int32_t* rows, const std::int32_t* targets,
-                          const acc_t* lse, const T* g, acc_t s, T* gz) {
-    parallel_for_2d(m, V, [=] EP_HOST_DEVICE(index_t k, index_t j) {
-      const index_t at = rows[k] * V + j;
-      const acc_t c = static_cast<acc_t>(g[rows[k]]) * s;
-      const acc_t p = std::exp(static_cast<acc_t>(z[at]) * s - lse[k]);
-      gz[at] += static_cast<T>(c * ((j == targets[k] ? 1.0 : 0.0) - p));
-    });
-  }
-  template <class T>
-  static void softmax_dot(index_t m, index_t V, const T* z, const std::int32_t* rows, const acc_t* lse, acc_t s,
-                          const T* t, acc_t* out) {
-    row_sum(
-        m, V,
-        [=] EP_HOST_DEVICE(index_t k, index_t j) {
-          const index_t at = rows[k] * V + j;
-          return std::exp(static_cast<acc_t>(z[at]) * s - lse[k]) * static_cast<acc_t>(t[at]);
-        },
-        out);
   }
 
   // Row-major C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C through

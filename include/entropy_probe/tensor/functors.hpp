@@ -1,7 +1,9 @@
 // Scalar math shared by the CPU and CUDA backends: each functor is a struct of
 // static host/device functions templated on the element type, `f` the value
 // and `df` the derivative, so an op's forward, VJP and JVP kernels call the
-// same code on either backend (and the CPU tests exercise the device math).
+// same code on either backend (and the CPU tests exercise the device math):
+// the generic compositions of tensor/compositions.hpp (unary and gated maps)
+// call these scalar forms per element.
 //
 // std:: math functions are fine here: on the host they are the usual ones,
 // and nvcc maps std::exp / std::tanh on float and double to device builtins.
@@ -9,11 +11,11 @@
 // Each functor also has `f_array` / `df_array`, the same formula on an Eigen
 // array expression, for the CPU backend's elementwise primitives: Eigen
 // evaluates exp and tanh with SIMD where glibc's scalar calls cost ~17 ns an
-// element (docs/performance.md). Host only; tests/tensor/test_cpu_backend.cpp
-// checks them against the scalar forms. A functor may add `f_simd` /
-// `df_simd` (float, host only): the CPU backend then uses those instead;
-// likewise `gated_simd` / `gated_vjp_simd` / `gated_jvp_simd` for the gated
-// maps act(gate) * up.
+// element (docs/performance.md); CpuBackend's overrides of the compositions
+// run them. Host only; tests/tensor/test_cpu_backend.cpp checks them against
+// the scalar forms. A functor may add `f_simd` / `df_simd` (float, host
+// only): the CPU backend then uses those instead; likewise `gated_simd` /
+// `gated_vjp_simd` / `gated_jvp_simd` for the gated maps act(gate) * up.
 #pragma once
 
 #include "entropy_probe/core/config.hpp"
@@ -200,36 +202,5 @@ struct Relu {
     return (x > T(0)).template cast<T>();
   }
 };
-
-// The gated maps y = F(g) * u of a backend (CpuBackend::gated_map /
-// gated_vjp / gated_jvp: same contract) in F's scalar forms, one
-// B::parallel_for each: the CUDA backend's implementation, which the tests'
-// emulated device runs on the CPU too.
-template <class F, class B, class T>
-void gated_map_scalar(index_t n, const T* g, const T* u, T* y) {
-  B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { y[i] = F::f(g[i]) * u[i]; });
-}
-template <class F, class B, class T>
-void gated_vjp_scalar(index_t n, const T* g, const T* u, const T* gy, T* gg, bool assign_g, T* gu, bool assign_u) {
-  B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) {
-    if (gg) {
-      const T a = gy[i] * u[i] * F::df(g[i]);
-      gg[i] = assign_g ? a : gg[i] + a;
-    }
-    if (gu) {
-      const T b = gy[i] * F::f(g[i]);
-      gu[i] = assign_u ? b : gu[i] + b;
-    }
-  });
-}
-template <class F, class B, class T>
-void gated_jvp_scalar(index_t n, const T* g, const T* u, const T* tg, const T* tu, T* ty) {
-  B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) {
-    T t(0);
-    if (tg) t = F::df(g[i]) * tg[i] * u[i];
-    if (tu) t += F::f(g[i]) * tu[i];
-    ty[i] = t;
-  });
-}
 
 }  // namespace entropy_probe

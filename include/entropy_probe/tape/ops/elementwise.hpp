@@ -16,6 +16,7 @@
 #pragma once
 
 #include "entropy_probe/tape/tape.hpp"
+#include "entropy_probe/tensor/compositions.hpp"
 #include "entropy_probe/tensor/functors.hpp"
 
 namespace entropy_probe {
@@ -34,16 +35,16 @@ template <class F, class T, class B>
 Var unary_elementwise(Tape<T, B>& tape, Var x, const char* name) {
   const index_t n = tape.value(x).numel();
   auto y = Tensor<T, B>::uninitialized(tape.shape(x));
-  B::template unary_map<F>(n, tape.value(x).data(), y.data());
+  unary_map<F, B>(n, tape.value(x).data(), y.data());
   auto backward = [&tape, x, n](Var self) {  // dX += dy * f'(x)
     if (!tape.requires_grad(x)) return;
     const OutRef<T, B> gx = tape.grad_into(x);
-    B::template unary_vjp<F>(n, tape.value(x).data(), tape.grad_data(self), gx.data, gx.fresh);
+    unary_vjp<F, B>(n, tape.value(x).data(), tape.grad_data(self), gx.data, gx.fresh);
   };
   auto jvp = [&tape, x, n](Var self) {  // ty = f'(x) * tx (only called with tx present)
     const T* tx = tape.tangent_data(x);
     if (!tx) return;
-    B::template unary_jvp<F>(n, tape.value(x).data(), tx, tape.tangent_into(self).data);  // assigns all of ty
+    unary_jvp<F, B>(n, tape.value(x).data(), tx, tape.tangent_into(self).data);  // assigns all of ty
   };
   return tape.record(name, std::move(y), {x}, backward, jvp);
 }
@@ -130,7 +131,7 @@ Var gated_activation(Tape<T, B>& tape, Var gate, Var up) {
   detail::elementwise_same_shape(tape, gate, up, "gated_activation");
   const index_t n = tape.value(gate).numel();
   auto y = Tensor<T, B>::uninitialized(tape.shape(gate));  // written in full below
-  B::template gated_map<F>(n, tape.value(gate).data(), tape.value(up).data(), y.data());
+  gated_map<F, B>(n, tape.value(gate).data(), tape.value(up).data(), y.data());
   auto backward = [&tape, gate, up, n](Var self) {  // dG += dy * u * f'(g), dU += dy * f(g)
     const T* gy = tape.grad_data(self);
     const T* gp = tape.value(gate).data();
@@ -138,18 +139,18 @@ Var gated_activation(Tape<T, B>& tape, Var gate, Var up) {
     if (gate.id == up.id) {  // one buffer: a term per call (the second one adds)
       if (!tape.requires_grad(gate)) return;
       const OutRef<T, B> first = tape.grad_into(gate);
-      B::template gated_vjp<F>(n, gp, up_, gy, first.data, first.fresh, static_cast<T*>(nullptr), false);
+      gated_vjp<F, B>(n, gp, up_, gy, first.data, first.fresh, static_cast<T*>(nullptr), false);
       const OutRef<T, B> second = tape.grad_into(up);
-      B::template gated_vjp<F>(n, gp, up_, gy, static_cast<T*>(nullptr), false, second.data, second.fresh);
+      gated_vjp<F, B>(n, gp, up_, gy, static_cast<T*>(nullptr), false, second.data, second.fresh);
       return;
     }
     const OutRef<T, B> gg = tape.requires_grad(gate) ? tape.grad_into(gate) : OutRef<T, B>{};
     const OutRef<T, B> gu = tape.requires_grad(up) ? tape.grad_into(up) : OutRef<T, B>{};
-    B::template gated_vjp<F>(n, gp, up_, gy, gg.data, gg.fresh, gu.data, gu.fresh);
+    gated_vjp<F, B>(n, gp, up_, gy, gg.data, gg.fresh, gu.data, gu.fresh);
   };
   auto jvp = [&tape, gate, up, n](Var self) {  // ty = f'(g) tg u + f(g) tu; a null tangent is zero
-    B::template gated_jvp<F>(n, tape.value(gate).data(), tape.value(up).data(), tape.tangent_data(gate),
-                             tape.tangent_data(up), tape.tangent_into(self).data);  // assigns all of ty
+    gated_jvp<F, B>(n, tape.value(gate).data(), tape.value(up).data(), tape.tangent_data(gate), tape.tangent_data(up),
+                    tape.tangent_into(self).data);  // assigns all of ty
   };
   return tape.record("gated_activation", std::move(y), {gate, up}, backward, jvp);
 }

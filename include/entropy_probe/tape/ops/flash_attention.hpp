@@ -19,7 +19,7 @@
 // [T, T] block per head. Key tiles above the diagonal are skipped. The
 // products run on the backend's batched gemm over (row, KV group,
 // head-in-group) items exactly as in causal_attention (AttentionGrids), the
-// row passes as B::parallel_for over query rows and exp as B::unary_map, so
+// row passes as B::parallel_for over query rows and exp as unary_map<Exp, B>, so
 // the op runs on CpuBackend and CudaBackend alike. Heads of a KV group accumulate into their shared
 // dK / dV one head-in-group after another, so no two products race.
 #pragma once
@@ -27,6 +27,7 @@
 #include "entropy_probe/tape/ops/attention.hpp"
 #include "entropy_probe/tape/tape.hpp"
 #include "entropy_probe/tensor/batch_grid.hpp"
+#include "entropy_probe/tensor/compositions.hpp"
 #include "entropy_probe/tensor/cpu_backend.hpp"
 #include "entropy_probe/tensor/functors.hpp"
 
@@ -122,7 +123,7 @@ struct FlashProducts {
 // p <- exp(p - shift(i)) at the allowed keys of query i, exactly 0 elsewhere,
 // over a score tile. The shifted scores are written over the whole
 // [nb*Hq, tile, tile] scratch (-inf outside the tile's rows and keys) so that
-// exp runs as one contiguous vectorised map (B::unary_map); exp(-inf) may
+// exp runs as one contiguous vectorised map (unary_map<Exp, B>); exp(-inf) may
 // come back as a tiny denormal there, so a last pass writes exact zeros.
 // The row passes loop over a row's keys inside the body, so the row's index
 // arithmetic is done once per row.
@@ -138,7 +139,7 @@ void flash_exp_tile(const FlashTile& f, const std::uint8_t* mask, Shift shift, T
     for (index_t s = 0; s < tile; ++s)
       x[s] = s < n && m[s] ? static_cast<T>(static_cast<acc_t>(x[s]) - sh) : static_cast<T>(-HUGE_VAL);
   });
-  B::template unary_map<Exp>(f.nb * f.hq * tile * tile, p, p);
+  unary_map<Exp, B>(f.nb * f.hq * tile * tile, p, p);
   B::parallel_for(f.rows(), [=] EP_HOST_DEVICE(index_t i) {
     const index_t n = f.causal_keys(i);
     const std::uint8_t* m = mask + f.mask_at(i, 0);

@@ -12,8 +12,9 @@
 //   VJP:  dZ = g (onehot(target) - p) / tau;  dh_c = dZ W,  dW += dZ^T h_c
 //   JVP:  tZ = th W^T + h tW^T;               t_out = (tZ[target] - sum_v p_v tZ_v) / tau
 //
-// The row passes are the backend's softmax primitives that log_softmax_gather
-// uses (softmax_lse / softmax_vjp / softmax_dot), on the chunk's logits.
+// The row passes are the softmax compositions that log_softmax_gather uses
+// (softmax_lse / softmax_vjp / softmax_dot of tensor/compositions.hpp), on the
+// chunk's logits.
 #pragma once
 
 #include "entropy_probe/tape/ops/logprob.hpp"
@@ -147,7 +148,7 @@ Var lm_head_logprob(Tape<T, B>& tape, Var h, Var w, std::span<const std::int32_t
       const std::int32_t* lc = state.local.data() + ch.k0;
       const std::int32_t* tg = state.targets.data() + ch.k0;
       acc_t* lse = state.lse.data() + ch.k0;
-      B::softmax_lse(ch.ks, vocab, zp, lc, inv_tau, lse);
+      softmax_lse<B>(ch.ks, vocab, zp, lc, inv_tau, lse);
       B::parallel_for(ch.ks, [=] EP_HOST_DEVICE(index_t k) {
         o[rw[k]] = static_cast<T>(static_cast<acc_t>(zp[lc[k] * vocab + tg[k]]) * inv_tau - lse[k]);
       });
@@ -177,7 +178,7 @@ Var lm_head_logprob(Tape<T, B>& tape, Var h, Var w, std::span<const std::int32_t
       }
       mm_nt<B>(ch.rows, vocab, d, T(1), hp + ch.row0 * d, wp, T(0), z.data());
       B::fill(dz.data(), ch.rows * vocab, T(0));  // softmax_vjp adds; unscored rows stay 0
-      B::softmax_vjp(ch.ks, vocab, z.data(), saved->local.data() + ch.k0, saved->targets.data() + ch.k0,
+      softmax_vjp<B>(ch.ks, vocab, z.data(), saved->local.data() + ch.k0, saved->targets.data() + ch.k0,
                      saved->lse.data() + ch.k0, g + ch.row0, inv_tau, dz.data());
       if (need_h) mm_nn<B>(ch.rows, d, vocab, T(1), dz.data(), wp, gh.beta(), gh.data + ch.row0 * d);
       if (need_w) mm_tn<B>(vocab, d, ch.rows, T(1), dz.data(), hp + ch.row0 * d, gw->beta(), gw->data());
@@ -207,7 +208,7 @@ Var lm_head_logprob(Tape<T, B>& tape, Var h, Var w, std::span<const std::int32_t
       const std::int32_t* rw = saved->rows.data() + ch.k0;
       const std::int32_t* lc = saved->local.data() + ch.k0;
       const std::int32_t* tg = saved->targets.data() + ch.k0;
-      B::softmax_dot(ch.ks, vocab, zp, lc, saved->lse.data() + ch.k0, inv_tau, tzp, mp);
+      softmax_dot<B>(ch.ks, vocab, zp, lc, saved->lse.data() + ch.k0, inv_tau, tzp, mp);
       B::parallel_for(ch.ks, [=] EP_HOST_DEVICE(index_t k) {
         to[rw[k]] = static_cast<T>((static_cast<acc_t>(tzp[lc[k] * vocab + tg[k]]) - mp[k]) * inv_tau);
       });

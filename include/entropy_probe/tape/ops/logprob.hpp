@@ -21,6 +21,7 @@
 #pragma once
 
 #include "entropy_probe/tape/tape.hpp"
+#include "entropy_probe/tensor/compositions.hpp"
 
 #include <cmath>
 #include <cstdint>
@@ -50,7 +51,7 @@ struct LogSoftmaxGatherSaved {
 template <class T, class B>
 void softmax_entropy(index_t m, index_t V, const T* z, const std::int32_t* rows, const acc_t* lse, acc_t s,
                      const std::int32_t* at, acc_t* mean, acc_t* out) {
-  B::softmax_dot(m, V, z, rows, lse, s, z, mean);
+  softmax_dot<B>(m, V, z, rows, lse, s, z, mean);
   B::parallel_for(m, [=] EP_HOST_DEVICE(index_t k) { out[at[k]] = lse[k] - s * mean[k]; });
 }
 }  // namespace detail
@@ -60,9 +61,9 @@ void softmax_entropy(index_t m, index_t V, const T* z, const std::int32_t* rows,
 // also (*entropy)[i] = the entropy of row i's distribution softmax(logits[i, :]
 // / temperature) for scored rows, 0 for the others: a value, not on the tape.
 //
-// Every pass runs over the scored rows only, through the backend's softmax
-// primitives (softmax_lse / softmax_vjp / softmax_dot): SIMD exp per row on
-// the host, one thread per element on a device.
+// Every pass runs over the scored rows only, through the softmax compositions
+// (softmax_lse / softmax_vjp / softmax_dot of tensor/compositions.hpp): SIMD
+// exp per row on the host, one thread per element on a device.
 template <class T, class B>
 Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_t> targets, double temperature = 1.0,
                        Tensor<acc_t, B>* entropy = nullptr) {
@@ -100,7 +101,7 @@ Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_
     const std::int32_t* tg = state.targets.data();
     acc_t* lse = state.lse.data();
     T* o = out.data();
-    B::softmax_lse(m, vocab, z, rw, inv_tau, lse);
+    softmax_lse<B>(m, vocab, z, rw, inv_tau, lse);
     B::parallel_for(m, [=] EP_HOST_DEVICE(index_t k) {
       o[rw[k]] = static_cast<T>(static_cast<acc_t>(z[rw[k] * vocab + tg[k]]) * inv_tau - lse[k]);
     });
@@ -115,7 +116,7 @@ Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_
   // dz[i, :] += (g_i / tau) (onehot(target_i) - p_i)
   auto backward = [&tape, logits, saved, m, vocab, inv_tau](Var self) {
     if (!tape.requires_grad(logits)) return;
-    B::softmax_vjp(m, vocab, tape.value(logits).data(), saved->rows.data(), saved->targets.data(), saved->lse.data(),
+    softmax_vjp<B>(m, vocab, tape.value(logits).data(), saved->rows.data(), saved->targets.data(), saved->lse.data(),
                    tape.grad_data(self), inv_tau, tape.grad_into(logits).zeroed());  // adds, on scored rows only
   };
   // tout_i = (tz[i, target_i] - sum_j p_ij tz[i, j]) / tau
@@ -127,7 +128,7 @@ Var log_softmax_gather(Tape<T, B>& tape, Var logits, std::span<const std::int32_
     const std::int32_t* tg = saved->targets.data();
     auto mean = Tensor<acc_t, B>::uninitialized({m});
     acc_t* mp = mean.data();
-    B::softmax_dot(m, vocab, tape.value(logits).data(), rw, saved->lse.data(), inv_tau, tz, mp);
+    softmax_dot<B>(m, vocab, tape.value(logits).data(), rw, saved->lse.data(), inv_tau, tz, mp);
     B::parallel_for(m, [=] EP_HOST_DEVICE(index_t k) {
       to[rw[k]] = static_cast<T>((static_cast<acc_t>(tz[rw[k] * vocab + tg[k]]) - mp[k]) * inv_tau);
     });
