@@ -90,11 +90,6 @@ Outcome sample(const std::vector<std::string>& args) {
   return captured([&] { return ep_sample::sample_command(args); });
 }
 
-json read_json(const std::string& path) {
-  std::ifstream in(path);
-  return json::parse(in);
-}
-
 // A GPT-2 LoRA checkpoint with Adam state and two batches.
 struct Gpt2Setup {
   TempDir dir;

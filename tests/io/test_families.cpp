@@ -24,11 +24,6 @@ using nlohmann::json;
 
 namespace {
 
-json read_json(const std::string& path) {
-  std::ifstream in(path);
-  return json::parse(in);
-}
-
 // A tiny config of `family`: 2 layers, GQA (4 query heads, 2 KV heads).
 nn::DecoderConfig tiny_config(const nn::DecoderFamily& family) {
   nn::DecoderConfig c = family.defaults();

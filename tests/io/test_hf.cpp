@@ -38,10 +38,6 @@ void write_json(const std::string& path, const json& j) {
   std::ofstream out(path);
   out << j.dump(2);
 }
-json read_json(const std::string& path) {
-  std::ifstream in(path);
-  return json::parse(in);
-}
 
 using Tensors = std::map<std::string, st::OutTensor>;
 
@@ -242,22 +238,6 @@ void edit_json(const TempDir& dir, const std::string& name, const std::function<
 
 // ---- comparisons -----------------------------------------------------------------------------
 
-struct ParamInfo {
-  std::vector<double> values;
-  Shape shape;
-  bool requires_grad;
-};
-template <class M>
-std::map<std::string, ParamInfo> params_of(M& m) {
-  using T = typename M::scalar_type;
-  std::map<std::string, ParamInfo> out;
-  std::vector<std::string> order;
-  m.named_parameters(ParameterVisitor<T>([&](const std::string& name, Parameter<T>& p) {
-    const auto h = p.value.to_host();
-    out[name] = ParamInfo{std::vector<double>(h.begin(), h.end()), p.value.shape(), p.requires_grad};
-  }));
-  return out;
-}
 template <class M>
 std::vector<std::string> names_of(M& m) {
   using T = typename M::scalar_type;

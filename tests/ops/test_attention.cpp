@@ -1,3 +1,4 @@
+#include "../support/attention_case.hpp"
 #include "../support/gradcheck.hpp"
 
 #include <entropy_probe/tape/ops/attention.hpp>
@@ -11,15 +12,6 @@ using namespace entropy_probe;
 using namespace ep_test;
 
 namespace {
-
-struct AttnCase {
-  index_t r, t, hq, hkv, dh;
-  std::vector<std::uint8_t> mask;  // R*T entries; empty = all ones
-};
-
-std::vector<std::uint8_t> mask_of(const AttnCase& c) {
-  return c.mask.empty() ? std::vector<std::uint8_t>(static_cast<std::size_t>(c.r * c.t), 1) : c.mask;
-}
 
 // Plain reference: for every row, query head and query position, the softmax
 // of the scaled scores over the allowed keys, written out explicitly.

@@ -1,4 +1,5 @@
 #include "../cuda/emulated_backend.hpp"
+#include "../support/attention_case.hpp"
 #include "../support/gradcheck.hpp"
 
 #include <entropy_probe/tape/ops/attention.hpp>
@@ -13,16 +14,7 @@ using namespace ep_test;
 
 namespace {
 
-struct AttnCase {
-  index_t r, t, hq, hkv, dh;
-  std::vector<std::uint8_t> mask;  // R*T entries; empty = all ones
-};
-
-std::vector<std::uint8_t> mask_of(const AttnCase& c) {
-  return c.mask.empty() ? std::vector<std::uint8_t>(static_cast<std::size_t>(c.r * c.t), 1) : c.mask;
-}
-
-std::vector<TensorD> random_qkv(const AttnCase& c, std::mt19937_64& rng) {
+std::vector<TensorD> random_qkv_tensors(const AttnCase& c, std::mt19937_64& rng) {
   return {random_tensor({c.r, c.t, c.hq * c.dh}, rng), random_tensor({c.r, c.t, c.hkv * c.dh}, rng),
           random_tensor({c.r, c.t, c.hkv * c.dh}, rng)};
 }
@@ -105,9 +97,9 @@ TEST_CASE("flash_causal_attention: equals causal_attention in double", "[ops][at
   std::mt19937_64 rng(21);
   for (const AttnCase& c : parity_cases()) {
     const std::vector<std::uint8_t> mask = mask_of(c);
-    const std::vector<TensorD> qkv = random_qkv(c, rng);
+    const std::vector<TensorD> qkv = random_qkv_tensors(c, rng);
     const TensorD cot = random_tensor({c.r, c.t, c.hq * c.dh}, rng);
-    const std::vector<TensorD> tan = random_qkv(c, rng);
+    const std::vector<TensorD> tan = random_qkv_tensors(c, rng);
     const AttnResult ref = run<double>(qkv, cot, tan, [&](Tape<double>& t, Var q, Var k, Var v) {
       return causal_attention(t, q, k, v, mask, c.hq, c.hkv);
     });
@@ -132,9 +124,9 @@ TEST_CASE("flash_causal_attention: all rows per batched call, as on a device", "
   std::mt19937_64 rng(28);
   for (const AttnCase& c : parity_cases()) {
     const std::vector<std::uint8_t> mask = mask_of(c);
-    const std::vector<TensorD> qkv = random_qkv(c, rng);
+    const std::vector<TensorD> qkv = random_qkv_tensors(c, rng);
     const TensorD cot = random_tensor({c.r, c.t, c.hq * c.dh}, rng);
-    const std::vector<TensorD> tan = random_qkv(c, rng);
+    const std::vector<TensorD> tan = random_qkv_tensors(c, rng);
     const AttnResult ref = run<double>(qkv, cot, tan, [&](Tape<double>& t, Var q, Var k, Var v) {
       return causal_attention(t, q, k, v, mask, c.hq, c.hkv);
     });
@@ -164,9 +156,9 @@ TEST_CASE("flash_causal_attention: CPU results do not depend on the thread count
   cases.emplace_back(AttnCase{2, 40, 4, 2, 8, {}}, 13);
   for (const auto& [c, tile] : cases) {
     const std::vector<std::uint8_t> mask = mask_of(c);
-    const std::vector<TensorD> qkv = random_qkv(c, rng);
+    const std::vector<TensorD> qkv = random_qkv_tensors(c, rng);
     const TensorD cot = random_tensor({c.r, c.t, c.hq * c.dh}, rng);
-    const std::vector<TensorD> tan = random_qkv(c, rng);
+    const std::vector<TensorD> tan = random_qkv_tensors(c, rng);
     auto flash = [&, tile = tile](Tape<float>& t, Var q, Var k, Var v) {
       return flash_causal_attention(t, q, k, v, mask, c.hq, c.hkv, 0.0, tile);
     };
@@ -201,10 +193,10 @@ TEST_CASE("flash_causal_attention: float agrees with double as closely as causal
   std::mt19937_64 rng(22);
   for (const AttnCase& c : parity_cases()) {
     const std::vector<std::uint8_t> mask = mask_of(c);
-    std::vector<TensorD> qkv = random_qkv(c, rng);
+    std::vector<TensorD> qkv = random_qkv_tensors(c, rng);
     for (TensorD& x : qkv) x = x.cast<float>().cast<double>();
     const TensorD cot = random_tensor({c.r, c.t, c.hq * c.dh}, rng).cast<float>().cast<double>();
-    std::vector<TensorD> tan = random_qkv(c, rng);
+    std::vector<TensorD> tan = random_qkv_tensors(c, rng);
     for (TensorD& x : tan) x = x.cast<float>().cast<double>();
     auto reference = [&](auto& t, Var q, Var k, Var v) { return causal_attention(t, q, k, v, mask, c.hq, c.hkv); };
     const AttnResult exact = run<double>(qkv, cot, tan, reference);
@@ -238,7 +230,7 @@ TEST_CASE("flash_causal_attention: VJP and JVP against finite differences", "[op
       CAPTURE(c.r, c.t, c.hq, c.hkv, c.dh, tile);
       const std::vector<std::uint8_t> mask = mask_of(c);
       std::vector<GradcheckInput> in;
-      for (TensorD& x : random_qkv(c, rng)) in.push_back({x, true});
+      for (TensorD& x : random_qkv_tensors(c, rng)) in.push_back({x, true});
       require_gradcheck(in, [&](Tape<double>& t, const std::vector<Var>& v) {
         return flash_causal_attention(t, v[0], v[1], v[2], mask, c.hq, c.hkv, 0.0, tile);
       });
@@ -256,7 +248,7 @@ TEST_CASE("flash_causal_attention: rules with only some operands differentiable,
   for (Which w : {Which{true, false, false}, Which{false, true, false}, Which{false, false, true},
                   Which{true, true, false}, Which{false, true, true}}) {
     CAPTURE(w.q, w.k, w.v);
-    const std::vector<TensorD> x = random_qkv(c, rng);
+    const std::vector<TensorD> x = random_qkv_tensors(c, rng);
     require_gradcheck({{x[0], w.q}, {x[1], w.k}, {x[2], w.v}}, [&](Tape<double>& t, const std::vector<Var>& v) {
       return flash_causal_attention(t, v[0], v[1], v[2], mask, c.hq, c.hkv, 0.0, 2);
     });
@@ -265,7 +257,7 @@ TEST_CASE("flash_causal_attention: rules with only some operands differentiable,
   // buffer, written by all three products.
   for (int pattern = 0; pattern < 3; ++pattern) {
     CAPTURE(pattern);
-    const std::vector<TensorD> x = random_qkv(c, rng);
+    const std::vector<TensorD> x = random_qkv_tensors(c, rng);
     require_gradcheck({{x[0], true}, {x[1], true}}, [&](Tape<double>& t, const std::vector<Var>& v) {
       if (pattern == 0) return flash_causal_attention(t, v[0], v[1], v[1], mask, c.hq, c.hkv, 0.0, 2);
       if (pattern == 1) return flash_causal_attention(t, v[0], v[0], v[1], mask, c.hq, c.hkv, 0.0, 2);
@@ -281,7 +273,7 @@ TEST_CASE("flash_causal_attention: an explicit scale multiplies the scores", "[o
   const AttnCase c{2, 6, 4, 2, 4, {0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}};
   const std::vector<std::uint8_t> mask = mask_of(c);
   const double s = 0.37;
-  const std::vector<TensorD> x = random_qkv(c, rng);
+  const std::vector<TensorD> x = random_qkv_tensors(c, rng);
   TensorD q_scaled = x[0];
   for (index_t i = 0; i < q_scaled.numel(); ++i) q_scaled[i] *= s * std::sqrt(static_cast<double>(c.dh));
   Tape<double> ta, tb;
@@ -300,8 +292,8 @@ TEST_CASE("flash_causal_attention: queries with no allowed key give exact zeros"
   std::mt19937_64 rng(26);
   const AttnCase c{2, 8, 2, 1, 3, {0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0}};
   const std::vector<std::uint8_t> mask = mask_of(c);
-  const std::vector<TensorD> qkv = random_qkv(c, rng);
-  const AttnResult r = run<double>(qkv, random_tensor({c.r, c.t, c.hq * c.dh}, rng), random_qkv(c, rng),
+  const std::vector<TensorD> qkv = random_qkv_tensors(c, rng);
+  const AttnResult r = run<double>(qkv, random_tensor({c.r, c.t, c.hq * c.dh}, rng), random_qkv_tensors(c, rng),
                                    [&](Tape<double>& t, Var q, Var k, Var v) {
                                      return flash_causal_attention(t, q, k, v, mask, c.hq, c.hkv, 0.0, 3);
                                    });

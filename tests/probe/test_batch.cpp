@@ -18,7 +18,7 @@ using Catch::Contains;
 
 namespace {
 
-constexpr index_t kVocab = 11;
+constexpr index_t kBatchVocab = 11;
 
 // B = 2 prompts, G = 2 responses, T = 6, vocabulary 11:
 //   row (0,0): prompt [1 2]        response [3 4 5]  then padding 0     L = 3
@@ -49,15 +49,15 @@ std::size_t at(const TokenBatch& b, index_t p, index_t g, index_t t) { return st
 
 TEST_CASE("batch: a well-formed batch validates, with and without the optional fields", "[batch][validate]") {
   TokenBatch b = valid_batch();
-  CHECK_NOTHROW(b.validate(kVocab, "E batch"));
+  CHECK_NOTHROW(b.validate(kBatchVocab, "E batch"));
   b.max_lengths = std::vector<double>{4.0, 0.5};
   b.rewards = std::vector<double>{1, 0, 0, 1};
   b.position_ids = std::vector<std::int32_t>(b.sequences.size(), 0);
-  CHECK_NOTHROW(b.validate(kVocab, "E batch"));
+  CHECK_NOTHROW(b.validate(kBatchVocab, "E batch"));
   // The largest id of the vocabulary and the largest prompt length are inside.
-  b.sequences[at(b, 1, 0, 5)] = kVocab - 1;
+  b.sequences[at(b, 1, 0, 5)] = kBatchVocab - 1;
   b.prompt_lens[1] = 5;
-  CHECK_NOTHROW(b.validate(kVocab, "E batch"));
+  CHECK_NOTHROW(b.validate(kBatchVocab, "E batch"));
 }
 
 TEST_CASE("batch: validate rejects empty dimensions", "[batch][validate]") {
@@ -65,19 +65,19 @@ TEST_CASE("batch: validate rejects empty dimensions", "[batch][validate]") {
     TokenBatch b;
     b.G = 2;
     b.T = 4;
-    CHECK_INPUT_ERROR(b.validate(kVocab, "E batch"),
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"),
                       Contains("E batch") && Contains("empty batch") && Contains("B = 0"));
   }
   SECTION("G = 0") {
     TokenBatch b = valid_batch();
     b.G = 0;
-    CHECK_INPUT_ERROR(b.validate(kVocab, "U batch"), Contains("U batch") && Contains("G = 0"));
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "U batch"), Contains("U batch") && Contains("G = 0"));
   }
   SECTION("T too short for a prompt token and a response token") {
     TokenBatch b = valid_batch();
     for (index_t t : {0, 1}) {
       b.T = t;
-      CHECK_INPUT_ERROR(b.validate(kVocab, "E batch"), Contains("E batch") && Contains(fmt::format("T = {}", t)));
+      CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"), Contains("E batch") && Contains(fmt::format("T = {}", t)));
     }
   }
 }
@@ -85,7 +85,7 @@ TEST_CASE("batch: validate rejects empty dimensions", "[batch][validate]") {
 TEST_CASE("batch: validate names the field whose size is wrong", "[batch][validate]") {
   auto expect = [](const TokenBatch& b, const char* field, std::size_t got, std::size_t want) {
     CHECK_INPUT_ERROR(
-        b.validate(kVocab, "U.safetensors"),
+        b.validate(kBatchVocab, "U.safetensors"),
         Contains("U.safetensors") && Contains(fmt::format("{} has {} entries, expected {}", field, got, want)));
   };
   TokenBatch b = valid_batch();
@@ -122,27 +122,27 @@ TEST_CASE("batch: validate names the field whose size is wrong", "[batch][valida
 TEST_CASE("batch: validate checks token ids against the vocabulary, real and padding", "[batch][validate]") {
   TokenBatch b = valid_batch();
   SECTION("real token == vocabulary size") {
-    b.sequences[at(b, 1, 0, 5)] = kVocab;
-    CHECK_INPUT_ERROR(b.validate(kVocab, "E batch"),
+    b.sequences[at(b, 1, 0, 5)] = kBatchVocab;
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"),
                       Contains("E batch") && Contains("sequences[1,0,5] = 11") && Contains("vocabulary"));
   }
   SECTION("real token negative") {
     b.sequences[at(b, 0, 1, 2)] = -1;
-    CHECK_INPUT_ERROR(b.validate(kVocab, "E batch"),
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"),
                       Contains("E batch") && Contains("sequences[0,1,2] = -1") && Contains("vocabulary"));
   }
   SECTION("real prompt token out of range") {
     b.sequences[at(b, 1, 1, 1)] = 1000;
-    CHECK_INPUT_ERROR(b.validate(kVocab, "E batch"), Contains("sequences[1,1,1] = 1000") && Contains("vocabulary"));
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"), Contains("sequences[1,1,1] = 1000") && Contains("vocabulary"));
   }
   SECTION("padding token == vocabulary size") {
-    b.sequences[at(b, 1, 1, 4)] = kVocab;
-    CHECK_INPUT_ERROR(b.validate(kVocab, "E batch"), Contains("E batch") && Contains("sequences[1,1,4] = 11") &&
+    b.sequences[at(b, 1, 1, 4)] = kBatchVocab;
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"), Contains("E batch") && Contains("sequences[1,1,4] = 11") &&
                                                          Contains("padding") && Contains("vocabulary"));
   }
   SECTION("padding token negative (left padding inside a prompt)") {
     b.sequences[at(b, 1, 0, 0)] = -3;
-    CHECK_INPUT_ERROR(b.validate(kVocab, "E batch"),
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"),
                       Contains("sequences[1,0,0] = -3") && Contains("padding") && Contains("vocabulary"));
   }
   SECTION("a smaller vocabulary makes the same batch invalid") {
@@ -155,48 +155,48 @@ TEST_CASE("batch: validate checks mask values, prompt lengths, advantages, max l
   TokenBatch b = valid_batch();
   SECTION("mask value 2") {
     b.attention_mask[at(b, 0, 1, 3)] = 2;
-    CHECK_INPUT_ERROR(b.validate(kVocab, "E batch"),
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"),
                       Contains("E batch") && Contains("attention_mask[0,1,3] = 2") && Contains("not 0 or 1"));
   }
   SECTION("prompt length 0") {
     b.prompt_lens[1] = 0;
-    CHECK_INPUT_ERROR(b.validate(kVocab, "E batch"), Contains("E batch") && Contains("prompt_lens[1] = 0"));
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"), Contains("E batch") && Contains("prompt_lens[1] = 0"));
   }
   SECTION("prompt length negative") {
     b.prompt_lens[0] = -2;
-    CHECK_INPUT_ERROR(b.validate(kVocab, "E batch"), Contains("prompt_lens[0] = -2"));
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"), Contains("prompt_lens[0] = -2"));
   }
   SECTION("prompt length == T") {
     b.prompt_lens[1] = 6;
-    CHECK_INPUT_ERROR(b.validate(kVocab, "E batch"), Contains("E batch") && Contains("prompt_lens[1] = 6"));
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"), Contains("E batch") && Contains("prompt_lens[1] = 6"));
   }
   SECTION("prompt length > T") {
     b.prompt_lens[1] = 7;
-    CHECK_INPUT_ERROR(b.validate(kVocab, "E batch"), Contains("prompt_lens[1] = 7"));
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"), Contains("prompt_lens[1] = 7"));
   }
   SECTION("advantage NaN") {
     b.advantages[2] = std::numeric_limits<double>::quiet_NaN();
-    CHECK_INPUT_ERROR(b.validate(kVocab, "U batch"),
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "U batch"),
                       Contains("U batch") && Contains("advantages[1,0]") && Contains("not finite"));
   }
   SECTION("advantage +inf and -inf") {
     b.advantages[1] = std::numeric_limits<double>::infinity();
-    CHECK_INPUT_ERROR(b.validate(kVocab, "U batch"), Contains("U batch") && Contains("advantages[0,1] = inf"));
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "U batch"), Contains("U batch") && Contains("advantages[0,1] = inf"));
     b.advantages[1] = -std::numeric_limits<double>::infinity();
-    CHECK_INPUT_ERROR(b.validate(kVocab, "U batch"), Contains("advantages[0,1] = -inf"));
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "U batch"), Contains("advantages[0,1] = -inf"));
   }
   SECTION("max_lengths zero, negative, NaN, inf") {
     for (double m : {0.0, -2.0, std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
       CAPTURE(m);
       b.max_lengths = std::vector<double>{3.0, m};
-      CHECK_INPUT_ERROR(b.validate(kVocab, "E batch"),
+      CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"),
                         Contains("E batch") && Contains("max_lengths[1]") && Contains("positive"));
     }
   }
   SECTION("negative position id") {
     b.position_ids = std::vector<std::int32_t>(b.sequences.size(), 1);
     (*b.position_ids)[at(b, 1, 1, 2)] = -1;
-    CHECK_INPUT_ERROR(b.validate(kVocab, "E batch"),
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"),
                       Contains("E batch") && Contains("position_ids[1,1,2] = -1") && Contains("negative"));
   }
 }
@@ -227,7 +227,7 @@ TEST_CASE("batch: gen_length counts masked-in tokens after the prompt, and lmax"
     CHECK(b.gen_length(1, 0) == 0);
     CHECK(b.gen_length(1, 1) == 0);
     CHECK(b.lmax(1) == 1.0);
-    CHECK_NOTHROW(b.validate(kVocab, "E batch"));
+    CHECK_NOTHROW(b.validate(kBatchVocab, "E batch"));
   }
 }
 
@@ -278,10 +278,10 @@ TEST_CASE("batch: S sums the log-probabilities of generated tokens, scored by th
     for (index_t g = 0; g < 2; ++g)
       for (index_t t = b.prompt_lens[static_cast<std::size_t>(p)]; t < 6; ++t) {
         if (!b.attention_mask[at(b, p, g, t)]) continue;
-        const double* zt = z.data() + (b.at(p, g, t - 1)) * kVocab;
+        const double* zt = z.data() + (b.at(p, g, t - 1)) * kBatchVocab;
         double mx = -std::numeric_limits<double>::infinity(), total = 0;
-        for (index_t v = 0; v < kVocab; ++v) mx = std::max(mx, zt[v] / tau);
-        for (index_t v = 0; v < kVocab; ++v) total += std::exp(zt[v] / tau - mx);
+        for (index_t v = 0; v < kBatchVocab; ++v) mx = std::max(mx, zt[v] / tau);
+        for (index_t v = 0; v < kBatchVocab; ++v) total += std::exp(zt[v] / tau - mx);
         want[static_cast<std::size_t>(p * 2 + g)] += zt[b.sequences[at(b, p, g, t)]] / tau - mx - std::log(total);
       }
   const std::vector<double> S = sequence_logprobs(model, b, tau);
@@ -382,7 +382,7 @@ TEST_CASE("batch: select and slice keep every field aligned", "[batch][select]")
     CHECK_FALSE(w.position_ids);
     CHECK(w.sequences == std::vector<std::int32_t>(v.sequences.begin() + 12, v.sequences.end()));
     CHECK(w.gen_length(0, 0) == 3);
-    CHECK_NOTHROW(w.validate(kVocab, "selected"));
+    CHECK_NOTHROW(w.validate(kBatchVocab, "selected"));
   }
   SECTION("a prompt index outside the batch is a usage error") {
     CHECK_THROWS_AS(b.select({3}), UsageError);

@@ -3,6 +3,7 @@
 // computation, the cross-fitted least squares against normal equations, and
 // the refusals. Unbiasedness by exact enumeration is in test_exactness.cpp.
 #include "../support/log_capture.hpp"
+#include "../support/numeric.hpp"
 #include "../support/tiny_models.hpp"
 
 #include <entropy_probe/probe/probe.hpp>
@@ -21,7 +22,6 @@ namespace {
 
 using Model = nn::Gpt2LMHeadModel<double>;
 
-double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
 
 // Solves the normal equations (X^T X) (c, beta) = X^T s with X = [1, Z] over
 // `rows` by Gaussian elimination with partial pivoting, and returns beta
@@ -83,7 +83,7 @@ TEST_CASE("control variates: the cross-fitted least squares against normal equat
   std::vector<index_t> all;
   for (index_t b = 0; b < B; ++b) all.push_back(b);
   const std::vector<double> beta_all = normal_equations(s, f, all);
-  for (index_t k = 0; k < K; ++k) CHECK(rel(cv->beta[std::size_t(k)], beta_all[std::size_t(k)]) < 1e-10);
+  for (index_t k = 0; k < K; ++k) CHECK(rel_to(cv->beta[std::size_t(k)], beta_all[std::size_t(k)]) < 1e-10);
   std::vector<double> s_cv;
   for (index_t b = 0; b < B; ++b) {
     std::vector<index_t> others;
@@ -93,7 +93,7 @@ TEST_CASE("control variates: the cross-fitted least squares against normal equat
     double c = s[std::size_t(b)];
     for (index_t k = 0; k < K; ++k) c -= beta[std::size_t(k)] * f.at(b, k);
     s_cv.push_back(c);
-    CHECK(rel(cv->s_cv[std::size_t(b)], c) < 1e-10);
+    CHECK(rel_to(cv->s_cv[std::size_t(b)], c) < 1e-10);
   }
   // Means and standard errors by hand, eta = 0.5.
   auto mean_se = [](const std::vector<double>& x) {
@@ -104,10 +104,10 @@ TEST_CASE("control variates: the cross-fitted least squares against normal equat
   };
   const auto [plain, se_plain] = mean_se(s);
   const auto [mean_cv, se_cv] = mean_se(s_cv);
-  CHECK(rel(cv->deltaH1_plain, plain) < 1e-12);
-  CHECK(rel(cv->SE_plain, se_plain) < 1e-12);
-  CHECK(rel(cv->deltaH1, mean_cv) < 1e-10);
-  CHECK(rel(cv->SE, se_cv) < 1e-9);
+  CHECK(rel_to(cv->deltaH1_plain, plain) < 1e-12);
+  CHECK(rel_to(cv->SE_plain, se_plain) < 1e-12);
+  CHECK(rel_to(cv->deltaH1, mean_cv) < 1e-10);
+  CHECK(rel_to(cv->SE, se_cv) < 1e-9);
   CHECK(cv->SE < 0.5 * cv->SE_plain);  // s is mostly explained by the features here
 
   // The fit is centred: shifting every s_b by a constant shifts s_cv alike and leaves beta.
@@ -115,9 +115,9 @@ TEST_CASE("control variates: the cross-fitted least squares against normal equat
   for (double& x : shifted) x += 100.0;
   const auto cs = control_variate_estimate(shifted, f, 0.5);
   REQUIRE(cs);
-  for (index_t k = 0; k < K; ++k) CHECK(rel(cs->beta[std::size_t(k)], cv->beta[std::size_t(k)]) < 1e-10);
+  for (index_t k = 0; k < K; ++k) CHECK(rel_to(cs->beta[std::size_t(k)], cv->beta[std::size_t(k)]) < 1e-10);
   for (index_t b = 0; b < B; ++b) CHECK(std::abs(cs->s_cv[std::size_t(b)] - 100.0 - cv->s_cv[std::size_t(b)]) < 1e-10);
-  CHECK(rel(cs->SE, cv->SE) < 1e-8);
+  CHECK(rel_to(cs->SE, cv->SE) < 1e-8);
 
   SECTION("a feature that repeats an earlier one up to a factor and a shift, or is constant, gets coefficient 0") {
     ControlVariateFeatures g;
@@ -130,8 +130,8 @@ TEST_CASE("control variates: the cross-fitted least squares against normal equat
     CHECK(cg->beta[1] == 0.0);
     CHECK(cg->beta[2] == 0.0);
     const std::size_t kept[] = {0, 3, 4};
-    for (std::size_t k = 0; k < 3; ++k) CHECK(rel(cg->beta[kept[k]], cv->beta[k]) < 1e-10);
-    for (index_t b = 0; b < B; ++b) CHECK(rel(cg->s_cv[std::size_t(b)], cv->s_cv[std::size_t(b)]) < 1e-10);
+    for (std::size_t k = 0; k < 3; ++k) CHECK(rel_to(cg->beta[kept[k]], cv->beta[k]) < 1e-10);
+    for (index_t b = 0; b < B; ++b) CHECK(rel_to(cg->s_cv[std::size_t(b)], cv->s_cv[std::size_t(b)]) < 1e-10);
   }
 }
 
@@ -204,9 +204,9 @@ TEST_CASE("control variates: S, RB and Sdot from one pass, and the features, aga
   }
   reg.zero_grad();
   for (std::size_t i = 0; i < sdot.size(); ++i) {
-    CHECK(rel(st.S[i], ref.S[i]) < 1e-12);
-    CHECK(rel(st.H[i], ref.H[i]) < 1e-12);
-    CHECK(rel(st.Sdot[i], sdot[i]) < 1e-10);
+    CHECK(rel_to(st.S[i], ref.S[i]) < 1e-12);
+    CHECK(rel_to(st.H[i], ref.H[i]) < 1e-12);
+    CHECK(rel_to(st.Sdot[i], sdot[i]) < 1e-10);
   }
 
   // The features by plain loops: leave-one-out means over g' != g.
@@ -257,20 +257,20 @@ TEST_CASE("control variates: the per-sequence terms sum to bars_dot, and the pro
   REQUIRE(r.first_order_per_sequence.size() == std::size_t(E.rows()));
   double total = 0;
   for (double y : r.first_order_per_sequence) total += y;
-  CHECK(rel(total / double(E.B), r.bars_dot) < 1e-12);
+  CHECK(rel_to(total / double(E.B), r.bars_dot) < 1e-12);
   CHECK(r.bars_dot == r0.bars_dot);
   const ControlVariates& cv = *r.control_variates;
   CHECK(cv.features.size() == 5);
-  CHECK(rel(cv.deltaH1_plain, r.deltaH1) < 1e-12);
+  CHECK(rel_to(cv.deltaH1_plain, r.deltaH1) < 1e-12);
   // SE_plain is eta sqrt(V_X) of (d), whose pass the control-variate pass replaces.
   REQUIRE(r.full);
   REQUIRE(r0.full);
-  CHECK(rel(r.full->V_X, r0.full->V_X) < 1e-12);
-  CHECK(rel(cv.SE_plain, r.learning_rate * std::sqrt(r0.full->V_X)) < 1e-10);
+  CHECK(rel_to(r.full->V_X, r0.full->V_X) < 1e-12);
+  CHECK(rel_to(cv.SE_plain, r.learning_rate * std::sqrt(r0.full->V_X)) < 1e-10);
   for (index_t b = 0; b < E.B; ++b) {
     double s = 0;
     for (index_t g = 0; g < E.G; ++g) s += r.first_order_per_sequence[std::size_t(b * E.G + g)];
-    CHECK(rel(cv.s[std::size_t(b)], s) < 1e-12);
+    CHECK(rel_to(cv.s[std::size_t(b)], s) < 1e-12);
   }
   CHECK(r.timing.count("control_variates") == 1);
   INFO("deltaH1 " << cv.deltaH1_plain << " SE " << cv.SE_plain << " -> " << cv.deltaH1 << " SE " << cv.SE);

@@ -1,5 +1,6 @@
 // The adamw update direction, its decomposition, the per-sequence entropy
 // influences and the zero-second-moment diagnostics (docs/math.md (g), (h)).
+#include "../support/numeric.hpp"
 #include "../support/tiny_models.hpp"
 
 #include <entropy_probe/io/result_json.hpp>
@@ -18,7 +19,6 @@ using namespace ep_test;
 
 namespace {
 
-double rel(double a, double b) { return std::abs(a - b) / std::max({std::abs(a), std::abs(b), 1e-300}); }
 
 // max_k |a_k - b_k| / max_k |b_k| over the entries present in b.
 double max_rel_diff(const ParamBuffer<double>& a, const ParamBuffer<double>& b) {
@@ -37,16 +37,6 @@ double max_rel_diff(const ParamBuffer<double>& a, const ParamBuffer<double>& b) 
   return diff / scale;
 }
 
-// A state with unequal step counts (per-parameter bias corrections) and one
-// parameter without state (AdamW's lazy zero initialisation).
-AdamState<double> uneven_state(const Registry<double>& reg) {
-  auto state = random_adam_state(reg, 41, "h.1.mlp.c_fc.lora_A");
-  state.hyper().weight_decay = 0.1;
-  for (index_t i = 0; i < state.size(); ++i)
-    if (auto* e = state.entry(i)) e->step = double(1 + i % 4);
-  return state;
-}
-
 }  // namespace
 
 TEST_CASE("directions: adamw is a real AdamW step per unit lr, and its parts sum to it", "[probe][adamw]") {
@@ -55,7 +45,7 @@ TEST_CASE("directions: adamw is a real AdamW step per unit lr, and its parts sum
   const TokenBatch U = random_batch(4, 3, 8, 11, 42);
   SingleProcess comm;
   ProbeComponents<decltype(model)> c(model, reg, ProbeSettings{Weighting::dr_grpo, 2, 1.0, {}}, comm);
-  const AdamState<double> state = uneven_state(reg);
+  const AdamState<double> state = uneven_adam_state(reg, 41, 4);
   REQUIRE(state.missing_count() == 1);
   const auto sumY = c.accumulate_sum_Y(U);
   const auto d = adamw_direction(reg, state, sumY.sum, sumY.count);
@@ -108,7 +98,7 @@ TEST_CASE("directions: per-sequence influences match brute force and sum to delt
                                              : std::vector{Direction::precond_sgd};
     OfflineEntropyProbe probe(model, cfg);
     const auto& reg = probe.registry();
-    const AdamState<double> state = uneven_state(reg);
+    const AdamState<double> state = uneven_adam_state(reg, 41, 4);
     set_log_sink([](LogLevel, std::string_view) {});  // the missing state's warning
     const ProbeResult r = probe.run(E, U, state);
     set_log_sink({});
@@ -122,7 +112,7 @@ TEST_CASE("directions: per-sequence influences match brute force and sum to delt
     double total = dr.momentum_share.value_or(0) + dr.decay_share.value_or(0);
     for (const auto& s : r.influence) total += s.influence;
     CAPTURE(total, dr.deltaH1);
-    CHECK(rel(total, dr.deltaH1) < 1e-12);
+    CHECK(rel_diff(total, dr.deltaH1) < 1e-12);
     double worst = 0;
     CHECK(dr.momentum_share.has_value() == (dir == Direction::adamw));
 
@@ -151,15 +141,15 @@ TEST_CASE("directions: per-sequence influences match brute force and sum to delt
       }
       const double brute = eta * dot_param_buffers(mu_X, v) / double(U.B);
       CAPTURE(s.influence, brute);
-      CHECK(rel(s.influence, brute) < 1e-10);
-      worst = std::max(worst, rel(s.influence, brute));
+      CHECK(rel_diff(s.influence, brute) < 1e-10);
+      worst = std::max(worst, rel_diff(s.influence, brute));
       CHECK(s.advantage == U.advantage(s.prompt, s.completion));
       CHECK(s.length == U.gen_length(s.prompt, s.completion));
       CHECK(s.reward == (*U.rewards)[std::size_t(s.prompt * U.G + s.completion)]);
     }
 
     std::printf("directions: %s influences: sum vs deltaH1 %.3e, worst vs brute force %.3e\n", to_string(dir),
-                rel(total, dr.deltaH1), worst);
+                rel_diff(total, dr.deltaH1), worst);
     const nlohmann::json j = to_json(r);
     CHECK(j["influence"].size() == 9);
     CHECK(j["influence"][4]["influence"] == r.influence[4].influence);
@@ -226,8 +216,8 @@ TEST_CASE("directions: entries with exp_avg_sq = 0 and a live gradient are count
   const double total = dot_param_buffers(mu_Y, mu_Y);
   const double lora_sq = std::pow((*mu_Y.entry(lora))[0], 2);
   const double other_sq = other >= 0 ? std::pow((*mu_Y.entry(other))[1], 2) : 0.0;
-  CHECK(rel(z.lora_share, lora_sq / total) < 1e-12);
-  CHECK(rel(z.all_share, (lora_sq + other_sq) / total) < 1e-12);
+  CHECK(rel_diff(z.lora_share, lora_sq / total) < 1e-12);
+  CHECK(rel_diff(z.all_share, (lora_sq + other_sq) / total) < 1e-12);
   CHECK(z.all_share > 0.5);  // divided by eps = 1e-8, they dominate
 }
 

@@ -1,6 +1,7 @@
 // The estimator against exact enumeration (docs/math.md, (a)):
 // a LoRA LM with a vocabulary of 5 and fixed-length responses of 3 tokens has
 // 125 responses, so expectations and the entropy are finite sums.
+#include "../support/numeric.hpp"
 #include "../support/tiny_models.hpp"
 
 #include <entropy_probe/probe/probe.hpp>
@@ -82,7 +83,6 @@ ParamBuffer<double> exact_entropy_gradient(Model& m, const Registry<double>& reg
   return g;
 }
 
-double rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-300); }
 
 }  // namespace
 
@@ -209,7 +209,7 @@ TEST_CASE("exactness: the first-order prediction's error is O(eta^2) over three 
     const double H1 = exact_distribution(m).H;
     snap.restore();
     const double predicted = eta * slope, actual = (H1 - H0) / double(kLen);
-    gaps.push_back(rel(actual, predicted));
+    gaps.push_back(rel_to(actual, predicted));
     INFO("eta " << eta << " predicted " << predicted << " actual " << actual << " rel gap " << gaps.back());
     CHECK(gaps.back() < 0.5);
   }
@@ -407,7 +407,7 @@ TEST_CASE("exactness: control variates have mean zero and keep the estimate unbi
   double Es = 0;
   for (std::size_t y = 0; y < r3.p.size(); ++y) Es += r3.p[y] * r3.s[y];
   REQUIRE(std::abs(exact) > 1e-3);
-  CHECK(rel(Es, exact) < 1e-10);
+  CHECK(rel_to(Es, exact) < 1e-10);
 
   SECTION("every feature has expectation zero, the leave-one-out ones over all G = 2 pairs") {
     // G = 1: score and surprisal_minus_entropy, over the 125 responses.
@@ -460,9 +460,9 @@ TEST_CASE("exactness: control variates have mean zero and keep the estimate unbi
       const EnumeratedMeans e = enumerate_batches(r3, 3, {k});
       INFO(r3.features.names[std::size_t(k)] << ": E[deltaH1_cv] = " << e.cross_fitted << ", E[plain] = " << e.plain
                                              << ", in-sample " << e.in_sample << ", exact " << exact);
-      CHECK(rel(e.plain, exact) < 1e-10);
-      CHECK(rel(e.cross_fitted, exact) < 1e-10);
-      CHECK(rel(e.in_sample, exact) > 1e-4);  // fitting on the prompt itself is biased: the check has power
+      CHECK(rel_to(e.plain, exact) < 1e-10);
+      CHECK(rel_to(e.cross_fitted, exact) < 1e-10);
+      CHECK(rel_to(e.in_sample, exact) > 1e-4);  // fitting on the prompt itself is biased: the check has power
     }
   }
 
@@ -474,8 +474,8 @@ TEST_CASE("exactness: control variates have mean zero and keep the estimate unbi
     const EnumeratedMeans e = enumerate_batches(r2, 4, {0, 1});
     INFO("E[s] = " << Es2 << ", E[deltaH1_cv] = " << e.cross_fitted << ", in-sample " << e.in_sample
                    << ", E[SE_plain^2] = " << e.var_plain << ", E[SE_cv^2] = " << e.var_cv);
-    CHECK(rel(e.plain, Es2) < 1e-10);
-    CHECK(rel(e.cross_fitted, Es2) < 1e-10);
-    CHECK(rel(e.in_sample, Es2) > 1e-4);
+    CHECK(rel_to(e.plain, Es2) < 1e-10);
+    CHECK(rel_to(e.cross_fitted, Es2) < 1e-10);
+    CHECK(rel_to(e.in_sample, Es2) > 1e-4);
   }
 }

@@ -1,5 +1,6 @@
 // The influence matrix over (E sequence, U sequence) and the true change
 // along single update sequences' shares of a direction (docs/math.md (h)).
+#include "../support/numeric.hpp"
 #include "../support/tiny_models.hpp"
 
 #include <entropy_probe/io/result_json.hpp>
@@ -20,17 +21,7 @@ using namespace ep_test;
 
 namespace {
 
-double rel(double a, double b) { return std::abs(a - b) / std::max({std::abs(a), std::abs(b), 1e-300}); }
 
-// A state with unequal step counts, one parameter without state and weight
-// decay, as the directions tests use.
-AdamState<double> uneven_state(const Registry<double>& reg, const std::string& stateless = "h.1.mlp.c_fc.lora_A") {
-  auto state = random_adam_state(reg, 61, stateless);
-  state.hyper().weight_decay = 0.1;
-  for (index_t i = 0; i < state.size(); ++i)
-    if (auto* e = state.entry(i)) e->step = double(1 + i % 3);
-  return state;
-}
 
 template <class Model>
 ProbeComponents<Model> brute_components(Model& model, const Registry<double>& reg, Communicator& comm) {
@@ -82,7 +73,7 @@ void check_influence_matrix(Model& model, const std::string& family, const std::
                                              : std::vector{Direction::precond_sgd};
     OfflineEntropyProbe probe(model, cfg);
     const auto& reg = probe.registry();
-    const AdamState<double> state = uneven_state(reg, stateless);
+    const AdamState<double> state = uneven_adam_state(reg, 61, 3, stateless);
     REQUIRE(state.missing_count() == 1);
     set_log_sink([](LogLevel, std::string_view) {});
     const ProbeResult r = probe.run(E, U, state);
@@ -127,15 +118,15 @@ void check_influence_matrix(Model& model, const std::string& family, const std::
       for (std::size_t j = 0; j < v.size(); ++j) {
         const double brute = eta * dot_param_buffers(x, v[j]);
         CAPTURE(j, m.at(std::size_t(i), j), brute);
-        CHECK(rel(m.at(std::size_t(i), j), brute) < 1e-12);
-        worst_entry = std::max(worst_entry, rel(m.at(std::size_t(i), j), brute));
+        CHECK(rel_diff(m.at(std::size_t(i), j), brute) < 1e-12);
+        worst_entry = std::max(worst_entry, rel_diff(m.at(std::size_t(i), j), brute));
       }
       if (dir == Direction::adamw) {
         const double mom = eta * dot_param_buffers(x, adamw.momentum), dec = eta * dot_param_buffers(x, adamw.decay);
-        CHECK(rel(m.momentum[std::size_t(i)], mom) < 1e-12);
-        CHECK(rel(m.decay[std::size_t(i)], dec) < 1e-12);
+        CHECK(rel_diff(m.momentum[std::size_t(i)], mom) < 1e-12);
+        CHECK(rel_diff(m.decay[std::size_t(i)], dec) < 1e-12);
         worst_momentum =
-            std::max({worst_momentum, rel(m.momentum[std::size_t(i)], mom), rel(m.decay[std::size_t(i)], dec)});
+            std::max({worst_momentum, rel_diff(m.momentum[std::size_t(i)], mom), rel_diff(m.decay[std::size_t(i)], dec)});
       }
     }
 
@@ -148,23 +139,23 @@ void check_influence_matrix(Model& model, const std::string& family, const std::
       CAPTURE(j, column, r.influence[j].influence);
       CHECK(m.columns[j].prompt == r.influence[j].prompt);
       CHECK(m.columns[j].completion == r.influence[j].completion);
-      CHECK(rel(column, r.influence[j].influence) < 1e-12);
-      worst_column = std::max(worst_column, rel(column, r.influence[j].influence));
+      CHECK(rel_diff(column, r.influence[j].influence) < 1e-12);
+      worst_column = std::max(worst_column, rel_diff(column, r.influence[j].influence));
       total += column;
     }
     for (double x : m.momentum) momentum += x;
     for (double x : m.decay) decay += x;
     if (dir == Direction::adamw) {
-      CHECK(rel(momentum, *dr.momentum_share) < 1e-12);
-      CHECK(rel(decay, *dr.decay_share) < 1e-12);
+      CHECK(rel_diff(momentum, *dr.momentum_share) < 1e-12);
+      CHECK(rel_diff(decay, *dr.decay_share) < 1e-12);
     }
     const double all = total + momentum + decay;
     CAPTURE(all, dr.deltaH1);
-    CHECK(rel(all, dr.deltaH1) < 1e-12);
+    CHECK(rel_diff(all, dr.deltaH1) < 1e-12);
     std::printf(
         "influence matrix %s %s: entries vs brute force %.3e, momentum/decay rows %.3e, column sums vs influences "
         "%.3e, total vs deltaH1 %.3e\n",
-        family.c_str(), to_string(dir), worst_entry, worst_momentum, worst_column, rel(all, dr.deltaH1));
+        family.c_str(), to_string(dir), worst_entry, worst_momentum, worst_column, rel_diff(all, dr.deltaH1));
 
     const nlohmann::json j = to_json(r);
     const auto& jm = j["influence_matrix"];
@@ -240,7 +231,7 @@ TEST_CASE("influence truth: each is a ground truth along the sequence's share, f
     };
     OfflineEntropyProbe probe(model, cfg);
     const auto& reg = probe.registry();
-    const AdamState<double> state = uneven_state(reg);
+    const AdamState<double> state = uneven_adam_state(reg, 61, 3);
     set_log_sink([](LogLevel, std::string_view) {});
     const ProbeResult r = probe.run(E, U, state);
     set_log_sink({});
@@ -291,7 +282,7 @@ TEST_CASE("influence truth: each is a ground truth along the sequence's share, f
         // in the lr sweep test).
         CHECK(close(got.deltaH_true_tok, ref.deltaH_true_tok, ref.H_orig_tok));
         CHECK(close(got.SE_deltaH_true, ref.SE_deltaH_true, ref.SE_deltaH_true));
-        worst = std::max({worst, rel(got.deltaH_true, ref.deltaH_true), rel(got.SE_deltaH_true, ref.SE_deltaH_true)});
+        worst = std::max({worst, rel_diff(got.deltaH_true, ref.deltaH_true), rel_diff(got.SE_deltaH_true, ref.SE_deltaH_true)});
       }
       CHECK(close(s.truth->ESS, t.ESS, t.ESS));
       // The step is v_{u,g} alone: its first order is the influence (per

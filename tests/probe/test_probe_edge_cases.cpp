@@ -3,6 +3,7 @@
 // to leave the model's parameters, their grads and the Adam state unchanged,
 // bit for bit.
 #include "../support/log_capture.hpp"
+#include "../support/numeric.hpp"
 #include "../support/tiny_models.hpp"
 
 #include <entropy_probe/io/result_json.hpp>
@@ -28,7 +29,6 @@ namespace {
 
 using Model = nn::Gpt2LMHeadModel<double>;
 
-double rel(double a, double b) { return std::abs(a - b) / std::max({std::abs(a), std::abs(b), 1e-300}); }
 
 bool same_bits(const std::vector<double>& a, const std::vector<double>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(double)) == 0);
@@ -204,9 +204,9 @@ TEST_CASE("probe edge: full_variance denominators are B max(B - 1, 1)", "[probe]
     CHECK(f3.V_X == Approx(14.0 / 6.0).epsilon(1e-15));  // (4 + 1 + 9) / (3 * 2)
 
     FullVariance fy = full_variance(c, E, U, mu_X, mu_Y, bars, 0.5, identity, &x1);
-    CHECK(rel(fy.V_Y, want_VY) < 1e-12);
+    CHECK(rel_diff(fy.V_Y, want_VY) < 1e-12);
     CHECK(fy.V_X == Approx((3.0 - bars) * (3.0 - bars)).epsilon(1e-15));
-    CHECK(rel(fy.se_deltaH1, 0.5 * std::sqrt(fy.V_X + fy.V_Y)) < 1e-15);
+    CHECK(rel_diff(fy.se_deltaH1, 0.5 * std::sqrt(fy.V_X + fy.V_Y)) < 1e-15);
   }
 }
 
@@ -574,9 +574,9 @@ TEST_CASE("probe edge: importance-sampled entropies by hand on four sequences", 
   SECTION("clip with a huge c is snis (the normalisation cancels)") {
     const GroundTruth a = importance_sampled_entropies(S0, S1, L, ISEstimator::clip, 1e300);
     const GroundTruth b = importance_sampled_entropies(S0, S1, L, ISEstimator::snis, 1e300);
-    CHECK(rel(a.H_upd, b.H_upd) < 1e-15);
-    CHECK(rel(a.H_upd_tok, b.H_upd_tok) < 1e-15);
-    CHECK(rel(a.ESS, b.ESS) < 1e-15);
+    CHECK(rel_diff(a.H_upd, b.H_upd) < 1e-15);
+    CHECK(rel_diff(a.H_upd_tok, b.H_upd_tok) < 1e-15);
+    CHECK(rel_diff(a.ESS, b.ESS) < 1e-15);
   }
   SECTION("no step: H_upd = H_orig and ESS = N") {
     const GroundTruth g = importance_sampled_entropies(S0, S0, L, ISEstimator::snis, 10.0);
@@ -626,12 +626,12 @@ TEST_CASE("probe edge: the first-order prediction and its bookkeeping", "[probe]
   AdamPreconditioner<double> P(state);
   P.apply(mu_Y);
   scale_param_buffer(mu_Y, 1.0 / 4);
-  CHECK(rel(r.mu_X_norm, norm_param_buffer(mu_X)) < 1e-14);
-  CHECK(rel(r.mu_Y_norm, norm_param_buffer(mu_Y)) < 1e-14);
-  CHECK(rel(r.bars_dot, dot_param_buffers(mu_X, mu_Y)) < 1e-14);
+  CHECK(rel_diff(r.mu_X_norm, norm_param_buffer(mu_X)) < 1e-14);
+  CHECK(rel_diff(r.mu_Y_norm, norm_param_buffer(mu_Y)) < 1e-14);
+  CHECK(rel_diff(r.bars_dot, dot_param_buffers(mu_X, mu_Y)) < 1e-14);
   // The s values average to bars_dot when the LoRA view holds every trainable.
   REQUIRE(probe.registry().lora_count() == probe.registry().size());
-  CHECK(rel(r.conditional->sbar, r.bars_dot) < 1e-12);
+  CHECK(rel_diff(r.conditional->sbar, r.bars_dot) < 1e-12);
 }
 
 TEST_CASE("edge: position ids beyond the model's table name the batch and field", "[probe][edge][positions]") {
@@ -783,7 +783,7 @@ TEST_CASE("sequence log-probs: scored positions only, or all logits from a model
   const std::vector<double> s_scored = sequence_logprobs(model, batch, 1.3);
   const std::vector<double> s_full = sequence_logprobs(full, batch, 1.3);
   REQUIRE(s_scored.size() == s_full.size());
-  for (std::size_t i = 0; i < s_full.size(); ++i) CHECK(rel(s_scored[i], s_full[i]) < 1e-13);
+  for (std::size_t i = 0; i < s_full.size(); ++i) CHECK(rel_diff(s_scored[i], s_full[i]) < 1e-13);
 
   // The gradients through either path agree too.
   auto grads = [&](auto& m) {
@@ -855,7 +855,7 @@ TEST_CASE("Rao-Blackwellised entropy: every scoring path and the ground truth ag
   const SequenceStatistics want = direct_statistics(model, E, tau);
   auto check_rows = [](const std::vector<double>& got, const std::vector<double>& ref) {
     REQUIRE(got.size() == ref.size());
-    for (std::size_t i = 0; i < ref.size(); ++i) CHECK(rel(got[i], ref[i]) < 1e-12);
+    for (std::size_t i = 0; i < ref.size(); ++i) CHECK(rel_diff(got[i], ref[i]) < 1e-12);
   };
   for (double h : want.H) REQUIRE(h > 0.1);  // every row scores at least one position
   LogitsOnlyModel<Model> scored{model, true}, full{model, false};
@@ -902,11 +902,11 @@ TEST_CASE("Rao-Blackwellised entropy: every scoring path and the ground truth ag
       {*gt.rao_blackwell, weighted_entropies(w, want.H, want_after.H, L, E.G)}};
   for (const auto& [got, ref] : cases) {
     REQUIRE(std::abs(ref.deltaH_true) > 1e-3 * ref.H_orig);  // the step moves the entropy
-    CHECK(rel(got.H_orig, ref.H_orig) < 1e-12);
-    CHECK(rel(got.H_upd, ref.H_upd) < 1e-12);
+    CHECK(rel_diff(got.H_orig, ref.H_orig) < 1e-12);
+    CHECK(rel_diff(got.H_upd, ref.H_upd) < 1e-12);
     CHECK(std::abs(got.deltaH_true - ref.deltaH_true) < 1e-12 * ref.H_orig);
-    CHECK(rel(got.H_upd_tok, ref.H_upd_tok) < 1e-12);
-    CHECK(rel(got.SE_deltaH_true, ref.SE_deltaH_true) < 1e-9);
+    CHECK(rel_diff(got.H_upd_tok, ref.H_upd_tok) < 1e-12);
+    CHECK(rel_diff(got.SE_deltaH_true, ref.SE_deltaH_true) < 1e-9);
     CHECK(ref.SE_deltaH_true > 0);
   }
 }

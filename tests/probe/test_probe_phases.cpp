@@ -1,3 +1,4 @@
+#include "../support/numeric.hpp"
 #include "../support/tiny_models.hpp"
 
 #include <entropy_probe/probe/probe.hpp>
@@ -10,7 +11,6 @@ using namespace entropy_probe;
 using namespace ep_test;
 
 namespace {
-double rel(double a, double b) { return std::abs(a - b) / std::max({std::abs(a), std::abs(b), 1e-300}); }
 }  // namespace
 
 TEST_CASE("probe: sums do not depend on the microbatch size", "[probe][microbatch]") {
@@ -59,10 +59,10 @@ TEST_CASE("probe: the alpha-trick routes agree with each other and with brute fo
     auto Xb = one.accumulate_sum_X(E.select({b}));
     const double brute = dot_param_buffers(Xb.sum, mu_Y, reg.lora_view());
     CAPTURE(b, fwd.s_values[std::size_t(b)], rev.s_values[std::size_t(b)], brute);
-    CHECK(rel(fwd.s_values[std::size_t(b)], rev.s_values[std::size_t(b)]) < 1e-12);
-    CHECK(rel(fwd.s_values[std::size_t(b)], brute) < 1e-12);
+    CHECK(rel_diff(fwd.s_values[std::size_t(b)], rev.s_values[std::size_t(b)]) < 1e-12);
+    CHECK(rel_diff(fwd.s_values[std::size_t(b)], brute) < 1e-12);
   }
-  CHECK(rel(fwd.se_conditional, rev.se_conditional) < 1e-12);
+  CHECK(rel_diff(fwd.se_conditional, rev.se_conditional) < 1e-12);
   CHECK(fwd.se_conditional > 0);
 }
 
@@ -117,7 +117,7 @@ TEST_CASE("probe: preconditioned_mean is P sum / count, element by element", "[p
       // random_adam_state's step is 3; the hyper-parameters are AdamHyper's defaults.
       const double denom = st ? std::sqrt(st->exp_avg_sq[k] / (1 - std::pow(0.999, 3))) + 1e-8 : 1.0;
       const double want = (*sum.entry(i))[k] / denom / 3.0;
-      REQUIRE(rel((*mu.entry(i))[k], want) < 1e-15);
+      REQUIRE(rel_diff((*mu.entry(i))[k], want) < 1e-15);
       REQUIRE((*sum.entry(i))[k] == (*before.entry(i))[k]);  // the sum itself is left alone
     }
   }

@@ -1,6 +1,6 @@
 // What the tests that read and write files share: a temporary directory that
-// removes itself, and the check that an expression throws an InputError
-// whose message matches.
+// removes itself, a JSON file's contents, and the check that an expression
+// throws an InputError whose message matches.
 #pragma once
 
 #include <entropy_probe/core/error.hpp>
@@ -8,8 +8,10 @@
 #include <fmt/format.h>
 #include <unistd.h>
 #include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
 
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <system_error>
 
@@ -41,5 +43,11 @@ struct TempDir {
   std::string str() const { return path.string(); }
   std::string file(const std::string& name) const { return (path / name).string(); }
 };
+
+// The JSON document in the file at `path`.
+inline nlohmann::json read_json(const std::string& path) {
+  std::ifstream in(path);
+  return nlohmann::json::parse(in);
+}
 
 }  // namespace ep_test

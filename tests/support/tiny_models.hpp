@@ -6,7 +6,10 @@
 #include <entropy_probe/nn/qwen2.hpp>
 #include <entropy_probe/optim/adam.hpp>
 
+#include <map>
 #include <random>
+#include <string>
+#include <vector>
 
 namespace ep_test {
 
@@ -110,6 +113,19 @@ AdamState<T> random_adam_state(const Registry<T>& reg, std::uint64_t seed, const
   return st;
 }
 
+// A state with unequal step counts (1 + i % step_cycle: per-parameter bias
+// corrections), weight decay 0.1 and no state for the parameters named by
+// `stateless` (AdamW's lazy zero initialisation), as the direction and
+// influence tests use.
+inline AdamState<double> uneven_adam_state(const Registry<double>& reg, std::uint64_t seed, int step_cycle,
+                                           const std::string& stateless = "h.1.mlp.c_fc.lora_A") {
+  auto state = random_adam_state(reg, seed, stateless);
+  state.hyper().weight_decay = 0.1;
+  for (index_t i = 0; i < state.size(); ++i)
+    if (auto* e = state.entry(i)) e->step = double(1 + i % step_cycle);
+  return state;
+}
+
 // A buffer with a standard normal entry for every registry parameter: a
 // direction to contract gradients with.
 inline ParamBuffer<double> random_direction(const Registry<double>& reg, std::uint64_t seed) {
@@ -119,6 +135,24 @@ inline ParamBuffer<double> random_direction(const Registry<double>& reg, std::ui
   for (index_t i = 0; i < v.size(); ++i)
     for (index_t k = 0; k < v.entry(i)->numel(); ++k) (*v.entry(i))[k] = nd(rng);
   return v;
+}
+
+// Every parameter of a model by name: its values (as double), shape and
+// trainability, for comparing two models (a save / load round trip).
+struct ParamInfo {
+  std::vector<double> values;
+  entropy_probe::Shape shape;
+  bool requires_grad;
+};
+template <class M>
+std::map<std::string, ParamInfo> params_of(M& m) {
+  using T = typename M::scalar_type;
+  std::map<std::string, ParamInfo> out;
+  m.named_parameters(entropy_probe::ParameterVisitor<T>([&](const std::string& name, entropy_probe::Parameter<T>& p) {
+    const auto h = p.value.to_host();
+    out[name] = ParamInfo{std::vector<double>(h.begin(), h.end()), p.value.shape(), p.requires_grad};
+  }));
+  return out;
 }
 
 }  // namespace ep_test
