@@ -127,7 +127,8 @@ class Tape {
 
   Tape() = default;
   // Forward-tangent mode: keyed leaves borrow their tangent from `source` as
-  // they are created (it must outlive the tape; nullptr = zero tangent).
+  // they are created (what its views point into must outlive the tape;
+  // nullopt = zero tangent).
   Tape(ForwardTangents, TangentSource source) : eager_(true), source_(std::move(source)) {}
   Tape(const Tape&) = delete;
   Tape& operator=(const Tape&) = delete;
