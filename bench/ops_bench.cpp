@@ -190,8 +190,10 @@ LoraData& lora_data(const LoraShape& s) { return cached<LoraData>(s.name, s); }
 // are dropped by the sink) and carry tangents keyed 1, 2, 3.
 void bm_lora_op(benchmark::State& st, LoraShape s, Mode mode) {
   LoraData& d = lora_data(s);
-  const auto source = [&d](ep::LeafKey k) -> const TensorF* {
-    return k == 1 ? &d.tx : k == 2 ? &d.ta : k == 3 ? &d.tb : nullptr;
+  const auto source = [&d](ep::LeafKey k) -> std::optional<ep::TensorView<const float>> {
+    const TensorF* t = k == 1 ? &d.tx : k == 2 ? &d.ta : k == 3 ? &d.tb : nullptr;
+    if (!t) return std::nullopt;
+    return t->view();
   };
   for ([[maybe_unused]] auto _ : st) {
     TapeF tape;
@@ -323,8 +325,10 @@ AttnData& attn_data(const AttnShape& s) { return cached<AttnData>(s.name, s); }
 
 void bm_attn_op(benchmark::State& st, AttnShape s, Mode mode) {
   AttnData& d = attn_data(s);
-  const auto source = [&d](ep::LeafKey k) -> const TensorF* {
-    return k == 1 ? &d.tq : k == 2 ? &d.tk : k == 3 ? &d.tv : nullptr;
+  const auto source = [&d](ep::LeafKey k) -> std::optional<ep::TensorView<const float>> {
+    const TensorF* t = k == 1 ? &d.tq : k == 2 ? &d.tk : k == 3 ? &d.tv : nullptr;
+    if (!t) return std::nullopt;
+    return t->view();
   };
   for ([[maybe_unused]] auto _ : st) {
     TapeF tape;

@@ -59,9 +59,10 @@ inline double rel_err(const std::vector<double>& dev, const std::vector<double>&
   return num / den;
 }
 
-template <class T, class B>
-std::vector<double> host_doubles(const Tensor<T, B>& t) {
-  const std::vector<T> h = t.to_host();
+// The elements of a tensor or a tensor view, as doubles on the host.
+template <class Elements>
+std::vector<double> host_doubles(const Elements& t) {
+  const auto h = t.to_host();
   return std::vector<double>(h.begin(), h.end());
 }
 
@@ -141,7 +142,7 @@ OpResult run_op(const std::vector<OpInput>& inputs, Build& build, std::uint64_t 
     if (inputs[i].differentiable)
       tape.set_tangent(vars[i], on_backend<T, B>(random_host(inputs[i].value.shape(), rng)));
   tape.jvp();
-  const Tensor<T, B>* t = tape.tangent(y);
+  const auto* t = tape.tangent(y);
   r.tangent = t ? host_doubles(*t) : std::vector<double>(r.value.size());
   return r;
 }

@@ -172,7 +172,7 @@ TEST_CASE("causal_attention: queries with no allowed key give exact zeros", "[op
   const TensorD* gq = tape.grad(q);
   const TensorD* gk = tape.grad(k);
   const TensorD* gv = tape.grad(v);
-  const TensorD* to = tape.tangent(o);
+  const auto* to = tape.tangent(o);
   REQUIRE(gq);
   REQUIRE(gk);
   REQUIRE(gv);

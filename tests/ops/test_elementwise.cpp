@@ -235,7 +235,7 @@ struct GatedRun {
 template <class T, class Build>
 GatedRun run_gated(const TensorD& gate, const TensorD& up, const TensorD& c, const TensorD& tg, const TensorD& tu,
                    Build build) {
-  auto to_doubles = [](const Tensor<T>& x) {
+  auto to_doubles = [](const auto& x) {  // a tensor or a tangent view
     const std::vector<T> h = x.to_host();
     return std::vector<double>(h.begin(), h.end());
   };

@@ -25,9 +25,10 @@ struct AttnResult {
   std::vector<double> out, gq, gk, gv, tout;
 };
 
-template <class T, class B>
-std::vector<double> as_double(const Tensor<T, B>& t) {
-  const std::vector<T> h = t.to_host();
+// A tensor's or a tangent view's elements as doubles.
+template <class Elements>
+std::vector<double> as_double(const Elements& t) {
+  const auto h = t.to_host();
   return {h.begin(), h.end()};
 }
 

@@ -96,7 +96,7 @@ TEST_CASE("log_softmax_gather: unscored rows give 0, no gradient, no tangent", "
   tape.backward(out, TensorD::full({3}, 1.0));
   tape.jvp();
   const TensorD* g = tape.grad(z);
-  const TensorD* t = tape.tangent(out);
+  const auto* t = tape.tangent(out);
   REQUIRE(g);
   REQUIRE(t);
   CHECK(tape.value(out)[0] == 0.0);

@@ -113,8 +113,9 @@ double rel_vec(const std::vector<double>& got, const std::vector<double>& want) 
 
 std::vector<double> as_vec(const json& j) { return j.get<std::vector<double>>(); }
 
-template <class B>
-std::vector<double> host(const ep::Tensor<double, B>& t) {
+// A buffer entry's elements on the host.
+template <class Entry>
+std::vector<double> host(const Entry& t) {
   return t.to_host();
 }
 

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <random>
 #include <vector>
 
 using namespace entropy_probe;
@@ -46,4 +47,25 @@ TEST_CASE("count_nonzero_entries: exact per entry, across row boundaries", "[pro
 
   const std::vector<index_t> counts = detail::count_nonzero_entries(buf);
   CHECK(counts == std::vector<index_t>{1, 2, 4, 0, 0});
+}
+
+TEST_CASE("count_nonzero_entries: the one pass over the flat storage equals a count per entry", "[probe][components]") {
+  Sizes m;
+  auto reg = Registry<double>::build(m);
+  auto buf = zeros_like_params<double>(reg);
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<double> u(0, 1);
+  for (index_t i = 0; i < buf.size(); ++i)
+    for (index_t k = 0; k < buf.entry(i)->numel(); ++k) (*buf.entry(i))[k] = u(rng) < 0.3 ? u(rng) : 0.0;
+  buf.erase(m.row.id());  // absent between present entries
+  std::vector<index_t> want;
+  for (index_t i = 0; i < buf.size(); ++i) {
+    index_t n = 0;
+    if (const auto* t = buf.entry(i))
+      for (double v : t->to_host()) n += v != 0.0;
+    want.push_back(n);
+  }
+  CHECK(want[1] == 0);
+  CHECK(want[2] > 0);
+  CHECK(detail::count_nonzero_entries(buf) == want);
 }

@@ -118,7 +118,7 @@ inline GradcheckResult gradcheck(const std::vector<GradcheckInput>& inputs, cons
     }
   }
   const TensorD fp = eval(xp), fm = eval(xm);
-  const TensorD* ty = tape.tangent(y);
+  const auto* ty = tape.tangent(y);
   std::vector<double> jvp_ana, jvp_fd;
   for (index_t j = 0; j < y0.numel(); ++j) {
     jvp_fd.push_back((fp[j] - fm[j]) / (2 * h));

@@ -36,18 +36,20 @@ void require_leaves_in_registry(const Tape<T, B>& tape, const RegistryInfo& info
 }
 
 // Parameter tangents from `tangents` (absent entries are zero tangents) as a
-// tape's TangentSource, borrowing the buffer's tensors. A trainable parameter
-// outside the buffer's registry is an error, not a zero tangent. For a
-// forward-tangent tape, Tape(forward_tangents, param_tangents(buf, phase)),
-// the buffer must outlive the tape.
+// tape's TangentSource: views of the buffer's entries, read in place from its
+// storage. A trainable parameter outside the buffer's registry is an error,
+// not a zero tangent. For a forward-tangent tape,
+// Tape(forward_tangents, param_tangents(buf, phase)), the buffer must outlive
+// the tape.
 template <class T, class B>
 typename Tape<T, B>::TangentSource param_tangents(const ParamBuffer<T, B>& tangents, const char* phase) {
   tangents.require_bound(phase);
-  return [&tangents, phase](LeafKey key) -> const Tensor<T, B>* {
+  return [&tangents, phase](LeafKey key) -> std::optional<TensorView<const T, B>> {
     const RegistryInfo& info = *tangents.info();
     const index_t i = info.find(ParamId{key});
     if (i < 0) fail_unregistered_leaf(key, info, phase);
-    return tangents.entry(i);
+    if (const auto* t = tangents.entry(i)) return *t;
+    return std::nullopt;
   };
 }
 

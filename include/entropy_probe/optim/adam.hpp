@@ -98,7 +98,7 @@ class AdamPreconditioner {
     warned_.resize(static_cast<std::size_t>(buf.size()), false);
     const double beta2 = state_->hyper().beta2, eps = state_->hyper().eps;
     for (index_t i = 0; i < buf.size(); ++i) {
-      Tensor<U, B>* g = buf.entry(i);
+      const auto* g = buf.entry(i);
       if (!g) continue;
       const auto* st = state_->entry(i);
       if (!st) {
@@ -219,21 +219,21 @@ AdamWDirection<B> adamw_direction(const Registry<T, B>& registry, const AdamStat
   AdamWDirection<B> d{ParamBuffer<double, B>(registry.info()), ParamBuffer<double, B>(registry.info()),
                       ParamBuffer<double, B>(registry.info()), ParamBuffer<double, B>(registry.info())};
   for (index_t i = 0; i < registry.size(); ++i) {
-    const Tensor<double, B>* sum = sum_Y_raw.entry(i);
+    const auto* sum = sum_Y_raw.entry(i);
     if (!sum) continue;
     const auto& e = registry.entry(i);
     const auto* st = state.entry(i);
     const AdamWBiasCorrections bc = adamw_bias_corrections(h, (st ? st->step : 0.0) + 1);
     const double bc1 = bc.bc1, bc2_sqrt = bc.bc2_sqrt;
-    const Shape& shape = e.param->value.shape();
-    Tensor<double, B> total(shape), momentum(shape), decay(shape), scale(shape);
     const T* p = e.param->value.data();
     const T* m = st ? st->exp_avg.data() : nullptr;
     const T* v = st ? st->exp_avg_sq.data() : nullptr;
     const double* s = sum->data();
-    double *tp = total.data(), *mp = momentum.data(), *dp = decay.data(), *sp = scale.data();
+    // written in place into the four buffers' slots
+    double *tp = d.total.set_zero(e.id).data(), *mp = d.momentum.set_zero(e.id).data(),
+           *dp = d.decay.set_zero(e.id).data(), *sp = d.gradient_scale.set_zero(e.id).data();
     const double b1 = h.beta1, b2 = h.beta2, eps = h.eps, wd = h.weight_decay, inv_count = 1.0 / double(B_U);
-    B::parallel_for(numel_of(shape), [=] EP_HOST_DEVICE(index_t k) {
+    B::parallel_for(sum->numel(), [=] EP_HOST_DEVICE(index_t k) {
       const double g = -s[k] * inv_count;
       const double m0 = m ? static_cast<double>(m[k]) : 0.0, v0 = v ? static_cast<double>(v[k]) : 0.0;
       const double m1 = b1 * m0 + (1 - b1) * g, v1 = b2 * v0 + (1 - b2) * g * g;
@@ -243,10 +243,6 @@ AdamWDirection<B> adamw_direction(const Registry<T, B>& registry, const AdamStat
       mp[k] = -b1 * m0 / denom;
       sp[k] = (1 - b1) / denom;
     });
-    d.total.set(e.id, std::move(total));
-    d.momentum.set(e.id, std::move(momentum));
-    d.decay.set(e.id, std::move(decay));
-    d.gradient_scale.set(e.id, std::move(scale));
   }
   return d;
 }
@@ -272,8 +268,8 @@ ZeroSecondMoment zero_second_moment_entries(const Registry<T, B>& registry, cons
   const double total = dot_param_buffers(mu_Y, mu_Y);
   for (index_t i = 0; i < registry.size(); ++i) {
     const auto* st = state.entry(i);
-    const Tensor<double, B>* sum = sum_Y_raw.entry(i);
-    const Tensor<double, B>* mu = mu_Y.entry(i);
+    const auto* sum = sum_Y_raw.entry(i);
+    const auto* mu = mu_Y.entry(i);
     if (!st || !sum || !mu) continue;
     const T* v = st->exp_avg_sq.data();
     const double* s = sum->data();

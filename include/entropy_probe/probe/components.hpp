@@ -27,73 +27,69 @@ namespace entropy_probe {
 
 namespace detail {
 // The number of nonzero elements of each entry of a parameter buffer (0 for
-// an absent one). Each entry is counted in rows of kCountChunk elements, so
-// a large entry spreads over many blocks on a device, into one partial per
-// row; the partials of all entries come back in one read. A free function:
-// nvcc does not allow a device lambda inside a private member.
+// an absent one), in one pass over its flat storage: each present entry is
+// split into rows of kCountChunk elements, so a large entry spreads over many
+// blocks on a device, and one row_sum over the rows of every entry (their
+// starts in a small index table) writes one partial per row; the partials
+// come back in one read. A free function: nvcc does not allow a device lambda
+// inside a private member.
 template <class U, class B>
 std::vector<index_t> count_nonzero_entries(const ParamBuffer<U, B>& buf) {
   constexpr index_t kCountChunk = 4096;
-  const auto size_of = [&](index_t i) { return buf.entry(i) ? buf.entry(i)->numel() : index_t(0); };
-  std::vector<index_t> first_row{0};  // entry i's partials: [first_row[i], first_row[i + 1])
-  for (index_t i = 0; i < buf.size(); ++i)
-    first_row.push_back(first_row.back() + (size_of(i) + kCountChunk - 1) / kCountChunk);
   std::vector<index_t> counts(static_cast<std::size_t>(buf.size()), 0);
-  if (first_row.back() == 0) return counts;
-  auto partial = Tensor<acc_t, B>::uninitialized({first_row.back()});  // row_sum writes every row
+  std::vector<index_t> row_start, row_end, row_entry;  // flat ranges [start, end) and their entries
   for (index_t i = 0; i < buf.size(); ++i) {
-    const index_t n = size_of(i), r0 = first_row[static_cast<std::size_t>(i)];
-    if (n == 0) continue;
-    const U* p = buf.entry(i)->data();
-    B::row_sum(
-        first_row[static_cast<std::size_t>(i) + 1] - r0, kCountChunk,
-        [=] EP_HOST_DEVICE(index_t r, index_t k) {
-          const index_t j = r * kCountChunk + k;
-          return j < n && p[j] != U(0) ? 1.0 : 0.0;
-        },
-        partial.data() + r0);
+    const auto* t = buf.entry(i);
+    if (!t) continue;
+    const index_t end = buf.offset(i) + t->numel();
+    for (index_t at = buf.offset(i); at < end; at += kCountChunk) {
+      row_start.push_back(at);
+      row_end.push_back(std::min(at + kCountChunk, end));
+      row_entry.push_back(i);
+    }
   }
+  const auto rows = static_cast<index_t>(row_start.size());
+  if (rows == 0) return counts;
+  auto bounds = Tensor<index_t, B>::uninitialized({2 * rows});  // starts, then ends
+  B::upload(bounds.data(), row_start.data(), rows);
+  B::upload(bounds.data() + rows, row_end.data(), rows);
+  auto partial = Tensor<acc_t, B>::uninitialized({rows});  // row_sum writes every row
+  const U* p = buf.flat().data();
+  const index_t* starts = bounds.data();
+  const index_t* ends = bounds.data() + rows;
+  B::row_sum(
+      rows, kCountChunk,
+      [=] EP_HOST_DEVICE(index_t r, index_t k) {
+        const index_t j = starts[r] + k;
+        return j < ends[r] && p[j] != U(0) ? 1.0 : 0.0;
+      },
+      partial.data());
   const std::vector<acc_t> part = partial.to_host();
-  for (std::size_t i = 0; i < counts.size(); ++i)
-    for (index_t r = first_row[i]; r < first_row[i + 1]; ++r)
-      counts[i] += static_cast<index_t>(part[static_cast<std::size_t>(r)]);
+  for (std::size_t r = 0; r < part.size(); ++r)
+    counts[static_cast<std::size_t>(row_entry[r])] += static_cast<index_t>(part[r]);
   return counts;
 }
 }  // namespace detail
 
-// Sums a parameter buffer across ranks as one contiguous message: its present
-// entries are packed back to back in the backend's memory, reduced, unpacked.
-// On a device backend the packed buffer stays on the device, so a device-aware
-// communicator (NCCL) reduces it in place and any other stages it through the
-// host in one copy each way. Every rank must hold the same entries.
+// Sums a parameter buffer across ranks as one message: its flat storage,
+// reduced in place. On a device backend it stays on the device, so a
+// device-aware communicator (NCCL) reduces it where it lies and any other
+// stages it through the host in one copy each way. Every rank must hold the
+// same entries (the probe's sums start from zeros_like_params on every rank):
+// an absent slot holds zeros on every rank, so it sums to zero and stays
+// absent.
 template <class B>
 void allreduce_param_buffer(Communicator& comm, ParamBuffer<double, B>& buf) {
-  index_t n = 0;
-  for (index_t i = 0; i < buf.size(); ++i)
-    if (const auto* t = buf.entry(i)) n += t->numel();
-  if (n == 0) return;
-  Tensor<double, B> flat(Shape{n});
-  double* f = flat.data();
-  index_t at = 0;
-  for (index_t i = 0; i < buf.size(); ++i)
-    if (const auto* t = buf.entry(i)) {
-      B::copy(f + at, t->data(), t->numel());
-      at += t->numel();
-    }
+  const std::span<double> flat = buf.flat();
+  if (buf.present_count() == 0 || flat.empty()) return;
   if constexpr (B::host_memory) {
-    comm.allreduce_sum(std::span<double>(f, static_cast<std::size_t>(n)));
+    comm.allreduce_sum(flat);
   } else {
     comm.allreduce_sum_device(DeviceDoubles{
-        f, static_cast<std::size_t>(n), B::name,
+        flat.data(), flat.size(), B::name,
         [](double* host, const double* dev, std::size_t k) { B::download(host, dev, static_cast<index_t>(k)); },
         [](double* dev, const double* host, std::size_t k) { B::upload(dev, host, static_cast<index_t>(k)); }});
   }
-  at = 0;
-  for (index_t i = 0; i < buf.size(); ++i)
-    if (auto* t = buf.entry(i)) {
-      B::copy(t->data(), f + at, t->numel());
-      at += t->numel();
-    }
 }
 
 enum class Weighting { dr_grpo, per_token_avg };
@@ -365,7 +361,7 @@ class ProbeComponents {
           std::vector<double> h;
           Var S = record_sequence_logprobs(tape, *model_, mb, settings_.temperature, entropy ? &h : nullptr);
           const std::vector<double> s = to_double(tape.value(S));
-          const Tensor<T, B>* sdot = tape.tangent(S);
+          const auto* sdot = tape.tangent(S);
           if (!sdot)
             fail<Error>(
                 "[JVP] {}: the tangent reached no sequence log-probability (no parameter of the forward pass "
@@ -451,7 +447,8 @@ class ProbeComponents {
     return d;
   }
 
-  static std::vector<double> to_double(const Tensor<T, B>& t) {
+  static std::vector<double> to_double(const Tensor<T, B>& t) { return to_double(t.view()); }
+  static std::vector<double> to_double(const TensorView<const T, B>& t) {
     std::vector<double> out;
     for (T v : t.to_host()) out.push_back(static_cast<double>(v));
     return out;

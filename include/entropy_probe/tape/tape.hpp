@@ -118,12 +118,17 @@ class Tape {
  public:
   using TensorT = Tensor<T, B>;
   using GradSink = std::function<void(TensorT&&)>;
-  // Looks a leaf's tangent up by key; nullptr means a zero tangent.
-  using TangentSource = std::function<const TensorT*(LeafKey)>;
+  // A tangent as the tape hands it out: a view of a tensor the tape owns (an
+  // op's output tangent) or of one it borrows (a parameter's tangent, read
+  // in place from a parameter buffer's storage).
+  using TangentView = TensorView<const T, B>;
+  // Looks a leaf's tangent up by key; nullopt means a zero tangent.
+  using TangentSource = std::function<std::optional<TangentView>(LeafKey)>;
 
   Tape() = default;
   // Forward-tangent mode: keyed leaves borrow their tangent from `source` as
-  // they are created (it must outlive the tape; nullptr = zero tangent).
+  // they are created (what its views point into must outlive the tape;
+  // nullopt = zero tangent).
   Tape(ForwardTangents, TangentSource source) : eager_(true), source_(std::move(source)) {}
   Tape(const Tape&) = delete;
   Tape& operator=(const Tape&) = delete;
@@ -150,7 +155,7 @@ class Tape {
     Slot s = make_slot({}, &value, true);
     s.key = key;
     s.sink = std::move(sink);
-    if (eager_) s.tangent_ref = leaf_tangent(key, value, "Tape (forward tangents)");
+    if (eager_) s.tangent_view = leaf_tangent(key, value, "Tape (forward tangents)");
     return add_slot(std::move(s));
   }
 
@@ -173,7 +178,7 @@ class Tape {
       Slot& in = slot_mut(v);  // also refuses a released input
       in.consumed = true;
       // forward tangents: only an input carrying a tangent makes derivative work
-      needs = needs || (eager_ ? in.tangent_ref || in.tangent : in.requires_grad);
+      needs = needs || (eager_ ? in.tangent_view.has_value() : in.requires_grad);
     }
     Var result = add_slot(make_slot(std::move(out), nullptr, needs));
     if (eager_) {
@@ -207,7 +212,7 @@ class Tape {
       s.ref = nullptr;
       s.tangent.reset();
       s.input_tangent.reset();
-      s.tangent_ref = nullptr;
+      s.tangent_view.reset();
       s.released = true;
     }
   }
@@ -232,12 +237,17 @@ class Tape {
   OutRef<T, B> grad_into(Var v) { return into(slot_mut(v).grad, v); }
 
   const T* tangent_data(Var v) const {
-    const TensorT* t = tangent(v);
+    const TangentView* t = tangent(v);
     return t ? t->data() : nullptr;
   }
   // Output tangent buffer of a jvp rule (see OutRef): fresh, since each node's
   // rule runs once per jvp() (in forward-tangent mode, once, as it is recorded).
-  OutRef<T, B> tangent_into(Var v) { return into(slot_mut(v).tangent, v); }
+  OutRef<T, B> tangent_into(Var v) {
+    Slot& s = slot_mut(v);
+    const OutRef<T, B> out = into(s.tangent, v);
+    s.tangent_view = std::as_const(*s.tangent).view();
+    return out;
+  }
 
   // Keys of the keyed (parameter) leaves recorded so far, in order of use.
   std::vector<LeafKey> leaf_keys() const {
@@ -311,7 +321,7 @@ class Tape {
             v.id);
     }
     s.input_tangent = std::move(tangent);
-    if (eager_) s.tangent_ref = &*s.input_tangent;
+    if (eager_) s.tangent_view = std::as_const(*s.input_tangent).view();
   }
 
   // Pushes tangents forward through every node. Keyed leaves take theirs from
@@ -326,12 +336,14 @@ class Tape {
     for (Slot& s : slots_) {
       if (s.node != kLeaf || !s.requires_grad) continue;
       if (s.key != kNoLeafKey) {
-        const TensorT* t =
-            source ? checked_tangent(source(s.key), s.key, s.ref ? *s.ref : s.owned, "Tape::jvp") : nullptr;
-        if (t) s.tangent = *t;
+        const std::optional<TangentView> t =
+            source ? checked_tangent(source(s.key), s.key, s.ref ? *s.ref : s.owned, "Tape::jvp") : std::nullopt;
+        // A copy: the tangents stay readable after the source has gone.
+        if (t) s.tangent = t->template cast<T>();
       } else if (s.input_tangent) {
         s.tangent = *s.input_tangent;
       }
+      if (s.tangent) s.tangent_view = std::as_const(*s.tangent).view();
     }
     for (Node& node : nodes_) {
       bool any = false;
@@ -340,15 +352,20 @@ class Tape {
     }
   }
 
-  const TensorT* tangent(Var v) const {
+  // The tangent of v; nullptr when it is exactly zero. Valid while v's slot
+  // holds it (and, for a borrowed one, while its source's storage lives).
+  const TangentView* tangent(Var v) const {
     const Slot& s = slot(v);
-    if (s.tangent_ref) return s.tangent_ref;
-    return s.tangent ? &*s.tangent : nullptr;
+    return s.tangent_view ? &*s.tangent_view : nullptr;
   }
 
   // Frees all tangents (they double the activation memory while held).
   void clear_tangents() {
-    for (Slot& s : slots_) s.tangent.reset();  // a forward-tangent leaf's borrowed tangent_ref costs nothing
+    for (Slot& s : slots_)
+      if (s.tangent) {  // a forward-tangent leaf's borrowed view costs nothing and stays
+        s.tangent.reset();
+        s.tangent_view.reset();
+      }
   }
 
  private:
@@ -360,8 +377,8 @@ class Tape {
     GradSink sink;
     index_t node = kLeaf;  // producing node, kLeaf for leaves, kEagerNode when not kept
     std::optional<TensorT> grad;
-    std::optional<TensorT> tangent;        // an op's output tangent, owned
-    const TensorT* tangent_ref = nullptr;  // forward-tangent mode: a leaf's tangent, borrowed
+    std::optional<TensorT> tangent;           // an op's output tangent, owned
+    std::optional<TangentView> tangent_view;  // what tangent() returns: of `tangent`, or a leaf's, borrowed
     std::optional<TensorT> input_tangent;
     bool consumed = false;  // an op used it (forward-tangent mode: too late for set_tangent)
     bool released = false;  // release_since freed it
@@ -398,15 +415,16 @@ class Tape {
           v.id);
     return s;
   }
-  // A keyed leaf's tangent from `t` (nullptr = zero), its shape checked.
-  static const TensorT* checked_tangent(const TensorT* t, LeafKey key, const TensorT& value, const char* who) {
+  // A keyed leaf's tangent from `t` (nullopt = zero), its shape checked.
+  static std::optional<TangentView> checked_tangent(std::optional<TangentView> t, LeafKey key, const TensorT& value,
+                                                    const char* who) {
     if (t && t->shape() != value.shape())
       fail<UsageError>("{}: tangent for leaf key {} has shape {}, value has {}", who, key, shape_str(t->shape()),
                        shape_str(value.shape()));
     return t;
   }
-  const TensorT* leaf_tangent(LeafKey key, const TensorT& value, const char* who) const {
-    return source_ ? checked_tangent(source_(key), key, value, who) : nullptr;
+  std::optional<TangentView> leaf_tangent(LeafKey key, const TensorT& value, const char* who) const {
+    return source_ ? checked_tangent(source_(key), key, value, who) : std::nullopt;
   }
   Slot& slot_mut(Var v) { return const_cast<Slot&>(std::as_const(*this).slot(v)); }
   // The buffer behind grad_into / tangent_into: allocated unfilled (fresh)

@@ -13,6 +13,7 @@
 #include <initializer_list>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -30,6 +31,61 @@ inline index_t numel_of(const Shape& s) {
 }
 
 inline std::string shape_str(const Shape& s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
+
+template <class T, class B>
+class Tensor;
+
+// A non-owning view of a tensor's elements: a data pointer, a borrowed shape
+// and no storage, so many views can share one allocation (a parameter
+// buffer's slots). T const-qualified gives a read-only view; a view of T
+// converts to one of const T. Both the elements and the shape must outlive
+// the view; copying a view copies the pointers, never the elements.
+template <class T, class B = CpuBackend>
+class TensorView {
+ public:
+  using value_type = std::remove_const_t<T>;
+  using backend_type = B;
+
+  TensorView() = default;
+  TensorView(T* data, const Shape& shape) : data_(data), shape_(&shape), numel_(numel_of(shape)) {}
+  template <class U>
+  requires(std::is_same_v<const U, T> && !std::is_same_v<U, T>) TensorView(const TensorView<U, B>& v)
+      : data_(v.data()), shape_(&v.shape()), numel_(v.numel()) {}
+
+  T* data() const { return data_; }
+  const Shape& shape() const { return shape_ ? *shape_ : empty_shape(); }
+  int rank() const { return static_cast<int>(shape().size()); }
+  index_t dim(int i) const { return shape().at(static_cast<std::size_t>(i < 0 ? rank() + i : i)); }
+  index_t numel() const { return numel_; }
+
+  // Host element access, only where the backend's memory is host memory.
+  T& operator[](index_t i) const requires B::host_memory { return data_[i]; }
+
+  std::vector<value_type> to_host() const {
+    std::vector<value_type> out(static_cast<std::size_t>(numel_));
+    B::download(out.data(), data_, numel_);
+    return out;
+  }
+
+  // The elements converted to element type U, in a new tensor.
+  template <class U>
+  Tensor<U, B> cast() const {
+    auto out = Tensor<U, B>::uninitialized(shape());  // every element converted below
+    const T* src = data_;
+    U* dst = out.data();
+    B::parallel_for(numel_, [=] EP_HOST_DEVICE(index_t i) { dst[i] = static_cast<U>(src[i]); });
+    return out;
+  }
+
+ private:
+  static const Shape& empty_shape() {
+    static const Shape none;
+    return none;
+  }
+  T* data_ = nullptr;
+  const Shape* shape_ = nullptr;
+  index_t numel_ = 0;
+};
 
 template <class T, class B = CpuBackend>
 class Tensor {
@@ -65,11 +121,12 @@ class Tensor {
     return t;
   }
 
-  std::vector<T> to_host() const {
-    std::vector<T> out(static_cast<std::size_t>(numel()));
-    B::download(out.data(), data(), numel());
-    return out;
-  }
+  std::vector<T> to_host() const { return view().to_host(); }
+
+  // A view of the elements and the shape, valid while this tensor lives and
+  // keeps its shape.
+  TensorView<T, B> view() { return {data(), shape_}; }
+  TensorView<const T, B> view() const { return {data(), shape_}; }
 
   const Shape& shape() const { return shape_; }
   int rank() const { return static_cast<int>(shape_.size()); }
@@ -105,11 +162,7 @@ class Tensor {
   // Element type conversion on the same backend.
   template <class U>
   Tensor<U, B> cast() const {
-    auto out = Tensor<U, B>::uninitialized(shape_);  // every element converted below
-    const T* src = data();
-    U* dst = out.data();
-    B::parallel_for(numel(), [=] EP_HOST_DEVICE(index_t i) { dst[i] = static_cast<U>(src[i]); });
-    return out;
+    return view().template cast<U>();
   }
 
  private:
