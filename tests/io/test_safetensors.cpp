@@ -98,7 +98,7 @@ void check_round_trip(const File& f, const std::map<std::string, Case>& cases) {
   for (const auto& [name, c] : cases) {
     INFO("tensor " << name);
     REQUIRE(f.contains(name));
-    const TensorView& v = f.at(name);
+    const safetensors::TensorView& v = f.at(name);
     CHECK(v.name == name);
     CHECK(v.dtype == c.dtype);
     CHECK(v.shape == c.shape);
