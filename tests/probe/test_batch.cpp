@@ -133,12 +133,13 @@ TEST_CASE("batch: validate checks token ids against the vocabulary, real and pad
   }
   SECTION("real prompt token out of range") {
     b.sequences[at(b, 1, 1, 1)] = 1000;
-    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"), Contains("sequences[1,1,1] = 1000") && Contains("vocabulary"));
+    CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"),
+                      Contains("sequences[1,1,1] = 1000") && Contains("vocabulary"));
   }
   SECTION("padding token == vocabulary size") {
     b.sequences[at(b, 1, 1, 4)] = kBatchVocab;
     CHECK_INPUT_ERROR(b.validate(kBatchVocab, "E batch"), Contains("E batch") && Contains("sequences[1,1,4] = 11") &&
-                                                         Contains("padding") && Contains("vocabulary"));
+                                                              Contains("padding") && Contains("vocabulary"));
   }
   SECTION("padding token negative (left padding inside a prompt)") {
     b.sequences[at(b, 1, 0, 0)] = -3;

@@ -22,7 +22,6 @@ namespace {
 
 using Model = nn::Gpt2LMHeadModel<double>;
 
-
 // Solves the normal equations (X^T X) (c, beta) = X^T s with X = [1, Z] over
 // `rows` by Gaussian elimination with partial pivoting, and returns beta
 // without the intercept c: the independent reference of the centred fit

@@ -19,7 +19,6 @@ using namespace ep_test;
 
 namespace {
 
-
 // max_k |a_k - b_k| / max_k |b_k| over the entries present in b.
 double max_rel_diff(const ParamBuffer<double>& a, const ParamBuffer<double>& b) {
   double diff = 0, scale = 0;

@@ -83,7 +83,6 @@ ParamBuffer<double> exact_entropy_gradient(Model& m, const Registry<double>& reg
   return g;
 }
 
-
 }  // namespace
 
 TEST_CASE("exactness: E[X_b] with G = 2 over all response pairs equals grad H / 3", "[probe][exact]") {

@@ -21,8 +21,6 @@ using namespace ep_test;
 
 namespace {
 
-
-
 template <class Model>
 ProbeComponents<Model> brute_components(Model& model, const Registry<double>& reg, Communicator& comm) {
   return ProbeComponents<Model>(model, reg, ProbeSettings{Weighting::dr_grpo, 0, 1.0, {}}, comm);
@@ -125,8 +123,8 @@ void check_influence_matrix(Model& model, const std::string& family, const std::
         const double mom = eta * dot_param_buffers(x, adamw.momentum), dec = eta * dot_param_buffers(x, adamw.decay);
         CHECK(rel_diff(m.momentum[std::size_t(i)], mom) < 1e-12);
         CHECK(rel_diff(m.decay[std::size_t(i)], dec) < 1e-12);
-        worst_momentum =
-            std::max({worst_momentum, rel_diff(m.momentum[std::size_t(i)], mom), rel_diff(m.decay[std::size_t(i)], dec)});
+        worst_momentum = std::max(
+            {worst_momentum, rel_diff(m.momentum[std::size_t(i)], mom), rel_diff(m.decay[std::size_t(i)], dec)});
       }
     }
 
@@ -282,7 +280,8 @@ TEST_CASE("influence truth: each is a ground truth along the sequence's share, f
         // in the lr sweep test).
         CHECK(close(got.deltaH_true_tok, ref.deltaH_true_tok, ref.H_orig_tok));
         CHECK(close(got.SE_deltaH_true, ref.SE_deltaH_true, ref.SE_deltaH_true));
-        worst = std::max({worst, rel_diff(got.deltaH_true, ref.deltaH_true), rel_diff(got.SE_deltaH_true, ref.SE_deltaH_true)});
+        worst = std::max(
+            {worst, rel_diff(got.deltaH_true, ref.deltaH_true), rel_diff(got.SE_deltaH_true, ref.SE_deltaH_true)});
       }
       CHECK(close(s.truth->ESS, t.ESS, t.ESS));
       // The step is v_{u,g} alone: its first order is the influence (per

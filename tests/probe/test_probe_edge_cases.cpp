@@ -29,7 +29,6 @@ namespace {
 
 using Model = nn::Gpt2LMHeadModel<double>;
 
-
 bool same_bits(const std::vector<double>& a, const std::vector<double>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(double)) == 0);
 }

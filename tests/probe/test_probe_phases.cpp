@@ -10,8 +10,7 @@
 using namespace entropy_probe;
 using namespace ep_test;
 
-namespace {
-}  // namespace
+namespace {}  // namespace
 
 TEST_CASE("probe: sums do not depend on the microbatch size", "[probe][microbatch]") {
   auto model = tiny_gpt2<double>(3);

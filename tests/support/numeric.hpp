@@ -8,9 +8,7 @@
 namespace ep_test {
 
 // |a - b| relative to the larger magnitude: for two computations of one value.
-inline double rel_diff(double a, double b) {
-  return std::abs(a - b) / std::max({std::abs(a), std::abs(b), 1e-300});
-}
+inline double rel_diff(double a, double b) { return std::abs(a - b) / std::max({std::abs(a), std::abs(b), 1e-300}); }
 // |a - ref| relative to |ref|: for a value against its reference.
 inline double rel_to(double a, double ref) { return std::abs(a - ref) / std::max(std::abs(ref), 1e-300); }
 
