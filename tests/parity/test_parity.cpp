@@ -20,6 +20,8 @@
 //
 // Every test case prints its measured errors (run with -s, or see the
 // "parity:" lines of the ctest log).
+#include "../support/numeric.hpp"
+
 #include <catch2/catch.hpp>
 
 #include <entropy_probe/entropy_probe.hpp>
@@ -40,6 +42,8 @@
 #include <utility>
 #include <variant>
 #include <vector>
+
+using ep_test::rel_to;
 
 namespace {
 
@@ -92,11 +96,6 @@ class Errors {
   std::string label_;
   std::map<std::string, double> worst_;
 };
-
-double rel(double got, double want) {
-  const double d = std::abs(got - want);
-  return d == 0 ? 0 : d / std::max(std::abs(want), 1e-300);
-}
 
 // max |a - b| / max |b| over paired entries; a comparison over no entries
 // is a failure, not a zero error.
@@ -237,19 +236,19 @@ void check_checkpoint(const std::string& name, M& model, Errors& err) {
           err.check(k + "bars_dot" + suffix, std::abs(r.bars_dot - bd) / s_bd, tol);
           err.check(k + "deltaH1" + suffix, std::abs(r.deltaH1 - dh) / s_dh, tol);
           if (is_float) {
-            err.record(k + "bars_dot (plain)", rel(r.bars_dot, bd));
-            err.record(k + "deltaH1 (plain)", rel(r.deltaH1, dh));
+            err.record(k + "bars_dot (plain)", rel_to(r.bars_dot, bd));
+            err.record(k + "deltaH1 (plain)", rel_to(r.deltaH1, dh));
           }
         }
-        err.check(k + "mu_X_norm", rel(r.mu_X_norm, variant["mu_X_norm"]), tol);
-        err.check(k + "mu_Y_norm", rel(r.mu_Y_norm, variant["mu_Y_norm"]), tol);
+        err.check(k + "mu_X_norm", rel_to(r.mu_X_norm, variant["mu_X_norm"]), tol);
+        err.check(k + "mu_Y_norm", rel_to(r.mu_Y_norm, variant["mu_Y_norm"]), tol);
         REQUIRE(r.conditional);
         err.check(k + "s_values", rel_vec(r.conditional->s_values, as_vec(variant["s_values"])), tol);
-        err.check(k + "SE_conditional", rel(r.conditional->se_conditional, variant["SE_conditional"]), tol);
+        err.check(k + "SE_conditional", rel_to(r.conditional->se_conditional, variant["SE_conditional"]), tol);
         REQUIRE(r.full);
-        err.check(k + "V_X", rel(r.full->V_X, variant["V_X"]), tol);
-        err.check(k + "V_Y", rel(r.full->V_Y, variant["V_Y"]), tol);
-        err.check(k + "SE_deltaH1", rel(r.full->se_deltaH1, variant["SE_deltaH1"]), tol);
+        err.check(k + "V_X", rel_to(r.full->V_X, variant["V_X"]), tol);
+        err.check(k + "V_Y", rel_to(r.full->V_Y, variant["V_Y"]), tol);
+        err.check(k + "SE_deltaH1", rel_to(r.full->se_deltaH1, variant["SE_deltaH1"]), tol);
 
         REQUIRE(r.truth);
         const json& gt = variant["ground_truth"][ep::to_string(kind)];
@@ -260,7 +259,7 @@ void check_checkpoint(const std::string& name, M& model, Errors& err) {
                              : f == std::string("H_orig_tok") ? r.truth->H_orig_tok
                              : f == std::string("H_upd_tok")  ? r.truth->H_upd_tok
                                                               : r.truth->ESS;
-          err.check(kk + f, rel(got, gt[f]), tol);
+          err.check(kk + f, rel_to(got, gt[f]), tol);
         }
         // Differences of two entropies: in float relative to the entropies themselves.
         const bool is_float = std::is_same_v<T, float>;
@@ -273,8 +272,8 @@ void check_checkpoint(const std::string& name, M& model, Errors& err) {
         err.check(kk + "deltaH_true_tok" + (is_float ? " (/H_tok)" : ""),
                   std::abs(r.truth->deltaH_true_tok - gt["deltaH_true_tok"].get<double>()) / scale_tok, tol);
         if (is_float) {  // the plain relative errors, measured and printed, not checked
-          err.record(kk + "deltaH_true (plain)", rel(r.truth->deltaH_true, gt["deltaH_true"]));
-          err.record(kk + "deltaH_true_tok (plain)", rel(r.truth->deltaH_true_tok, gt["deltaH_true_tok"]));
+          err.record(kk + "deltaH_true (plain)", rel_to(r.truth->deltaH_true, gt["deltaH_true"]));
+          err.record(kk + "deltaH_true_tok (plain)", rel_to(r.truth->deltaH_true_tok, gt["deltaH_true_tok"]));
         }
 
         // ---- the adamw direction and the per-sequence influences along it. Checked in
@@ -298,10 +297,10 @@ void check_checkpoint(const std::string& name, M& model, Errors& err) {
           REQUIRE(r.influence_direction == ep::Direction::adamw);
           REQUIRE(r.influence.size() == ga["influence"].size());
           const std::pair<std::string, double> adamw_errors[] = {
-              {"adamw deltaH1", rel(d.deltaH1, ga["deltaH1"])},
-              {"adamw bars_dot", rel(d.bars_dot, ga["bars_dot"])},
-              {"adamw momentum_share", rel(*d.momentum_share, ga["momentum_share"])},
-              {"adamw decay_share", rel(*d.decay_share, ga["decay_share"])},
+              {"adamw deltaH1", rel_to(d.deltaH1, ga["deltaH1"])},
+              {"adamw bars_dot", rel_to(d.bars_dot, ga["bars_dot"])},
+              {"adamw momentum_share", rel_to(*d.momentum_share, ga["momentum_share"])},
+              {"adamw decay_share", rel_to(*d.decay_share, ga["decay_share"])},
               {"adamw influence", rel_vec(infl, as_vec(ga["influence"]))}};
           for (const auto& [what, e] : adamw_errors) {
             if constexpr (std::is_same_v<T, double>)

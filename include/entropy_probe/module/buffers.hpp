@@ -395,11 +395,7 @@ ParamBuffer<V, B> cast_param_buffer(const ParamBuffer<U, B>& buf) {
   buf.require_bound("cast_param_buffer");
   ParamBuffer<V, B> out(buf.info());
   for (index_t i = 0; i < buf.size(); ++i)
-    if (const auto* t = buf.entry(i)) {
-      const U* src = t->data();
-      V* dst = out.set_zero(buf.id(i)).data();
-      B::parallel_for(t->numel(), [=] EP_HOST_DEVICE(index_t k) { dst[k] = static_cast<V>(src[k]); });
-    }
+    if (const auto* t = buf.entry(i)) convert_elements<B>(t->numel(), t->data(), out.set_zero(buf.id(i)).data());
   return out;
 }
 
@@ -407,11 +403,8 @@ ParamBuffer<V, B> cast_param_buffer(const ParamBuffer<U, B>& buf) {
 template <class U, class T, class B>
 ParamBuffer<U, B> params_to_buffer(const Registry<T, B>& registry) {
   ParamBuffer<U, B> buf(registry.info());
-  for (const auto& e : registry.entries()) {
-    const T* src = e.param->value.data();
-    U* dst = buf.set_zero(e.id).data();
-    B::parallel_for(e.param->value.numel(), [=] EP_HOST_DEVICE(index_t k) { dst[k] = static_cast<U>(src[k]); });
-  }
+  for (const auto& e : registry.entries())
+    convert_elements<B>(e.param->value.numel(), e.param->value.data(), buf.set_zero(e.id).data());
   return buf;
 }
 

@@ -35,6 +35,13 @@ inline std::string shape_str(const Shape& s) { return fmt::format("[{}]", fmt::j
 template <class T, class B>
 class Tensor;
 
+// dst[i] = U(src[i]) for i in [0, n), on the backend: the one element-type
+// conversion (tensors, views, parameter buffers).
+template <class B, class T, class U>
+void convert_elements(index_t n, const T* src, U* dst) {
+  B::parallel_for(n, [=] EP_HOST_DEVICE(index_t i) { dst[i] = static_cast<U>(src[i]); });
+}
+
 // A non-owning view of a tensor's elements: a data pointer, a borrowed shape
 // and no storage, so many views can share one allocation (a parameter
 // buffer's slots). T const-qualified gives a read-only view; a view of T
@@ -71,9 +78,7 @@ class TensorView {
   template <class U>
   Tensor<U, B> cast() const {
     auto out = Tensor<U, B>::uninitialized(shape());  // every element converted below
-    const T* src = data_;
-    U* dst = out.data();
-    B::parallel_for(numel_, [=] EP_HOST_DEVICE(index_t i) { dst[i] = static_cast<U>(src[i]); });
+    convert_elements<B>(numel_, data_, out.data());
     return out;
   }
 
