@@ -102,8 +102,9 @@ double cached_vs_full(M& model, const std::vector<std::vector<std::int32_t>>& pr
         in.key_mask.push_back(b.attention_mask[static_cast<std::size_t>(r * b.T + t)]);
         in.positions.push_back(static_cast<std::int32_t>(t));
       }
-    Tape<double> tape;
-    const std::vector<double> full = tape.value(model.forward(tape, in)).to_host();
+    Tape<typename M::scalar_type, typename M::backend_type> tape;
+    const auto logits = tape.value(model.forward(tape, in)).to_host();
+    const std::vector<double> full(logits.begin(), logits.end());
     for (index_t r = 0; r < in.rows; ++r) {
       const index_t pos = b.prompt_lens[static_cast<std::size_t>(r / b.G)] + step;
       if (!b.attention_mask[static_cast<std::size_t>(r * b.T + pos - 1)]) continue;  // stopped
@@ -168,6 +169,43 @@ TEST_CASE("cached sampling: each step's log-probs equal a full forward's (decode
     cfg.seed = 6;
     CHECK(sample_responses(model, kPrompts, cfg).sequences != b.sequences);
   }
+}
+
+TEST_CASE("cached sampling in float: decode steps through the skinny product; the batch does not depend on threads",
+          "[sampling][cache][float]") {
+  // Wide enough that lm_head and the MLP's products of a decode step (6 rows)
+  // take CpuBackend::gemm's skinny product (over 65536 weights).
+  nn::DecoderConfig c = nn::kQwen2Family.defaults();
+  c.vocab_size = 1100;
+  c.hidden_size = 64;
+  c.intermediate_size = 1024;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.max_position_embeddings = 64;
+  nn::LoraConfig lora;
+  lora.r = 4;
+  lora.lora_alpha = 8;
+  lora.target_modules = {"q_proj", "v_proj", "gate_proj", "down_proj"};
+  lora.init_lora_b_zero = false;
+  nn::DecoderForCausalLM<float> model(c, lora, 21);
+  for (index_t k = 0; k < model.embed_tokens().value.numel(); ++k) model.embed_tokens().value[k] *= 20.0f;
+  INFO("skinny product body: " << int(simd::skinny_gemm_isa()) << " (0: none, the BLAS)");
+  index_t compared = 0;
+  TokenBatch b;
+  const double worst = cached_vs_full(model, kPrompts, step_config(), compared, &b);
+  CAPTURE(worst);
+  CHECK(compared == 3 * 2 * 7);
+  // Float log-probs of a width-64 model: the two paths sum in other orders
+  // (the full forward's products go to the BLAS), a few float ulps of the logits.
+  CHECK(worst < 1e-5);
+  // Rows are drawn in parallel and the products split across threads: one thread, the same batch.
+  const int saved = CpuBackend::num_threads();
+  CpuBackend::set_num_threads(1);
+  const TokenBatch one = sample_responses(model, kPrompts, step_config());
+  CpuBackend::set_num_threads(saved);
+  CHECK(one.sequences == b.sequences);
+  CHECK(one.attention_mask == b.attention_mask);
 }
 
 TEST_CASE("cached sampling: stopped rows end with the stop token, then padding", "[sampling][cache][end_token]") {

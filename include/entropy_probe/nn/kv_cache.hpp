@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 namespace entropy_probe::nn {
@@ -139,7 +140,7 @@ class KvCache {
     T* op = out.data();
     // One (query, head) per index: the score max, then the softmax-weighted
     // sum of values and its normaliser, recomputing the scores (no scratch).
-    B::parallel_for(nq * hq, [=] EP_HOST_DEVICE(index_t ih) {
+    auto one = [=] EP_HOST_DEVICE(index_t ih) {
       const index_t i = ih / hq, h = ih % hq, r = i / n, len = start[r] + i % n + 1;
       const T* qh = qp + i * qw + h * dh;
       const T* kb = kc + r * cap * w + (h / group) * dh;
@@ -159,7 +160,13 @@ class KvCache {
         for (index_t c = 0; c < dh; ++c) o[c] += static_cast<T>(p * static_cast<acc_t>(vb[t * w + c]));
       }
       for (index_t c = 0; c < dh; ++c) o[c] = static_cast<T>(static_cast<acc_t>(o[c]) / sum);
-    });
+    };
+    // On the CPU an index is a large task (a decode step has rows * heads of
+    // them, fewer than parallel_for's grain, which left one core idle).
+    if constexpr (std::is_same_v<B, CpuBackend>)
+      CpuBackend::parallel_tasks(nq * hq, [&](index_t, index_t ih) { one(ih); });
+    else
+      B::parallel_for(nq * hq, one);
     return out;
   }
 

@@ -100,8 +100,6 @@ TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t
   std::mt19937_64 rng(config.seed);
   std::uniform_real_distribution<double> unif(0.0, 1.0);
   std::vector<bool> done(static_cast<std::size_t>(batch.rows()), false);
-  std::vector<double> probs(static_cast<std::size_t>(V));
-  std::vector<index_t> order(static_cast<std::size_t>(V));
   const bool filter = config.top_k > 0 || config.top_p < 1;
   const index_t rows = batch.rows();
   // The logits [rows, V] of the token at prompt length + step of every row.
@@ -127,8 +125,9 @@ TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t
         in.start.push_back(static_cast<std::int32_t>(first));
         in.read.push_back(static_cast<std::int32_t>(step == 0 ? p - 1 : 0));
       }
-      if (step > 0) {
-        logits = tape.value(model.forward_cached(tape, *cache, in)).to_host();
+      if (step > 0) {  // into the step's buffer (a fresh vector per step cost page faults)
+        const Tensor<T, B>& z = tape.value(model.forward_cached(tape, *cache, in));
+        B::download(logits.data(), z.data(), z.numel());
       } else {
         nn::KvCache<T, B> prompts_cache = model.make_cache(in.rows, batch.T);
         const std::vector<T> z = tape.value(model.forward_cached(tape, prompts_cache, in)).to_host();
@@ -158,55 +157,72 @@ TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t
       observe(step, batch, std::span<const double>(z));
     }
   };
+  // One row's draw from its logits z with the uniform u: the first token
+  // where the running mass reaches u (probs and order are the row's scratch).
+  auto draw = [&](const T* z, double u, std::vector<double>& probs, std::vector<index_t>& order) {
+    double mx = -INFINITY, total = 0;
+    for (index_t v = 0; v < V; ++v) mx = std::max(mx, double(z[v]) / config.temperature);
+    for (index_t v = 0; v < V; ++v)
+      total += probs[static_cast<std::size_t>(v)] = std::exp(double(z[v]) / config.temperature - mx);
+    if (filter) {  // zero all but the kept tokens; ties at a cut go to the lower id (stable sort)
+      std::iota(order.begin(), order.end(), index_t{0});
+      std::stable_sort(order.begin(), order.end(), [&](index_t x, index_t y) {
+        return probs[static_cast<std::size_t>(x)] > probs[static_cast<std::size_t>(y)];
+      });
+      index_t keep = config.top_k > 0 ? std::min(config.top_k, V) : V;
+      double kept = 0;
+      for (index_t i = 0; i < keep; ++i) kept += probs[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])];
+      // Top-p keeps a token when the tokens more likely than it hold less than top_p of the mass.
+      double before = 0;
+      for (index_t i = 0; i < keep; ++i) {
+        if (before >= config.top_p * kept) {
+          keep = i;
+          break;
+        }
+        before += probs[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])];
+      }
+      total = 0;
+      for (index_t i = 0; i < V; ++i) {
+        double& q = probs[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])];
+        if (i >= keep) q = 0;
+        total += q;
+      }
+    }
+    // A token of mass 0 (filtered out) is never picked, and the last one of positive mass absorbs rounding.
+    u *= total;
+    index_t pick = 0;
+    for (index_t v = 0; v < V; ++v) {
+      const double q = probs[static_cast<std::size_t>(v)];
+      if (q == 0) continue;
+      pick = v;
+      u -= q;
+      if (u <= 0) break;
+    }
+    return pick;
+  };
+  // Scratch per thread: the rows of a step are drawn in parallel, each from
+  // its own uniform, drawn beforehand in row order, so the batch does not
+  // depend on the thread count.
+  const auto slots = static_cast<std::size_t>(CpuBackend::num_threads());
+  std::vector<std::vector<double>> probs(slots, std::vector<double>(static_cast<std::size_t>(V)));
+  std::vector<std::vector<index_t>> order(slots, std::vector<index_t>(filter ? static_cast<std::size_t>(V) : 0));
+  std::vector<double> uniform(static_cast<std::size_t>(rows));
+  std::vector<index_t> picks(static_cast<std::size_t>(rows));
   for (index_t step = 0; step < config.max_new_tokens; ++step) {
     if (std::all_of(done.begin(), done.end(), [](bool d) { return d; })) break;
     step_logits(step);
-    for (index_t r = 0; r < batch.rows(); ++r) {
+    for (index_t r = 0; r < rows; ++r)
+      if (!done[static_cast<std::size_t>(r)]) uniform[static_cast<std::size_t>(r)] = unif(rng);
+    CpuBackend::parallel_tasks(rows, [&](index_t slot, index_t r) {
+      const auto i = static_cast<std::size_t>(r), k = static_cast<std::size_t>(slot);
+      if (!done[i]) picks[i] = draw(logits.data() + r * V, uniform[i], probs[k], order[k]);
+    });
+    for (index_t r = 0; r < rows; ++r) {
       if (done[static_cast<std::size_t>(r)]) continue;
-      const index_t b = r / batch.G;
-      const index_t pos = batch.prompt_lens[static_cast<std::size_t>(b)] + step;  // the token being sampled
-      const T* z = logits.data() + r * V;
-      double mx = -INFINITY, total = 0;
-      for (index_t v = 0; v < V; ++v) mx = std::max(mx, double(z[v]) / config.temperature);
-      for (index_t v = 0; v < V; ++v)
-        total += probs[static_cast<std::size_t>(v)] = std::exp(double(z[v]) / config.temperature - mx);
-      if (filter) {  // zero all but the kept tokens; ties at a cut go to the lower id (stable sort)
-        std::iota(order.begin(), order.end(), index_t{0});
-        std::stable_sort(order.begin(), order.end(), [&](index_t x, index_t y) {
-          return probs[static_cast<std::size_t>(x)] > probs[static_cast<std::size_t>(y)];
-        });
-        index_t keep = config.top_k > 0 ? std::min(config.top_k, V) : V;
-        double kept = 0;
-        for (index_t i = 0; i < keep; ++i) kept += probs[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])];
-        // Top-p keeps a token when the tokens more likely than it hold less than top_p of the mass.
-        double before = 0;
-        for (index_t i = 0; i < keep; ++i) {
-          if (before >= config.top_p * kept) {
-            keep = i;
-            break;
-          }
-          before += probs[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])];
-        }
-        total = 0;
-        for (index_t i = 0; i < V; ++i) {
-          double& q = probs[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])];
-          if (i >= keep) q = 0;
-          total += q;
-        }
-      }
-      // The first token where the running mass reaches u; a token of mass 0 (filtered out) is never picked,
-      // and the last one of positive mass absorbs rounding.
-      double u = unif(rng) * total;
-      index_t pick = 0;
-      for (index_t v = 0; v < V; ++v) {
-        const double q = probs[static_cast<std::size_t>(v)];
-        if (q == 0) continue;
-        pick = v;
-        u -= q;
-        if (u <= 0) break;
-      }
+      const index_t pos = batch.prompt_lens[static_cast<std::size_t>(r / batch.G)] + step;  // the token sampled
       const auto i = static_cast<std::size_t>(r * batch.T + pos);
-      batch.sequences[i] = static_cast<std::int32_t>(pick);
+      const auto pick = static_cast<std::int32_t>(picks[static_cast<std::size_t>(r)]);
+      batch.sequences[i] = pick;
       batch.attention_mask[i] = 1;
       if (std::find(config.stop_tokens.begin(), config.stop_tokens.end(), pick) != config.stop_tokens.end())
         done[static_cast<std::size_t>(r)] = true;

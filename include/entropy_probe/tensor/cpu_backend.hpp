@@ -17,6 +17,7 @@
 #include "entropy_probe/tensor/block_cache.hpp"
 #include "entropy_probe/tensor/owned_buffer.hpp"
 #include "entropy_probe/tensor/simd.hpp"
+#include "entropy_probe/tensor/skinny_gemm.hpp"
 
 #include <Eigen/Core>
 #include <unsupported/Eigen/CXX11/ThreadPool>
@@ -594,6 +595,19 @@ struct CpuBackend {
       scale_matrix(m, n, beta, c, ldc);
       return;
     }
+    if constexpr (std::is_same_v<T, float>) {
+      // A decode step's X W^T (few rows against a whole weight matrix):
+      // W read in place (tensor/skinny_gemm.hpp), its rows split across the threads.
+      const simd::SkinnyIsa isa = simd::skinny_gemm_isa();
+      if (isa != simd::SkinnyIsa::none && !trans_a && trans_b && m <= simd::kSkinnyMaxRows &&
+          n * k >= kSkinnyMinWeights) {
+        constexpr index_t rows = simd::kSkinnyTileRows;
+        threads().run((n + rows - 1) / rows, kSkinnyGrainTiles, [&](index_t lo, index_t hi) {
+          simd::skinny_gemm(isa, m, lo * rows, std::min(hi * rows, n), k, alpha, a, lda, b, ldb, beta, c, ldc);
+        });
+        return;
+      }
+    }
 #if defined(ENTROPY_PROBE_USE_CBLAS)
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
       detail::check_blas_sizes(std::is_same_v<T, float> ? "cblas_sgemm" : "cblas_dgemm", m, n, k, lda, ldb, ldc);
@@ -713,6 +727,11 @@ struct CpuBackend {
   // parallel_for does not know what one index costs (an element, or a whole
   // attention row): a smaller grain.
   static constexpr index_t kGrainIndices = 4096;
+  // The skinny product: weights below this many elements stay with the BLAS
+  // (cache-resident, where its packing costs little); a thread takes at
+  // least this many 4-row tiles of W (a few microseconds of work each part).
+  static constexpr index_t kSkinnyMinWeights = index_t{1} << 16;
+  static constexpr index_t kSkinnyGrainTiles = 16;
   static index_t row_grain(index_t cols) { return std::max<index_t>(1, kGrainItems / std::max<index_t>(cols, 1)); }
   static cpu_detail::HostThreads& threads() { return cpu_detail::HostThreads::instance(); }
   template <class T>
