@@ -3,6 +3,7 @@
 // nvcc (--extended-lambda, through entropy_probe::cuda) and only in a build
 // with CUDA, where examples/CMakeLists.txt defines ENTROPY_PROBE_CLI_CUDA so
 // run_command.hpp calls this instead of refusing the option.
+#include "cuda_device.hpp"
 #include "run_typed.hpp"
 #include "sample_typed.hpp"
 
@@ -16,30 +17,6 @@
 #include <string>
 
 namespace ep_run::detail {
-
-namespace {
-
-// Selects CUDA device local_rank modulo the device count; returns the count.
-// Throws DeviceUnavailable when CUDA finds no device.
-int use_cuda_device(int local_rank) {
-  int count = 0;
-  const cudaError_t e = cudaGetDeviceCount(&count);
-  if (e != cudaSuccess || count == 0)
-    throw DeviceUnavailable(fmt::format(
-        "--device cuda: no CUDA device found ({}); run on a machine with an NVIDIA GPU, or use --device cpu",
-        e != cudaSuccess ? std::string(cudaGetErrorString(e)) : std::string("cudaGetDeviceCount found 0 devices")));
-  // One device per process (docs/cuda.md): ranks sharing a node take turns over its GPUs.
-  const int device = local_rank % count;
-  if (const cudaError_t s = cudaSetDevice(device); s != cudaSuccess)
-    ep::fail<ep::Error>("cudaSetDevice({}) failed: {}", device, cudaGetErrorString(s));
-  cudaDeviceProp p{};
-  if (cudaGetDeviceProperties(&p, device) == cudaSuccess)
-    ep::log_info("[device] CUDA device {} of {}: {}, compute capability {}.{}, {:.1f} GiB", device, count, p.name,
-                 p.major, p.minor, static_cast<double>(p.totalGlobalMem) / (1024.0 * 1024.0 * 1024.0));
-  return count;
-}
-
-}  // namespace
 
 int run_on_cuda(const RunOptions& o, ep::Communicator& comm, int local_rank) {
   const int count = use_cuda_device(local_rank);

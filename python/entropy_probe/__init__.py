@@ -25,8 +25,8 @@ from . import _core
 from ._core import Error, InputError, UsageError
 
 __all__ = [
-    "Checkpoint", "grpo_advantages", "load_batch", "save_batch", "export_optimizer_state", "Error", "InputError",
-    "UsageError", "BATCH_KEYS"
+    "Checkpoint", "grpo_advantages", "load_batch", "save_batch", "export_optimizer_state", "has_cuda", "Error",
+    "InputError", "UsageError", "BATCH_KEYS"
 ]
 
 _logger = logging.getLogger("entropy_probe")
@@ -116,6 +116,12 @@ def grpo_advantages(rewards: Any, scale_by_std: bool = False, eps: float = 1e-6)
     return _core.grpo_advantages(np.ascontiguousarray(r, dtype=np.float64), scale_by_std, eps)
 
 
+def has_cuda() -> bool:
+    """Whether this build of the package runs Checkpoint(..., device="cuda") (built with
+    ENTROPY_PROBE_CUDA=ON; a GPU is still needed at run time)."""
+    return bool(_core._has_cuda)
+
+
 def _sync_log_level() -> None:
     """The library formats only what the logger "entropy_probe" would emit."""
     _core._set_log_level(_logger.getEffectiveLevel())
@@ -177,16 +183,13 @@ class Checkpoint:
     and optimizer.safetensors), loaded once in dtype "f32" or "f64"."""
 
     def __init__(self, path: Union[str, os.PathLike], dtype: str = "f32", device: str = "cpu"):
-        if device == "cuda":
-            raise UsageError("Checkpoint: device 'cuda': this build of the entropy_probe package has no CUDA "
-                             "support (the Python extension is built for the CPU; `entropy-probe run --device "
-                             "cuda` in a CUDA build of the C++ program runs on a GPU, see docs/cuda.md)")
-        if device != "cpu":
+        if device not in ("cpu", "cuda"):
             raise UsageError(f"Checkpoint: device must be 'cpu' or 'cuda', got {device!r}")
         if dtype not in ("f32", "f64"):
             raise UsageError(f"Checkpoint: dtype must be 'f32' or 'f64', got {dtype!r}")
         _sync_log_level()
-        self._core = _core._Checkpoint(os.fspath(path), dtype)
+        # device "cuda": a CUDA build of the package (has_cuda()) on a machine with a GPU, else an error
+        self._core = _core._Checkpoint(os.fspath(path), dtype, device)
         self.path, self.dtype, self.device = os.fspath(path), dtype, device
 
     @property

@@ -30,6 +30,7 @@
 #include <variant>
 #include <vector>
 
+#include "loaded.hpp"
 #include "run_command.hpp"
 
 namespace nb = nanobind;
@@ -37,17 +38,20 @@ namespace ep = entropy_probe;
 
 namespace {
 
+using ep_py::Batch;
+using ep_py::SampleOptions;
+
+#if defined(ENTROPY_PROBE_PYTHON_CUDA)
+constexpr bool kHasCuda = true;  // cuda.cu is linked in
+#else
+constexpr bool kHasCuda = false;
+#endif
+
 PyObject* g_error = nullptr;        // entropy_probe.Error(RuntimeError)
 PyObject* g_input_error = nullptr;  // entropy_probe.InputError(Error, ValueError)
 PyObject* g_usage_error = nullptr;  // entropy_probe.UsageError(Error, ValueError)
 
 // ---- batches -----------------------------------------------------------------------------------
-
-// A TokenBatch with the name its errors use (the file, or "E batch").
-struct Batch {
-  ep::TokenBatch batch;
-  std::string name;
-};
 
 using I64Array = nb::ndarray<const std::int64_t, nb::c_contig, nb::device::cpu>;
 using F64Array = nb::ndarray<const double, nb::c_contig, nb::device::cpu>;
@@ -160,99 +164,46 @@ nb::dict batch_arrays(const Batch& self) {
 
 // ---- checkpoints -------------------------------------------------------------------------------
 
-struct SampleOptions {
-  ep::index_t G = 1, max_new_tokens = 1;
-  double temperature = 1.0;
-  ep::index_t top_k = 0;
-  double top_p = 1.0;
-  std::vector<std::int32_t> stop_tokens;
-  std::uint64_t seed = 0;
-};
-
-// A loaded checkpoint in one scalar type (the CLI's --dtype).
-class Loaded {
- public:
-  virtual ~Loaded() = default;
-  // `args`: the arguments of `entropy-probe run` (CHECKPOINT_DIR --e-batch NAME --u-batch NAME [OPTIONS]).
-  virtual std::string run(const Batch& E, const Batch& U, const std::vector<std::string>& args) = 0;
-  virtual Batch sample(const std::vector<std::vector<std::int32_t>>& prompts, const SampleOptions& o) = 0;
-  virtual ep::index_t vocab_size() = 0;
-  virtual std::string model_type() const = 0;
-};
-
-template <class T>
-class LoadedT final : public Loaded {
- public:
-  LoadedT(const std::string& path, std::string dtype)
-      : path_(path), dtype_(std::move(dtype)), models_(ep::hf::load_model<T>(path)) {}
-
-  std::string run(const Batch& E, const Batch& U, const std::vector<std::string>& args) override {
-    const auto t0 = std::chrono::steady_clock::now();
-    ep_run::RunOptions o = ep_run::parse_run_args(args);
-    o.dtype = dtype_;
-    ep::SingleProcess single;
-    return std::visit(
-        [&](auto& model) {
-          auto [r, have_optimizer] = ep_run::detail::probe_loaded(model, o, E.batch, U.batch, single, true);
-          r.timing["total"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-          ep_run::detail::write_influence_csvs(r, o);
-          return ep_run::detail::result_json(r, o, model_type(), have_optimizer).dump();
-        },
-        models_);
-  }
-
-  Batch sample(const std::vector<std::vector<std::int32_t>>& prompts, const SampleOptions& o) override {
-    ep::SamplingConfig c;
-    c.G = o.G;
-    c.max_new_tokens = o.max_new_tokens;
-    c.temperature = o.temperature;
-    c.top_k = o.top_k;
-    c.top_p = o.top_p;
-    c.stop_tokens = o.stop_tokens;
-    c.seed = o.seed;
-    return std::visit(
-        [&](auto& model) {
-          return Batch{ep::sample_responses(model, prompts, c), "sampled batch"};
-        },
-        models_);
-  }
-
-  ep::index_t vocab_size() override {
-    return std::visit([](auto& model) { return model.vocab_size(); }, models_);
-  }
-  std::string model_type() const override {
-    return std::visit([](const auto& model) { return std::string(model.model_type()); }, models_);
-  }
-
- private:
-  std::string path_, dtype_;
-  decltype(ep::hf::load_model<T>(std::string())) models_;
-};
-
 class Checkpoint {
  public:
-  Checkpoint(const std::string& path, const std::string& dtype) : path_(path), dtype_(dtype) {
-    if (dtype == "f32")
-      loaded_ = std::make_unique<LoadedT<float>>(path, dtype);
-    else if (dtype == "f64")
-      loaded_ = std::make_unique<LoadedT<double>>(path, dtype);
-    else
+  Checkpoint(const std::string& path, const std::string& dtype, const std::string& device)
+      : path_(path), dtype_(dtype), device_(device) {
+    if (dtype != "f32" && dtype != "f64")
       ep::fail<ep::UsageError>("Checkpoint: dtype must be 'f32' or 'f64', got '{}'", dtype);
+    if (device == "cuda") {
+#if defined(ENTROPY_PROBE_PYTHON_CUDA)
+      loaded_ = ep_py::load_on_cuda(path, dtype);
+#else
+      ep::fail<ep::UsageError>(
+          "Checkpoint: device 'cuda': this build of the entropy_probe package has no CUDA support (it was "
+          "built with ENTROPY_PROBE_CUDA=OFF, the default; on a machine with the CUDA toolkit, `pip install . "
+          "-C cmake.define.ENTROPY_PROBE_CUDA=ON` builds one, see docs/python.md)");
+#endif
+    } else if (device == "cpu") {
+      if (dtype == "f32")
+        loaded_ = std::make_unique<ep_py::LoadedT<float, ep::CpuBackend>>(path, dtype);
+      else
+        loaded_ = std::make_unique<ep_py::LoadedT<double, ep::CpuBackend>>(path, dtype);
+    } else {
+      ep::fail<ep::UsageError>("Checkpoint: device must be 'cpu' or 'cuda', got '{}'", device);
+    }
   }
+  // `args`: the arguments of `entropy-probe run` (CHECKPOINT_DIR --e-batch NAME --u-batch NAME [OPTIONS]).
   std::string run(const Batch& E, const Batch& U, const std::vector<std::string>& args) {
-    return loaded_->run(E, U, args);
+    return loaded_->run(E, U, ep_run::parse_run_args(args));
   }
   Batch sample(const std::vector<std::vector<std::int32_t>>& prompts, const SampleOptions& o) {
     return loaded_->sample(prompts, o);
   }
   const std::string& path() const { return path_; }
   const std::string& dtype() const { return dtype_; }
+  const std::string& device() const { return device_; }
   std::string model_type() const { return loaded_->model_type(); }
   ep::index_t vocab_size() { return loaded_->vocab_size(); }
 
  private:
-  std::string path_, dtype_;
-  std::unique_ptr<Loaded> loaded_;
+  std::string path_, dtype_, device_;
+  std::unique_ptr<ep_py::Loaded> loaded_;
 };
 
 // ---- logging -----------------------------------------------------------------------------------
@@ -315,9 +266,12 @@ NB_MODULE(_core, m) {
       PyErr_SetString(g_usage_error, e.what());
     } catch (const ep::Error& e) {
       PyErr_SetString(g_error, e.what());
+    } catch (const ep_run::DeviceUnavailable& e) {  // device "cuda" and no GPU
+      PyErr_SetString(g_error, e.what());
     }
   });
 
+  m.attr("_has_cuda") = kHasCuda;
   ep::set_log_sink(forward_to_python_logging);
   m.def("_set_log_level", &set_level_from_python);
 
@@ -338,7 +292,8 @@ NB_MODULE(_core, m) {
       .def_prop_ro("name", [](const Batch& b) { return b.name; });
 
   nb::class_<Checkpoint>(m, "_Checkpoint")
-      .def(nb::init<const std::string&, const std::string&>(), nb::call_guard<nb::gil_scoped_release>())
+      .def(nb::init<const std::string&, const std::string&, const std::string&>(),
+           nb::call_guard<nb::gil_scoped_release>())
       .def("run", &Checkpoint::run, nb::call_guard<nb::gil_scoped_release>())
       .def(
           "sample",
@@ -351,6 +306,7 @@ NB_MODULE(_core, m) {
           nb::arg("top_p"), nb::arg("stop_tokens"), nb::arg("seed"), nb::call_guard<nb::gil_scoped_release>())
       .def_prop_ro("path", &Checkpoint::path)
       .def_prop_ro("dtype", &Checkpoint::dtype)
+      .def_prop_ro("device", &Checkpoint::device)
       .def_prop_ro("model_type", &Checkpoint::model_type)
       .def_prop_ro("vocab_size", &Checkpoint::vocab_size);
 

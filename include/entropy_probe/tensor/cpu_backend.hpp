@@ -326,7 +326,7 @@ struct CpuBackend {
   // results do not depend on which thread ran it.
   template <class F>
   static void parallel_tasks(index_t n, F&& f) {
-    const SerialBlas serial;
+    [[maybe_unused]] const SerialBlas serial;  // an empty guard without OpenBLAS
     std::atomic<index_t> next{0};
     threads().run(std::min<index_t>(num_threads(), n), 1, [&](index_t lo, index_t hi) {
       for (index_t slot = lo; slot < hi; ++slot)
