@@ -273,3 +273,48 @@ TEST_CASE("gemm: sizes beyond the BLAS's int are a usage error, not a truncated 
   CHECK_THROWS_AS(CpuBackend::gemm(false, false, 1, 1, 1, 1.0f, &a, big, &b, 1, 0.0f, &c, 1), UsageError);
 #endif
 }
+
+TEST_CASE("gemm split across the threads gives the product for every thread count", "[tensor][threads][gemm]") {
+  // Over kSplitFlops: C splits along its longer side (rows, then columns),
+  // each part one BLAS call; every transpose, leading dimensions past the
+  // sizes, beta != 0, against Eigen's product.
+  const int before = CpuBackend::num_threads();
+  struct Shape {
+    index_t m, n, k;
+  };
+  for (const Shape s : {Shape{203, 150, 101}, Shape{40, 333, 200}})
+    for (bool ta : {false, true})
+      for (bool tb : {false, true})
+        for (double beta : {0.0, 0.5}) {
+          CAPTURE(s.m, s.n, s.k, ta, tb, beta);
+          REQUIRE(2.0 * double(s.m) * double(s.n) * double(s.k) >= 4e6);
+          const index_t lda = (ta ? s.m : s.k) + 3, ldb = (tb ? s.k : s.n) + 5, ldc = s.n + 7;
+          std::mt19937 gen(7);
+          std::normal_distribution<double> d;
+          std::vector<double> a(static_cast<std::size_t>((ta ? s.k : s.m) * lda)),
+              b(static_cast<std::size_t>((tb ? s.n : s.k) * ldb)), c0(static_cast<std::size_t>(s.m * ldc));
+          for (auto* v : {&a, &b, &c0})
+            for (double& x : *v) x = d(gen);
+          std::vector<std::vector<double>> out;
+          for (int threads : {1, 2, 3, 2}) {
+            CpuBackend::set_num_threads(threads);
+            std::vector<double> c = c0;
+            CpuBackend::gemm(ta, tb, s.m, s.n, s.k, 1.5, a.data(), lda, b.data(), ldb, beta, c.data(), ldc);
+            out.push_back(c);
+          }
+          std::vector<double> ref = c0;
+          CpuBackend::eigen_gemm(ta, tb, s.m, s.n, s.k, 1.5, a.data(), lda, b.data(), ldb, beta, ref.data(), ldc);
+          // Parts may take other BLAS kernels than the whole (OpenBLAS has
+          // small-matrix ones), so thread counts agree to rounding; a wrong
+          // offset or a part done twice is off by O(1). Run to run, one
+          // thread count gives the same bits.
+          for (std::size_t t = 0; t < out.size(); ++t) {
+            double worst = 0;
+            for (std::size_t i = 0; i < ref.size(); ++i) worst = std::max(worst, std::abs(out[t][i] - ref[i]));
+            CAPTURE(t, worst);
+            CHECK(worst < 1e-12);
+          }
+          CHECK(out[3] == out[1]);
+        }
+  CpuBackend::set_num_threads(before);
+}

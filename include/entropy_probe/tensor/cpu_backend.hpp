@@ -140,9 +140,10 @@ using HostBuffer = detail::OwnedBuffer<T, HostMemory>;
 // part per thread, so results do not depend on timing; bodies write
 // disjoint outputs, as the CUDA backend already requires.
 //
-// Thread count: ENTROPY_PROBE_NUM_THREADS if set, else the hardware's; set
-// it to 1 (and OPENBLAS_NUM_THREADS=1) for one process per core, e.g. under
-// mpirun on a full machine.
+// They also split the matrix products (CpuBackend::gemm; OpenBLAS runs on
+// one thread). Thread count: ENTROPY_PROBE_NUM_THREADS if set, else the
+// hardware's; set it to 1 for one process per core, e.g. under mpirun on a
+// full machine.
 class HostThreads {
  public:
   static HostThreads& instance() {
@@ -319,11 +320,11 @@ struct CpuBackend {
   // f(slot, i) for i in [0, n), where each i is a large task (a tile of
   // products and its row passes): tasks are handed out one at a time, in
   // index order, to the calling thread and the pool's; slot in
-  // [0, num_threads()) names the running thread's scratch. Meanwhile the BLAS
-  // runs single-threaded in each task: small products handed to OpenBLAS's
-  // own threads spent most of their time waking and yielding them
-  // (docs/performance.md). Outputs of task i must depend on i alone, so
-  // results do not depend on which thread ran it.
+  // [0, num_threads()) names the running thread's scratch. A product inside
+  // a task runs whole on the task's thread (gemm does not split inside a
+  // part): small products split across threads spent most of their time
+  // waking and yielding them (docs/performance.md). Outputs of task i must
+  // depend on i alone, so results do not depend on which thread ran it.
   template <class F>
   static void parallel_tasks(index_t n, F&& f) {
     [[maybe_unused]] const SerialBlas serial;  // an empty guard without OpenBLAS
@@ -595,6 +596,7 @@ struct CpuBackend {
       scale_matrix(m, n, beta, c, ldc);
       return;
     }
+    single_threaded_blas();
     if constexpr (std::is_same_v<T, float>) {
       // A decode step's X W^T (few rows against a whole weight matrix):
       // W read in place (tensor/skinny_gemm.hpp), its rows split across the threads.
@@ -608,20 +610,43 @@ struct CpuBackend {
         return;
       }
     }
+    // One thread's share: rows [i0, i1) or columns [j0, j1) of C.
+    auto part = [&](index_t mm, index_t nn, const T* aa, const T* bb, T* cc) {
 #if defined(ENTROPY_PROBE_USE_CBLAS)
-    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-      detail::check_blas_sizes(std::is_same_v<T, float> ? "cblas_sgemm" : "cblas_dgemm", m, n, k, lda, ldb, ldc);
-      const auto ta = trans_a ? CblasTrans : CblasNoTrans;
-      const auto tb = trans_b ? CblasTrans : CblasNoTrans;
-      if constexpr (std::is_same_v<T, float>) {
-        cblas_sgemm(CblasRowMajor, ta, tb, int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
-      } else {
-        cblas_dgemm(CblasRowMajor, ta, tb, int(m), int(n), int(k), alpha, a, int(lda), b, int(ldb), beta, c, int(ldc));
+      if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+        const auto ta = trans_a ? CblasTrans : CblasNoTrans;
+        const auto tb = trans_b ? CblasTrans : CblasNoTrans;
+        if constexpr (std::is_same_v<T, float>) {
+          cblas_sgemm(CblasRowMajor, ta, tb, int(mm), int(nn), int(k), alpha, aa, int(lda), bb, int(ldb), beta, cc,
+                      int(ldc));
+        } else {
+          cblas_dgemm(CblasRowMajor, ta, tb, int(mm), int(nn), int(k), alpha, aa, int(lda), bb, int(ldb), beta, cc,
+                      int(ldc));
+        }
+        return;
       }
-      return;
-    }
 #endif
-    eigen_gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      eigen_gemm(trans_a, trans_b, mm, nn, k, alpha, aa, lda, bb, ldb, beta, cc, ldc);
+    };
+#if defined(ENTROPY_PROBE_USE_CBLAS)
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>)
+      detail::check_blas_sizes(std::is_same_v<T, float> ? "cblas_sgemm" : "cblas_dgemm", m, n, k, lda, ldb, ldc);
+#endif
+    // The threads split C along its longer side in blocks of kSplitBlock,
+    // each part a single-threaded BLAS call (see SerialBlas).
+    if (2.0 * double(m) * double(n) * double(k) < kSplitFlops || num_threads() < 2) return part(m, n, a, b, c);
+    [[maybe_unused]] const SerialBlas serial;
+    if (m >= n) {
+      threads().run((m + kSplitBlock - 1) / kSplitBlock, 1, [&](index_t lo, index_t hi) {
+        const index_t i0 = lo * kSplitBlock, i1 = std::min(hi * kSplitBlock, m);
+        part(i1 - i0, n, trans_a ? a + i0 : a + i0 * lda, b, c + i0 * ldc);
+      });
+    } else {
+      threads().run((n + kSplitBlock - 1) / kSplitBlock, 1, [&](index_t lo, index_t hi) {
+        const index_t j0 = lo * kSplitBlock, j1 = std::min(hi * kSplitBlock, n);
+        part(m, j1 - j0, a, trans_b ? b + j0 * ldb : b + j0, c + j0);
+      });
+    }
   }
 
   // Independent products C_i = alpha op(A_i) op(B_i) + beta C_i over the
@@ -666,7 +691,23 @@ struct CpuBackend {
   }
 
  private:
-  // OpenBLAS on one thread for the guard's lifetime (nothing with another BLAS).
+  // OpenBLAS's own threads stay idle: gemm splits the products across the
+  // backend's threads instead. OpenBLAS's workers wait for the next product
+  // spinning in sched_yield, and between products they took the cores from
+  // the element loops (on 2 cores, a fifth of a probe pass's samples; the
+  // split made the small benchmark's sums 20% faster, docs/performance.md,
+  // Threading). Set once, at the first product; OPENBLAS_NUM_THREADS is
+  // therefore not read for the library's products.
+  static void single_threaded_blas() {
+#if defined(ENTROPY_PROBE_USE_CBLAS)
+    [[maybe_unused]] static const bool once = [] {
+      if (openblas_set_num_threads) openblas_set_num_threads(1);
+      return true;
+    }();
+#endif
+  }
+  // OpenBLAS on one thread for the guard's lifetime, should a host program
+  // have raised its count again (nothing with another BLAS).
   struct SerialBlas {
     int saved = 0;
 #if defined(ENTROPY_PROBE_USE_CBLAS)
@@ -732,6 +773,12 @@ struct CpuBackend {
   // least this many 4-row tiles of W (a few microseconds of work each part).
   static constexpr index_t kSkinnyMinWeights = index_t{1} << 16;
   static constexpr index_t kSkinnyGrainTiles = 16;
+  // Products of fewer FLOPs than this run whole on the calling thread (a
+  // part's wake-up costs a few microseconds; this is about 10 of work);
+  // larger ones split C into parts of whole kSplitBlock-row (or column)
+  // blocks, a multiple of the BLAS kernels' register tiles.
+  static constexpr double kSplitFlops = 4e6;
+  static constexpr index_t kSplitBlock = 16;
   static index_t row_grain(index_t cols) { return std::max<index_t>(1, kGrainItems / std::max<index_t>(cols, 1)); }
   static cpu_detail::HostThreads& threads() { return cpu_detail::HostThreads::instance(); }
   template <class T>
