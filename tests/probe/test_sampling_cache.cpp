@@ -199,7 +199,8 @@ TEST_CASE("cached sampling in float: decode steps through the skinny product; th
   // Float log-probs of a width-64 model: the two paths sum in other orders
   // (the full forward's products go to the BLAS), a few float ulps of the logits.
   CHECK(worst < 1e-5);
-  // Rows are drawn in parallel and the products split across threads: one thread, the same batch.
+  // Rows are drawn in parallel and the products split across threads: one
+  // thread, the same batch (the logits agree to rounding, far from any draw's cut).
   const int saved = CpuBackend::num_threads();
   CpuBackend::set_num_threads(1);
   const TokenBatch one = sample_responses(model, kPrompts, step_config());

@@ -201,9 +201,11 @@ TokenBatch sample_responses(M& model, const std::vector<std::vector<std::int32_t
     return pick;
   };
   // Scratch per thread: the rows of a step are drawn in parallel, each from
-  // its own uniform, drawn beforehand in row order, so the batch does not
-  // depend on the thread count.
-  const auto slots = static_cast<std::size_t>(CpuBackend::num_threads());
+  // its own uniform, drawn beforehand in row order, so a draw does not depend
+  // on the thread that made it (the logits agree between thread counts to
+  // rounding: CpuBackend::gemm).
+  const auto slots =
+      static_cast<std::size_t>(std::min<index_t>(CpuBackend::num_threads(), rows));  // parallel_tasks' slots
   std::vector<std::vector<double>> probs(slots, std::vector<double>(static_cast<std::size_t>(V)));
   std::vector<std::vector<index_t>> order(slots, std::vector<index_t>(filter ? static_cast<std::size_t>(V) : 0));
   std::vector<double> uniform(static_cast<std::size_t>(rows));
