@@ -39,7 +39,6 @@ namespace ep = entropy_probe;
 namespace {
 
 using ep_py::Batch;
-using ep_py::SampleOptions;
 
 #if defined(ENTROPY_PROBE_PYTHON_CUDA)
 constexpr bool kHasCuda = true;  // cuda.cu is linked in
@@ -192,8 +191,8 @@ class Checkpoint {
   std::string run(const Batch& E, const Batch& U, const std::vector<std::string>& args) {
     return loaded_->run(E, U, ep_run::parse_run_args(args));
   }
-  Batch sample(const std::vector<std::vector<std::int32_t>>& prompts, const SampleOptions& o) {
-    return loaded_->sample(prompts, o);
+  Batch sample(const std::vector<std::vector<std::int32_t>>& prompts, const ep::SamplingConfig& c) {
+    return loaded_->sample(prompts, c);
   }
   const std::string& path() const { return path_; }
   const std::string& dtype() const { return dtype_; }

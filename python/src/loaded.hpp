@@ -29,22 +29,13 @@ struct Batch {
   std::string name;
 };
 
-struct SampleOptions {
-  ep::index_t G = 1, max_new_tokens = 1;
-  double temperature = 1.0;
-  ep::index_t top_k = 0;
-  double top_p = 1.0;
-  std::vector<std::int32_t> stop_tokens;
-  std::uint64_t seed = 0;
-};
-
 class Loaded {
  public:
   virtual ~Loaded() = default;
   // `o`: `entropy-probe run`'s options, parsed from Checkpoint.run's (dtype and device are this checkpoint's).
   // Returns the result as JSON text.
   virtual std::string run(const Batch& E, const Batch& U, ep_run::RunOptions o) = 0;
-  virtual Batch sample(const std::vector<std::vector<std::int32_t>>& prompts, const SampleOptions& o) = 0;
+  virtual Batch sample(const std::vector<std::vector<std::int32_t>>& prompts, const ep::SamplingConfig& c) = 0;
   virtual ep::index_t vocab_size() = 0;
   virtual std::string model_type() const = 0;
 };
@@ -70,15 +61,7 @@ class LoadedT final : public Loaded {
         models_);
   }
 
-  Batch sample(const std::vector<std::vector<std::int32_t>>& prompts, const SampleOptions& o) override {
-    ep::SamplingConfig c;
-    c.G = o.G;
-    c.max_new_tokens = o.max_new_tokens;
-    c.temperature = o.temperature;
-    c.top_k = o.top_k;
-    c.top_p = o.top_p;
-    c.stop_tokens = o.stop_tokens;
-    c.seed = o.seed;
+  Batch sample(const std::vector<std::vector<std::int32_t>>& prompts, const ep::SamplingConfig& c) override {
     return std::visit(
         [&](auto& model) {
           return Batch{ep::sample_responses(model, prompts, c), "sampled batch"};
