@@ -126,8 +126,8 @@ TEST_CASE("emulated: the softmax passes run the generic compositions", "[emulate
     } else if (dispatch == 1) {
       ep::generic::softmax_lse<Emu>(m, V, z.data(), rows.data(), s, p.lse.data());
       ep::generic::softmax_dot<Emu>(m, V, z.data(), rows.data(), p.lse.data(), s, t.data(), p.dot.data());
-      ep::generic::softmax_vjp<Emu>(m, V, z.data(), rows.data(), targets.data(), p.lse.data(), g.data(), s,
-                                    p.gz.data());
+      ep::generic::softmax_vjp<Emu>(m, V, z.data(), rows.data(), targets.data(), p.lse.data(), g.data(), s, p.gz.data(),
+                                    false);
     } else {
       ep::softmax_lse<CpuBackend>(m, V, z.data(), rows.data(), s, p.lse.data());
       ep::softmax_dot<CpuBackend>(m, V, z.data(), rows.data(), p.lse.data(), s, t.data(), p.dot.data());

@@ -215,8 +215,8 @@ TEST_CASE("lm_head_logprob in float agrees with the double reference", "[ops][lm
 }
 
 TEST_CASE("lm_head_logprob: the default chunk holds at most kLmHeadChunkBytes of logits", "[ops][lm_head]") {
-  CHECK(lm_head_chunk_rows(151936, sizeof(float)) == 110);
-  CHECK(lm_head_chunk_rows(151936, sizeof(double)) == 55);
+  CHECK(lm_head_chunk_rows(151936, sizeof(float)) == 441);
+  CHECK(lm_head_chunk_rows(151936, sizeof(double)) == 220);
   CHECK(static_cast<std::size_t>(lm_head_chunk_rows(1000, sizeof(float))) * 1000 * sizeof(float) <= kLmHeadChunkBytes);
   CHECK(lm_head_chunk_rows(std::int64_t{1} << 40, sizeof(float)) == 1);  // a row too large still makes a chunk
   CHECK(lm_head_chunk_rows(151936, sizeof(float), 3) == 3);

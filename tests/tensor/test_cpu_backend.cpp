@@ -78,15 +78,18 @@ void check_functor_arrays(double tol) {
 // `use_generic`, the generic compositions (what CUDA runs).
 template <class T>
 void softmax_passes(bool use_generic, index_t m, index_t V, const T* z, const std::int32_t* rows,
-                    const std::int32_t* targets, const T* g, const T* t, acc_t s, acc_t* lse, acc_t* dot, T* gz) {
+                    const std::int32_t* targets, const T* g, const T* t, acc_t s, acc_t* lse, acc_t* dot, T* gz,
+                    T* z_in_place) {
   if (use_generic) {
     generic::softmax_lse<CpuBackend>(m, V, z, rows, s, lse);
     generic::softmax_dot<CpuBackend>(m, V, z, rows, lse, s, t, dot);
-    generic::softmax_vjp<CpuBackend>(m, V, z, rows, targets, lse, g, s, gz);
+    generic::softmax_vjp<CpuBackend>(m, V, z, rows, targets, lse, g, s, gz, false);
+    generic::softmax_vjp<CpuBackend>(m, V, z_in_place, rows, targets, lse, g, s, z_in_place, true);
   } else {
     CpuBackend::softmax_lse(m, V, z, rows, s, lse);
     CpuBackend::softmax_dot(m, V, z, rows, lse, s, t, dot);
-    CpuBackend::softmax_vjp(m, V, z, rows, targets, lse, g, s, gz);
+    CpuBackend::softmax_vjp(m, V, z, rows, targets, lse, g, s, gz, false);
+    CpuBackend::softmax_vjp(m, V, z_in_place, rows, targets, lse, g, s, z_in_place, true);
   }
 }
 
@@ -115,6 +118,7 @@ TEST_CASE("softmax passes match a scalar double reference", "[tensor][softmax]")
   const auto m = static_cast<index_t>(rows.size());
 
   std::vector<double> lse_ref(3), dot_ref(3), gz_ref(zd.size(), 0.5);
+  std::vector<double> in_place_ref = zd;  // softmax_vjp with assign over z itself: listed rows overwritten
   for (std::size_t k = 0; k < 3; ++k) {
     const double* z = zd.data() + rows[k] * V;
     double mx = -INFINITY;
@@ -126,8 +130,9 @@ TEST_CASE("softmax passes match a scalar double reference", "[tensor][softmax]")
     for (index_t j = 0; j < V; ++j) {
       const double p = std::exp(z[j] * s - lse_ref[k]);
       dot += p * td[static_cast<std::size_t>(rows[k] * V + j)];
-      gz_ref[static_cast<std::size_t>(rows[k] * V + j)] +=
-          g[static_cast<std::size_t>(rows[k])] * s * ((j == targets[k]) - p);
+      const double v = g[static_cast<std::size_t>(rows[k])] * s * ((j == targets[k]) - p);
+      gz_ref[static_cast<std::size_t>(rows[k] * V + j)] += v;
+      in_place_ref[static_cast<std::size_t>(rows[k] * V + j)] = v;
     }
     dot_ref[k] = dot;
   }
@@ -135,22 +140,24 @@ TEST_CASE("softmax passes match a scalar double reference", "[tensor][softmax]")
   const bool use_generic = GENERATE(false, true);  // CpuBackend's overrides, then the generic compositions
   CAPTURE(use_generic);
   SECTION("double") {
-    std::vector<double> lse(3), dot(3), gz(zd.size(), 0.5);
+    std::vector<double> lse(3), dot(3), gz(zd.size(), 0.5), in_place = zd;
     softmax_passes(use_generic, m, V, zd.data(), rows.data(), targets.data(), g.data(), td.data(), s, lse.data(),
-                   dot.data(), gz.data());
+                   dot.data(), gz.data(), in_place.data());
     CHECK(max_err(lse, lse_ref) < 1e-14);
     CHECK(max_err(dot, dot_ref) < 1e-13);
-    CHECK(max_err(gz, gz_ref) < 1e-14);  // rows not listed stay at 0.5
+    CHECK(max_err(gz, gz_ref) < 1e-14);              // rows not listed stay at 0.5
+    CHECK(max_err(in_place, in_place_ref) < 1e-14);  // rows not listed keep their logits
   }
   SECTION("float") {
     std::vector<float> zf(zd.begin(), zd.end()), tf(td.begin(), td.end()), gf(g.begin(), g.end());
-    std::vector<float> gz(zd.size(), 0.5f);
+    std::vector<float> gz(zd.size(), 0.5f), in_place = zf;
     std::vector<double> lse(3), dot(3);
     softmax_passes(use_generic, m, V, zf.data(), rows.data(), targets.data(), gf.data(), tf.data(), s, lse.data(),
-                   dot.data(), gz.data());
+                   dot.data(), gz.data(), in_place.data());
     CHECK(max_err(lse, lse_ref) < 1e-6);
     CHECK(max_err(dot, dot_ref) < 1e-5);
     CHECK(max_err(gz, std::vector<float>(gz_ref.begin(), gz_ref.end())) < 1e-6);
+    CHECK(max_err(in_place, std::vector<float>(in_place_ref.begin(), in_place_ref.end())) < 1e-6);
   }
 }
 

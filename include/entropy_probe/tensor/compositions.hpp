@@ -29,6 +29,7 @@
 // p_kj = exp(z_kj s - lse[k]):
 //   softmax_lse:  lse[k] = log sum_j exp(z_kj s)                (max-shifted)
 //   softmax_vjp:  gz_kj += c_k (onehot(targets[k])_j - p_kj),  c_k = g[rows[k]] s
+//                 (= with `assign`: gz unfilled, or gz = z, overwriting the logits in place)
 //   softmax_dot:  out[k] = sum_j p_kj t_kj
 // with sums and lse in double (acc_t).
 #pragma once
@@ -105,12 +106,13 @@ void softmax_lse(index_t m, index_t V, const T* z, const std::int32_t* rows, acc
 }
 template <class B, class T>
 void softmax_vjp(index_t m, index_t V, const T* z, const std::int32_t* rows, const std::int32_t* targets,
-                 const acc_t* lse, const T* g, acc_t s, T* gz) {
+                 const acc_t* lse, const T* g, acc_t s, T* gz, bool assign) {
   B::parallel_for_2d(m, V, [=] EP_HOST_DEVICE(index_t k, index_t j) {
     const index_t at = rows[k] * V + j;
     const acc_t c = static_cast<acc_t>(g[rows[k]]) * s;
     const acc_t p = std::exp(static_cast<acc_t>(z[at]) * s - lse[k]);
-    gz[at] += static_cast<T>(c * ((j == targets[k] ? 1.0 : 0.0) - p));
+    const T v = static_cast<T>(c * ((j == targets[k] ? 1.0 : 0.0) - p));
+    gz[at] = assign ? v : gz[at] + v;
   });
 }
 template <class B, class T>
@@ -197,11 +199,11 @@ void softmax_lse(index_t m, index_t V, const T* z, const std::int32_t* rows, acc
 }
 template <class B, class T>
 void softmax_vjp(index_t m, index_t V, const T* z, const std::int32_t* rows, const std::int32_t* targets,
-                 const acc_t* lse, const T* g, acc_t s, T* gz) {
-  if constexpr (uses_own_compositions<B> && requires { B::softmax_vjp(m, V, z, rows, targets, lse, g, s, gz); })
-    B::softmax_vjp(m, V, z, rows, targets, lse, g, s, gz);
+                 const acc_t* lse, const T* g, acc_t s, T* gz, bool assign = false) {
+  if constexpr (uses_own_compositions<B> && requires { B::softmax_vjp(m, V, z, rows, targets, lse, g, s, gz, assign); })
+    B::softmax_vjp(m, V, z, rows, targets, lse, g, s, gz, assign);
   else
-    generic::softmax_vjp<B>(m, V, z, rows, targets, lse, g, s, gz);
+    generic::softmax_vjp<B>(m, V, z, rows, targets, lse, g, s, gz, assign);
 }
 template <class B, class T>
 void softmax_dot(index_t m, index_t V, const T* z, const std::int32_t* rows, const acc_t* lse, acc_t s, const T* t,

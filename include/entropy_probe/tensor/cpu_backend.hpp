@@ -461,17 +461,20 @@ struct CpuBackend {
   }
   template <class T>
   static void softmax_vjp(index_t m, index_t V, const T* z, const std::int32_t* rows, const std::int32_t* targets,
-                          const acc_t* lse, const T* g, acc_t s, T* gz) {
+                          const acc_t* lse, const T* g, acc_t s, T* gz, bool assign) {
     threads().run(m, row_grain(V), [=](index_t lo, index_t hi) {
       for (index_t k = lo; k < hi; ++k) {
         const T* zr = z + rows[k] * V;
         T* gr = gz + rows[k] * V;
         const acc_t c = static_cast<acc_t>(g[rows[k]]) * s;
         alignas(64) T p[kChunk];
-        for (index_t j = 0; j < V; j += kChunk) {
+        for (index_t j = 0; j < V; j += kChunk) {  // p is read from z before gz is written: gz may be z
           const index_t len = std::min(kChunk, V - j);
           exp_scaled(len, zr + j, p, s, lse[k]);
-          vec(gr + j, len) -= T(c) * vec(p, len);
+          if (assign)
+            vec(gr + j, len) = -T(c) * vec(p, len);
+          else
+            vec(gr + j, len) -= T(c) * vec(p, len);
         }
         gr[targets[k]] += static_cast<T>(c);
       }
