@@ -153,6 +153,43 @@ TEST_CASE("auto microbatch: the driver sizes microbatches from one prompt's meas
   CHECK(whole.microbatch_sizes().at("whole") == 8);
 }
 
+TEST_CASE("auto microbatch: no more prompts than fill the host's products", "[probe][microbatch]") {
+  CHECK(prompts_filling_products<CpuBackend>(CpuBackend::microbatch_rows) == 1);
+  CHECK(prompts_filling_products<CpuBackend>(5000) == 1);
+  CHECK(prompts_filling_products<CpuBackend>(512) == 2);
+  CHECK(prompts_filling_products<CpuBackend>(100) == 11);  // 1100 rows: the fewest reaching 1024
+  struct NoFillSize {};
+  CHECK(prompts_filling_products<NoFillSize>(100) == 0);  // no cap
+
+  auto model = tiny_gpt2<double>(4);
+  const Registry<double> reg = Registry<double>::build(model);
+  SingleProcess comm;
+  const TokenBatch batch = random_batch(8, 2, 256, tiny_gpt2_config().vocab_size, 6);  // 512 rows per prompt
+  const std::size_t in_use = CpuBackend::memory_in_use(), limit = CpuBackend::cache_limit();
+  const std::size_t room = limit + 64 * MiB;  // the budget's room, above the cache's own cap
+  ProbeComponents<Model> c(model, reg, ProbeSettings{.memory_budget = in_use + room}, comm);
+  std::vector<index_t> sizes;
+  std::vector<std::size_t> cached_at_start, limit_during;
+  c.for_each_microbatch(batch, "fill", [&](const TokenBatch& mb, std::span<const index_t>) {
+    cached_at_start.push_back(CpuBackend::cached_bytes());
+    limit_during.push_back(CpuBackend::cache_limit());
+    Tensor<double> held(Shape{mb.B, index_t(1) << 20});  // 8 MiB per prompt
+    sizes.push_back(mb.B);
+  });
+  // The budget fits all 7 after the measured one; 2 prompts fill the products.
+  CHECK(sizes == std::vector<index_t>{1, 2, 2, 2, 1});
+  CHECK(c.microbatch_sizes().at("fill") == 2);
+  // Through the phase the cache may hold the budget's room; it is emptied
+  // before a microbatch of another size, and an equal one finds the last
+  // one's freed block.
+  CHECK(limit_during == std::vector<std::size_t>(5, room));
+  CHECK(cached_at_start[1] == 0);
+  CHECK(cached_at_start[2] >= 16 * MiB);
+  CHECK(cached_at_start[3] >= 16 * MiB);
+  CHECK(cached_at_start[4] == 0);
+  CHECK(CpuBackend::cache_limit() == limit);  // restored after the phase
+}
+
 TEST_CASE("auto microbatch: a probe run gives the results of mb_size 1 and 0", "[probe][microbatch]") {
   auto model = tiny_gpt2<double>(7, /*lm_head=*/true);
   const index_t V = tiny_gpt2_config().vocab_size;

@@ -150,6 +150,42 @@ inline index_t microbatch_size_for_budget(std::string_view phase, std::size_t pe
   return std::clamp<index_t>(static_cast<index_t>(std::min<std::size_t>(fit, std::size_t(most))), 1, most);
 }
 
+// The prompts per microbatch past which more buy no speed on backend B: the
+// fewest whose rows (rows_per_prompt = G x T each) reach B::microbatch_rows,
+// or 0 (no such size) where B declares none: a GPU takes the largest
+// microbatch that fits.
+template <class B>
+index_t prompts_filling_products(index_t rows_per_prompt) {
+  if constexpr (requires { B::microbatch_rows; }) {
+    if (B::microbatch_rows > 0 && rows_per_prompt > 0)
+      return (B::microbatch_rows + rows_per_prompt - 1) / rows_per_prompt;
+  }
+  return 0;
+}
+
+// While a phase runs, lets backend B's allocator keep up to `room` bytes of
+// freed blocks (never less than it already may), so that each microbatch
+// reuses the blocks of the one before it instead of faulting in fresh pages;
+// the cap it had comes back afterwards. A no-op where B has no such cap.
+template <class B>
+class CacheRoomScope {
+ public:
+  explicit CacheRoomScope(std::size_t room) {
+    if constexpr (requires { B::set_cache_limit(room); }) {
+      before_ = B::cache_limit();
+      B::set_cache_limit(std::max(before_, room));
+    }
+  }
+  ~CacheRoomScope() {
+    if constexpr (requires { B::set_cache_limit(before_); }) B::set_cache_limit(before_);
+  }
+  CacheRoomScope(const CacheRoomScope&) = delete;
+  CacheRoomScope& operator=(const CacheRoomScope&) = delete;
+
+ private:
+  std::size_t before_ = 0;
+};
+
 // Loss weights for one batch, given its S values (row-major [B, G]):
 //   X: LX[b] = sum_g W[b,g] S[b,g] with W = -(1/G) c[b,g],
 //      c = stopgrad(Sw - LOO), Sw = S / Lmax (dr_grpo) or S / max(L, 1);
@@ -253,8 +289,13 @@ class ProbeComponents {
   // the first microbatch is one prompt, during which the backend's peak bytes
   // in use are measured; the rest run in microbatches of as many prompts as
   // that cost fits in the memory budget (microbatch_size_for_budget), which
-  // fails before a second microbatch when even one prompt does not fit. The
-  // size each phase ran with is kept in microbatch_sizes().
+  // fails before a second microbatch when even one prompt does not fit, and
+  // no more than fill the backend's products (prompts_filling_products). The
+  // allocator may then keep the budget's room of freed blocks through the
+  // phase (CacheRoomScope), and empties its cache before a microbatch of
+  // another size than the last, whose blocks would not fit it: so equal
+  // microbatches reuse their memory and the cache never doubles it. The size
+  // each phase ran with is kept in microbatch_sizes().
   //
   // With scope = PassScope::local every prompt runs on this rank and no
   // progress is reported.
@@ -268,8 +309,10 @@ class ProbeComponents {
       for (index_t b = 0; b < batch.B; ++b) mine.push_back(b);
     }
     const auto total = static_cast<index_t>(mine.size());
-    index_t done = 0;
+    index_t done = 0, last = 0;  // last: the previous microbatch's prompts
     auto run = [&](index_t b0, index_t b1) {
+      if (last != 0 && b1 - b0 != last) B::empty_cache();
+      last = b1 - b0;
       const std::vector<index_t> prompts(mine.begin() + b0, mine.begin() + b1);
       const TokenBatch mb = batch.select(prompts);
       body(mb, std::span<const index_t>(prompts));
@@ -277,25 +320,27 @@ class ProbeComponents {
       if (scope == PassScope::shard) report(phase, done, total);
     };
     index_t step = settings_.mb_size.value_or(1);
+    std::optional<CacheRoomScope<B>> cache_room;
     if (!settings_.mb_size && total > 0) {
       B::reset_peak_memory();
       const std::size_t in_use = B::peak_memory();  // just reset: the bytes in use now
       if (in_use > budget_)                         // the model and the phase's buffers alone: no prompt can fit
         microbatch_size_for_budget(phase, 0, in_use, budget_, total);
+      cache_room.emplace(budget_ - in_use);
       run(0, 1);
       const std::size_t per_prompt = B::peak_memory() - in_use;
       step = microbatch_size_for_budget(phase, per_prompt, in_use, budget_, total - 1);
-      // The one-prompt microbatch's freed blocks are of other size classes
-      // than a larger one's: cached beside its fresh blocks they would exceed
-      // the budget (measured: +1.5 GiB on a 9 GiB budget), so they go back.
-      if (step > 1) B::empty_cache();
+      const index_t fill = prompts_filling_products<B>(batch.G * batch.T);
+      const bool capped = fill > 0 && fill < step;
+      if (capped) step = fill;
       // At info level when the phase's size is new: a phase run once per
       // sequence (the influence matrix) would repeat the same line each time.
-      const auto last = microbatch_sizes_.find(phase);
-      log(last == microbatch_sizes_.end() || last->second != std::min(step, total) ? LogLevel::info : LogLevel::debug,
-          "[{}] microbatches of {} prompt(s): one prompt ({} responses x {} tokens) took {} above the {} in use, "
+      const auto seen = microbatch_sizes_.find(phase);
+      log(seen == microbatch_sizes_.end() || seen->second != std::min(step, total) ? LogLevel::info : LogLevel::debug,
+          "[{}] microbatches of {} prompt(s){}: one prompt ({} responses x {} tokens) took {} above the {} in use, "
           "budget {}",
-          phase, step, batch.G, batch.T, bytes_text(per_prompt), bytes_text(in_use), bytes_text(budget_));
+          phase, step, capped ? fmt::format(" (they fill the products: {} rows)", step * batch.G * batch.T) : "",
+          batch.G, batch.T, bytes_text(per_prompt), bytes_text(in_use), bytes_text(budget_));
     }
     microbatch_sizes_[phase] = step > 0 ? std::min(step, total) : total;
     for (auto [b0, b1] : iter_microbatches(total, step, done)) run(b0, b1);

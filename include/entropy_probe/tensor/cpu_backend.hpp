@@ -268,7 +268,13 @@ struct CpuBackend {
   // The allocator's cache of freed blocks: its size, a cap on it (0 turns
   // caching off; default 2 GiB) and a way to give it all back.
   static std::size_t cached_bytes() { return cpu_detail::HostAllocator::instance().cached_bytes(); }
+  static std::size_t cache_limit() { return cpu_detail::HostAllocator::instance().limit(); }
   static void set_cache_limit(std::size_t bytes) { cpu_detail::HostAllocator::instance().set_limit(bytes); }
+  // Rows (G x T per prompt) at which a microbatch's products already run near
+  // the BLAS's rate on the host: the automatic microbatch size takes the
+  // fewest prompts that reach them, since more buy no speed and cost memory
+  // traffic (docs/performance.md, Microbatches and the memory budget).
+  static constexpr index_t microbatch_rows = 1024;
   static void empty_cache() { cpu_detail::HostAllocator::instance().empty_cache(); }
 
   // Bytes of live tensor storage, and its high-water mark since the last
