@@ -70,8 +70,8 @@ inline const ep_cli::CommandSpec& run_spec() {
                "prompts per microbatch: auto (default: the most that fit --max-memory), N,\n"
                "or 0 = the whole batch"},
               {"--max-memory", "BYTES",
-               "memory budget of --mb-size auto, e.g. 6G or 512MiB (default: 50% of the\n"
-               "host's available memory, 80% of the GPU's free memory)"},
+               "memory budget of --mb-size auto, e.g. 6G or 512MiB (default: what is in\n"
+               "use plus 25% of the host's available memory, 80% of the GPU's free memory)"},
               {"--dtype", "D", "f32 (default) or f64: the scalar type the model runs in"},
               {"--device", "DEV", "cpu (default) or cuda: where the model and the probe run (cuda: a CUDA build)"},
               {"--variance", "V", "none, conditional or full (default full)"},
