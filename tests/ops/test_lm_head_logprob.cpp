@@ -189,9 +189,10 @@ TEST_CASE("lm_head_logprob: VJP and JVP against finite differences", "[ops][lm_h
 
 TEST_CASE("lm_head_logprob in float agrees with the double reference", "[ops][lm_head]") {
   std::mt19937_64 rng(44);
-  const index_t m = 9, d = 32, vocab = 1000;
+  const index_t m = 9, d = 32;
   std::vector<std::int32_t> targets{0, 999, 123, -1, 500, 42, 7, -1, 998};
-  for (double tau : {1.0, 0.7}) {
+  // A vocabulary of Qwen2's size too: J's product sums over all of it in float.
+  for (auto [vocab, tau] : {std::pair<index_t, double>{1000, 1.0}, {1000, 0.7}, {151936, 1.0}}) {
     Point p = random_point(m, d, vocab, rng);
     // Float-representable inputs, so the comparison sees only the op's own rounding.
     for (TensorD* x : {&p.h, &p.w, &p.th, &p.tw, &p.cot}) *x = x->cast<float>().cast<double>();
@@ -203,11 +204,12 @@ TEST_CASE("lm_head_logprob in float agrees with the double reference", "[ops][lm
       const Outcome got =
           run<float>(p, [&](Tape<float>& t, Var h, Var w) { return lm_head_logprob(t, h, w, targets, tau, chunk); });
       const double err = max_err(got, ref), err_unfused = max_err(unfused, ref);
-      CAPTURE(tau, chunk, err, err_unfused);
+      CAPTURE(vocab, tau, chunk, err, err_unfused);
       // Float logits of a d = 32 product carry ~sqrt(d) eps_f |z| ~ 1e-6 of
       // error relative to the largest entry, and so do p and the products
-      // back through W; the sums over V run in double. 1e-5 is that with
-      // margin, and the fused path must be as accurate as the one it replaces.
+      // back through W (the products over V in float, the softmax sums in
+      // double). 1e-5 is that with margin, and the fused path must be as
+      // accurate as the one it replaces.
       CHECK(err < 1e-5);
       CHECK(err < 2 * err_unfused);
     }
