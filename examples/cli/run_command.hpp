@@ -67,8 +67,8 @@ inline const ep_cli::CommandSpec& run_spec() {
               {"--lr", "X", "learning rate eta (default: 'lr' of CHECKPOINT_DIR/optimizer.safetensors)"},
               {"--weighting", "W", "dr_grpo (default) or per_token_avg"},
               {"--mb-size", "N",
-               "prompts per microbatch: auto (default: the most that fit --max-memory), N,\n"
-               "or 0 = the whole batch"},
+               "prompts per microbatch: auto (default: the most that fit --max-memory, on\n"
+               "the CPU no more than fill 1024 rows), N, or 0 = the whole batch"},
               {"--max-memory", "BYTES",
                "memory budget of --mb-size auto, e.g. 6G or 512MiB (default: what is in\n"
                "use plus 25% of the host's available memory, 80% of the GPU's free memory)"},
